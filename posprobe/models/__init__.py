@@ -1,0 +1,121 @@
+"""``load_model``: one entry point for packaged, zoo, Hugging Face and wrapped models."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from posprobe.models.base import ModelInfo, PositionModel, RunOutput, positions_from_mask
+from posprobe.models.packaged import PACKAGED, load_packaged
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+__all__ = ["DEFAULT_MODEL", "ModelInfo", "PositionModel", "RunOutput", "known_models", "load_model", "positions_from_mask"]
+
+
+def known_models() -> dict[str, str]:
+    """Names ``load_model`` accepts without a network, with a one-line description."""
+    names = {name: spec.description for name, spec in PACKAGED.items()}
+    try:
+        from posprobe.models.zoo import ZOO_VARIANTS
+
+        names.update({f"zoo:{v}": f"posprobe zoo decoder, position scheme {v!r}" for v in ZOO_VARIANTS})
+    except ImportError:
+        pass
+    return names
+
+
+def load_model(
+    model: Any = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    random_init: bool = False,
+    seed: int = 0,
+    **hf_kwargs: Any,
+) -> PositionModel:
+    """Load or wrap a model so every posprobe analysis can hook it.
+
+    ``model`` is a packaged name (``smollm2-135m``, ``gemma-3-270m``, ``minilm-l6``), a zoo
+    variant (``zoo:rope``), a Hugging Face hub id or local path (needs a network for hub
+    ids), or an object: a PositionModel, a Hugging Face ``PreTrainedModel``, a TransformerLens
+    ``TransformerBridge`` or an nnsight model (their underlying HF model is hooked directly).
+    ``trust_remote_code`` is passed to transformers only when you set it.
+    """
+    from posprobe.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    wrapped = _wrap(model, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed, **hf_kwargs)
+    if random_init:
+        wrapped = wrapped.random_init_copy(seed)
+    return wrapped.to(device=device, dtype=dtype)
+
+
+def _wrap(model: Any, *, dtype: torch.dtype, trust_remote_code: bool, seed: int, **hf_kwargs: Any) -> PositionModel:
+    from posprobe.models.hf import HFModel
+
+    if isinstance(model, PositionModel):
+        return model
+    if isinstance(model, str):
+        if model in PACKAGED:
+            hf, tok = load_packaged(model, dtype=dtype)
+            return HFModel(hf, tok, name=model, source=f"package:{PACKAGED[model].package}")
+        if model.startswith("zoo:"):
+            from posprobe.models.zoo import load_zoo
+
+            return load_zoo(model.removeprefix("zoo:"))
+        return _from_hub(model, dtype=dtype, trust_remote_code=trust_remote_code, **hf_kwargs)
+    bridge_model = getattr(model, "original_model", None)
+    if bridge_model is not None and type(model).__name__ == "TransformerBridge":
+        return HFModel(bridge_model, model.tokenizer, name=getattr(model.cfg, "model_name", None), source="transformer-lens")
+    inner = getattr(model, "_model", None)
+    if inner is not None and type(model).__module__.startswith("nnsight"):
+        tok = getattr(model, "tokenizer", None)
+        return HFModel(inner, tok, name=getattr(inner.config, "_name_or_path", None), source="nnsight")
+    if hasattr(model, "config") and isinstance(model, torch.nn.Module):
+        raise_if_no_tokenizer = hf_kwargs.pop("tokenizer", None)
+        return HFModel(model, raise_if_no_tokenizer or _tokenizer_for(model), source="object")
+    raise ValueError(
+        f"cannot load {model!r}; pass one of {', '.join(known_models())}, a Hugging Face id or path, "
+        "a PositionModel, a transformers model, a TransformerBridge or an nnsight model"
+    )
+
+
+def _tokenizer_for(hf: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    name = getattr(hf.config, "_name_or_path", "")
+    if not name:
+        raise ValueError("a bare transformers model needs its tokenizer: load_model(model, tokenizer=tok)")
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _from_hub(name: str, *, dtype: torch.dtype, trust_remote_code: bool, **hf_kwargs: Any) -> PositionModel:
+    """A Hugging Face id or local path (the real hub code path; it needs a network for ids)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from posprobe.models.hf import HFModel
+
+    local = Path(name).exists()
+    if not local and "/" not in name:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_models())}, or a Hugging Face id / path")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load {name!r} from the Hugging Face hub or disk ({err}); offline, use one of: "
+            f"{', '.join(known_models())}"
+        ) from err
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.model_type != "bert"
+    auto = AutoModelForCausalLM if causal else AutoModel
+    hf = auto.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **hf_kwargs)
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return HFModel(hf, tok, name=name, source="path" if local else "hub")

@@ -1,0 +1,174 @@
+"""The position zoo: five small decoders trained alike, differing only in how they encode position.
+
+``load_zoo("rope")`` reads ``data/zoo/rope/`` (safetensors + JSON config) into a ``ZooModel``,
+posprobe's ``PositionModel`` over the TransformerLens-hooked ``ZooTransformer`` (``model.net``).
+``load_zoo("rope", random_init=True, seed=0)`` is the same architecture freshly initialised: the
+control every probe needs (Hewitt & Liang 2019). The checkpoints come from ``posprobe.train``;
+``data/zoo/README.md`` gives the recipe and their held-out losses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posprobe.models.base import Hook, ModelInfo, PositionModel
+from posprobe.models.position_schemes import SCHEMES
+from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+from posprobe.models.zoo_tokenizer import ZOO_DIR, load_zoo_tokenizer
+from posprobe.sites import SiteKey
+
+__all__ = ["ZOO_DIR", "ZOO_VARIANTS", "ZooConfig", "ZooModel", "ZooTransformer", "load_checkpoint", "load_zoo"]
+
+#: the shipped checkpoints, one per position scheme, in ``data/zoo/<variant>/``
+ZOO_VARIANTS = ("none", "learned", "sinusoidal", "rope", "alibi")
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.json"
+
+
+class ZooModel(PositionModel):
+    """A ``ZooTransformer`` behind posprobe's ``PositionModel`` API (``run``, ``capture``, ``loss``).
+
+    Hooks go through TransformerLens' ``net.hooks(fwd_hooks=...)`` context manager on the sites'
+    TransformerLens names, so they are removed on exit even when the forward raises.
+    """
+
+    def __init__(self, net: ZooTransformer, tokenizer: Any = None, name: str = "zoo", extra: Mapping[str, Any] | None = None):
+        self.net = net.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else load_zoo_tokenizer()
+        self.info = zoo_info(net.cfg, self.tokenizer, name, extra)
+
+    def _run(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        hooks: Mapping[SiteKey, Hook],
+        return_logits: bool,
+        stop_at_layer: int | None,
+    ) -> Tensor | None:
+        fwd_hooks = [(key.hook_name, _as_tl_hook(fn)) for key, fn in hooks.items()]
+        want_logits = return_logits and stop_at_layer is None
+        with self.net.hooks(fwd_hooks=fwd_hooks):
+            out = self.net(
+                tokens, position_ids, attention_mask, return_logits=want_logits, last_layer=stop_at_layer
+            )
+        return out if want_logits else None
+
+    def random_init_copy(self, seed: int = 0) -> ZooModel:
+        net = ZooTransformer(self.net.cfg.replace(seed=seed)).to(self.device, self.dtype)
+        base = self.info.name.split(" (")[0]
+        return ZooModel(net, self.tokenizer, f"{base} (random init, seed {seed})", {"random_init": True})
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.W_E.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ZooModel:
+        self.net.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def extrapolates(self) -> bool:
+        """True for none/rope/alibi; learned and sinusoidal refuse positions ≥ n_ctx."""
+        return self.net.position.extrapolates
+
+
+def zoo_info(cfg: ZooConfig, tokenizer: Any, name: str, extra: Mapping[str, Any] | None = None) -> ModelInfo:
+    """ModelInfo of a zoo config; ``extra`` also records p-RoPE, the exact RoPE frequencies and ALiBi slopes."""
+    n = cfg.n_layers
+    scheme = SCHEMES[cfg.pe](cfg)
+    info_extra: dict[str, Any] = {"config": cfg.to_dict(), "tie_embeddings": cfg.tie_embeddings}
+    rope_bases: tuple[float | None, ...] = (None,) * n
+    rotary_dims: tuple[int | None, ...] = (None,) * n
+    if scheme.rotary:
+        rope_bases, rotary_dims = (cfg.rope_base,) * n, (scheme.rotary_dims,) * n
+        info_extra.update(
+            p_rope=cfg.p_rope, rotary_fraction=cfg.rotary_fraction, rope_inv_freq=scheme.inv_freq.tolist()
+        )
+    if scheme.additive and hasattr(scheme, "slopes"):
+        info_extra["alibi_slopes"] = scheme.slopes.tolist()
+    info_extra.update(extra or {})
+    return ModelInfo(
+        name=name,
+        architecture="zoo pre-LN decoder",
+        n_layers=n,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_heads,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp,
+        n_ctx=cfg.n_ctx,
+        d_vocab=cfg.d_vocab,
+        position_scheme=cfg.pe,
+        causal=True,
+        rope_bases=rope_bases,
+        rotary_dims=rotary_dims,
+        rope_pairing="half" if scheme.rotary else None,
+        sliding_windows=(None,) * n,
+        layer_types=("full_attention",) * n,
+        act_fn="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        prepends_bos=True,
+        extra=info_extra,
+    )
+
+
+def load_checkpoint(path: str | Path, random_init: bool = False, seed: int = 0, name: str | None = None) -> ZooModel:
+    """Load a ``posprobe.train`` output folder (``config.json`` + ``model.safetensors``) as a ZooModel.
+
+    With ``random_init`` only the config is read and the weights are freshly initialised with ``seed``.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}; expected a posprobe.train checkpoint folder")
+    cfg = ZooConfig.from_json(path / CONFIG_FILE)
+    name = name or f"zoo:{path.name}"
+    if random_init:
+        net = ZooTransformer(cfg.replace(seed=seed))
+        return ZooModel(net, name=f"{name} (random init, seed {seed})", extra={"random_init": True})
+    if not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path}")
+    net = ZooTransformer(cfg)
+    net.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
+    extra: dict[str, Any] = {"random_init": False, "checkpoint": str(path)}
+    if (path / STATE_FILE).exists():
+        state = json.loads((path / STATE_FILE).read_text())
+        extra.update(train_step=state.get("step"), eval=state.get("eval"))
+    return ZooModel(net, name=name, extra=extra)
+
+
+def load_zoo(variant: str, random_init: bool = False, seed: int = 0, root: str | Path | None = None) -> ZooModel:
+    """Load a shipped zoo model by position scheme (``"none"``, ``"learned"``, ``"sinusoidal"``, ``"rope"``, ``"alibi"``).
+
+    ``random_init=True`` gives the seeded, untrained twin (built on demand, not shipped).
+    ``root`` overrides the folder holding the variants (default ``data/zoo``).
+    """
+    if variant.startswith("zoo:"):
+        variant = variant[4:]
+    if variant not in ZOO_VARIANTS:
+        raise ValueError(f"unknown zoo variant {variant!r}; known variants: {', '.join(ZOO_VARIANTS)}")
+    folder = Path(root) if root is not None else ZOO_DIR
+    return load_checkpoint(folder / variant, random_init=random_init, seed=seed, name=f"zoo:{variant}")
+
+
+def _as_tl_hook(fn: Hook):
+    """Adapt a posprobe Hook (x → replacement or None) to TransformerLens' (x, hook) signature."""
+
+    def tl_hook(x: Tensor, hook: Any = None) -> Tensor | None:
+        return fn(x)
+
+    return tl_hook

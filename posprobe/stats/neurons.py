@@ -1,0 +1,499 @@
+"""Positional neurons: find MLP neurons whose firing depends on position (Voita et al. 2023).
+
+Voita, Ferrando & Nalmpantis, "Neurons in Large Language Models: Dead, N-gram, Positional"
+(2023) call a ReLU neuron *active* when its activation is > 0, score it by the mutual
+information between "active" and position from per-position firing frequencies, and call it
+positional when I > 0.05. posprobe adds η² (share of the activation's variance explained by
+position: the threshold-free score to read for GELU / SwiGLU MLPs, RESEARCH.md §3), the
+dominant period of the mean activation over position, categories, and dead / always-on counts.
+
+Everything comes from running sums per (layer, position, neuron) — token counts, firing
+counts, sums and sums of squares, in float64 — gathered in one pass over a store, shard by
+shard, so memory is O(layers × positions × neurons) whatever the token count. Sequences are
+added one at a time in a fixed order, so a store read in shards and the same activations
+passed in memory give bit-identical statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from posprobe.models.base import positions_from_mask
+from posprobe.sites import SiteKey, check_site
+from posprobe.store import ActivationStore
+
+#: Categories of positional neurons, in the order plots stack them.
+CATEGORIES = ("oscillatory", "both-extremes", "one-extreme", "other-strong", "other-weak")
+#: The category of neurons that are not positional.
+NOT_POSITIONAL = "none"
+
+# Default "active" threshold per activation function: f(0), so that "active" means "the
+# pre-activation is positive" whatever f is (GELU(x) > 0 and SiLU(x) > 0 exactly when x > 0).
+# For gated MLPs (SwiGLU, GeGLU) mlp_post = f(gate) * up and f(0) = 0, so "active" means the
+# neuron writes along +W_out; read eta2 there too.
+ACTIVE_THRESHOLDS: dict[str, float] = {
+    **dict.fromkeys(("relu", "relu2", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu"), 0.0),
+    **dict.fromkeys(("silu", "swish", "swiglu", "geglu", "tanh"), 0.0),
+    "sigmoid": 0.5,
+    "softplus": math.log(2.0),
+}
+
+_ROW_CHUNK = 16  # rows moved to the device at once for in-memory inputs
+
+
+def active_threshold(act_fn: str | None) -> float:
+    """The default "active" threshold for an MLP activation function: f(0) (0 for ReLU, GELU, SiLU).
+
+    ``None`` or ``""`` (unknown, e.g. a synthetic store) gives 0, Voita et al.'s ReLU rule.
+    """
+    if not act_fn:
+        return 0.0
+    if act_fn not in ACTIVE_THRESHOLDS:
+        raise ValueError(
+            f"no default active threshold for act_fn {act_fn!r}; pass threshold= explicitly, or use one of "
+            f"{', '.join(ACTIVE_THRESHOLDS)}"
+        )
+    return ACTIVE_THRESHOLDS[act_fn]
+
+
+@dataclass(frozen=True)
+class NeuronPositionStats:
+    """Per-position running sums for every neuron of some layers of one site.
+
+    ``n_tokens`` [P] counts analysed tokens per position id (0 for padding-only and excluded
+    positions); ``n_active``, ``act_sum``, ``act_sumsq`` [L P N] (float64, on the CPU) are the
+    firing counts, sums and sums of squares of the activations at each position.
+    """
+
+    site: str
+    layers: tuple[int | None, ...]
+    threshold: float
+    exclude_bos: bool
+    n_tokens: Tensor
+    n_active: Tensor
+    act_sum: Tensor
+    act_sumsq: Tensor
+
+    def __post_init__(self) -> None:
+        shape = (len(self.layers), self.n_tokens.shape[0])
+        for name in ("n_active", "act_sum", "act_sumsq"):
+            value = getattr(self, name)
+            if value.ndim != 3 or tuple(value.shape[:2]) != shape:
+                raise ValueError(f"{name} must be [L P N] with L, P = {shape}; got {tuple(value.shape)}")
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.act_sum.shape[2])
+
+    @property
+    def positions(self) -> Tensor:
+        """The position ids that hold at least one analysed token [K]."""
+        return torch.nonzero(self.n_tokens > 0).squeeze(1)
+
+    def layer_index(self, layer: int | None) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not analysed; analysed layers: {list(self.layers)}")
+        return self.layers.index(layer)
+
+    def profiles(self, neurons: Sequence[tuple[int | None, int]]) -> pd.DataFrame:
+        """Tidy per-position profiles of ``(layer, neuron)`` pairs.
+
+        One row per neuron and analysed position: layer, neuron, position, n_tokens,
+        firing_rate, mean, std, and mean_z (mean standardised over positions, for heatmaps).
+        """
+        pos = self.positions
+        n = self.n_tokens[pos]
+        frames = []
+        for layer, neuron in neurons:
+            li = self.layer_index(layer)
+            if not 0 <= neuron < self.n_neurons:
+                raise ValueError(f"neuron {neuron} out of range 0..{self.n_neurons - 1}")
+            mean = self.act_sum[li, pos, neuron] / n
+            var = (self.act_sumsq[li, pos, neuron] / n - mean**2).clamp(min=0)
+            spread = mean.std()  # at least two positions (checked when the sums were gathered)
+            mean_z = (mean - mean.mean()) / spread if spread > 0 else torch.zeros_like(mean)
+            columns = {"position": pos, "n_tokens": n.long(), "firing_rate": self.n_active[li, pos, neuron] / n}
+            columns.update(mean=mean, std=var.sqrt(), mean_z=mean_z)
+            columns = {k: v.numpy() for k, v in columns.items()}
+            frames.append(pd.DataFrame({"layer": layer, "neuron": neuron, **columns}))
+        if not frames:
+            raise ValueError("no neurons requested")
+        return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class PositionalNeurons:
+    """What ``positional_neurons`` returns: one row per neuron, a per-layer summary, and the sums.
+
+    ``table``: layer, neuron, mi (bits), mi_bias, mi_norm, eta2, period, period_power,
+    firing_rate, mean, std, peak_position, dead, always_on, is_positional, category.
+    ``layer_summary``: layer, n_neurons, dead, always_on, positional, and one count per category.
+    """
+
+    table: pd.DataFrame
+    layer_summary: pd.DataFrame
+    stats: NeuronPositionStats
+    mi_threshold: float
+    always_on_rate: float
+    oscillation_power: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def top(self, n: int = 20, by: str = "mi") -> pd.DataFrame:
+        """The ``n`` positional neurons with the highest ``by`` score."""
+        positional = self.table[self.table["is_positional"]]
+        return positional.sort_values(by, ascending=False).head(n)
+
+    def profile(self, layer: int | None, neuron: int) -> pd.DataFrame:
+        """One neuron's mean activation, spread and firing rate per position."""
+        return self.stats.profiles([(layer, neuron)])
+
+    def figure(self, kind: str = "counts", *, layer: int | None = None, neuron: int | None = None, top: int = 20):
+        """A plotly Figure: ``"counts"`` per layer and category, ``"profile"`` of one neuron, ``"heatmap"``."""
+        from posprobe.plots import neurons as plots
+
+        if kind == "counts":
+            return plots.positional_neuron_counts(self.layer_summary)
+        if kind == "profile":
+            if neuron is None:
+                raise ValueError("kind='profile' needs neuron= (and layer=)")
+            return plots.neuron_position_profile(self.profile(layer, neuron))
+        if kind == "heatmap":
+            chosen = self.top(top)
+            if chosen.empty:
+                raise ValueError(f"no positional neurons (mi > {self.mi_threshold}) to draw")
+            pairs = list(zip(chosen["layer"], chosen["neuron"], strict=True))
+            return plots.positional_neuron_heatmap(self.stats.profiles(pairs))
+        raise ValueError(f"unknown figure kind {kind!r}; choose one of 'counts', 'profile', 'heatmap'")
+
+
+# -- accumulation ------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Running float64 sums, updated one sequence at a time (a fixed order, hence exact replay)."""
+
+    def __init__(self, site: str, layers: tuple[int | None, ...], threshold: float, exclude_bos: bool, device):
+        self.site, self.layers, self.threshold, self.exclude_bos = site, layers, threshold, exclude_bos
+        self.device = device
+        self.sums: Tensor | None = None  # [3 L P N]: firing counts, sums, sums of squares
+        self.n_tokens: Tensor | None = None
+
+    def update(self, acts: Sequence[Tensor], attention_mask: Tensor, position_ids: Tensor, rows: str) -> None:
+        """Add a batch: ``acts`` one [b s N] tensor per layer, mask and position ids [b s]."""
+        for layer, a in zip(self.layers, acts, strict=True):
+            if a.ndim != 3 or a.shape[:2] != attention_mask.shape:
+                raise ValueError(
+                    f"{self.site} layer {layer}: expected activations [n seq neurons] matching the mask "
+                    f"{tuple(attention_mask.shape)}, got {tuple(a.shape)}"
+                )
+        n_neurons = acts[0].shape[2]
+        if self.sums is None:
+            size = max(int(position_ids.max()) + 1, attention_mask.shape[1])
+            self.sums = torch.zeros(3, len(self.layers), size, n_neurons, dtype=torch.float64, device=self.device)
+            self.n_tokens = torch.zeros(size, dtype=torch.float64, device=self.device)
+        if any(a.shape[2] != self.sums.shape[3] for a in acts):
+            counts = [a.shape[2] for a in acts]
+            raise ValueError(f"{self.site}: neuron counts {counts} differ from the first batch's {self.sums.shape[3]}")
+        if int(position_ids.max()) >= self.sums.shape[2]:
+            self._grow(int(position_ids.max()) + 1)
+        keep = attention_mask.bool()
+        if self.exclude_bos:
+            keep &= position_ids > 0
+        x_all = torch.stack([a.to(self.device) for a in acts])  # [L b s N]
+        for i in range(keep.shape[0]):
+            cols = torch.nonzero(keep[i]).squeeze(1)
+            if cols.numel() == 0:
+                continue
+            pos = position_ids[i, cols].to(self.device)
+            x = x_all[:, i, cols.to(self.device)].to(torch.float64)  # [L k N]
+            self.n_tokens.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
+            self.sums[0].index_add_(1, pos, (x > self.threshold).to(torch.float64))
+            self.sums[1].index_add_(1, pos, x)
+            self.sums[2].index_add_(1, pos, x * x)
+        finite = torch.isfinite(self.sums[1:].flatten(2)).all(dim=2).all(dim=0)
+        if not bool(finite.all()):
+            bad = [self.layers[j] for j in torch.nonzero(~finite).squeeze(1).tolist()]
+            raise ValueError(
+                f"NaN or infinite activations in {self.site} layer(s) {bad} (rows {rows}); check the extraction"
+            )
+
+    def _grow(self, size: int) -> None:
+        extra = size - self.sums.shape[2]
+        self.sums = F.pad(self.sums, (0, 0, 0, extra))
+        self.n_tokens = F.pad(self.n_tokens, (0, extra))
+
+    def result(self) -> NeuronPositionStats:
+        if self.sums is None or float(self.n_tokens.sum()) == 0:
+            what = "excluding position 0 " if self.exclude_bos else ""
+            raise ValueError(f"no tokens to analyse in {self.site} ({what}and padding); the input is empty")
+        if int((self.n_tokens > 0).sum()) < 2:
+            raise ValueError(f"{self.site}: tokens at only one position; position scores need at least two positions")
+        cpu = self.sums.cpu()
+        return NeuronPositionStats(
+            self.site, self.layers, self.threshold, self.exclude_bos, self.n_tokens.cpu(), cpu[0], cpu[1], cpu[2]
+        )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or a torch.device") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    return dev
+
+
+def _check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number (or None for the act_fn rule), got {threshold!r}")
+    return float(threshold)
+
+
+def _in_memory_batches(
+    source: Tensor | Mapping[int, Tensor], layers, attention_mask: Tensor | None, position_ids: Tensor | None
+) -> tuple[tuple[int | None, ...], Iterator[tuple[list[Tensor], Tensor, Tensor, str]]]:
+    if isinstance(source, Mapping):
+        if layers is not None:
+            source = {k: source[k] for k in ([layers] if isinstance(layers, int) else layers)}
+        names, tensors = tuple(source), [torch.as_tensor(t) for t in source.values()]
+    else:
+        source = torch.as_tensor(source)
+        if source.ndim == 3:
+            source = source.unsqueeze(0)
+            layers = 0 if layers is None else layers
+        if source.ndim != 4:
+            raise ValueError(f"activations must be [n seq neurons] or [L n seq neurons], got {tuple(source.shape)}")
+        names = tuple(range(source.shape[0]) if layers is None else [layers] if isinstance(layers, int) else layers)
+        if len(names) != source.shape[0]:
+            raise ValueError(f"{len(names)} layer labels {list(names)} for {source.shape[0]} layers of activations")
+        tensors = list(source)
+    if not tensors or tensors[0].numel() == 0:
+        raise ValueError("no tokens to analyse: the activations are empty")
+    n, s = tensors[0].shape[:2]
+    mask = torch.ones(n, s, dtype=torch.long) if attention_mask is None else torch.as_tensor(attention_mask).long()
+    pos = positions_from_mask(mask) if position_ids is None else torch.as_tensor(position_ids).long()
+    if mask.shape != (n, s) or pos.shape != (n, s):
+        raise ValueError(f"attention_mask {tuple(mask.shape)} / position_ids {tuple(pos.shape)} must be {(n, s)}")
+    chunks = [slice(i, min(i + _ROW_CHUNK, n)) for i in range(0, n, _ROW_CHUNK)]
+    batches = (([t[c] for t in tensors], mask[c], pos[c], f"{c.start}:{c.stop}") for c in chunks)
+    return names, batches
+
+
+def _store_batches(store: ActivationStore, site: str, layers) -> tuple[tuple[int | None, ...], Iterator]:
+    stored = store.layers(site)
+    names = tuple(stored if layers is None else [layers] if isinstance(layers, int) else layers)
+    missing = [layer for layer in names if layer not in stored]
+    if missing:
+        raise ValueError(f"layers {missing} of {site!r} are not in the store; stored layers: {stored}")
+    if store.n_seq == 0:
+        raise ValueError(f"store {store.path} is empty (0 sequences)")
+    keys = [SiteKey(site, layer) for layer in names]
+    batches = (
+        ([shard.acts[k] for k in keys], shard.attention_mask, shard.position_ids, f"{shard.start}:{shard.stop}")
+        for shard in store.iter_shards(keys)
+    )
+    return names, batches
+
+
+def neuron_position_stats(
+    source: ActivationStore | Tensor | Mapping[int, Tensor],
+    site: str = "mlp_post",
+    layers: int | Sequence[int] | None = None,
+    threshold: float | None = None,
+    exclude_bos: bool = True,
+    device: str | torch.device = "auto",
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> NeuronPositionStats:
+    """Gather per-position firing counts, sums and sums of squares per neuron in one streaming pass.
+
+    ``source`` is a store (read shard by shard), a tensor [n seq N] (one layer, labelled
+    ``layers`` or 0) or [L n seq N], or ``{layer: [n seq N]}``; ``attention_mask`` /
+    ``position_ids`` [n seq] apply to tensors (stores carry their own). Padding is skipped, and
+    position 0 (the BOS, or the first token — an attention sink either way) when ``exclude_bos``.
+    ``threshold=None`` takes ``active_threshold(store.model_info["act_fn"])`` (0 for tensors).
+    """
+    check_site(site)
+    dev = _resolve_device(device)
+    if isinstance(source, ActivationStore):
+        names, batches = _store_batches(source, site, layers)
+        act_fn = source.model_info.get("act_fn")
+    else:
+        names, batches = _in_memory_batches(source, layers, attention_mask, position_ids)
+        act_fn = None
+    threshold = active_threshold(act_fn) if threshold is None else _check_threshold(threshold)
+    acc = _Accumulator(site, names, threshold, exclude_bos, dev)
+    for acts, mask, pos, rows in batches:
+        acc.update(acts, mask, pos, rows)
+    return acc.result()
+
+
+# -- scores --------------------------------------------------------------------------------------
+
+
+def _binary_entropy(p: Tensor) -> Tensor:
+    """H(p) in bits, 0 at p in {0, 1}."""
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / math.log(2.0)
+
+
+def _spectrum(profile: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Peak frequency bin, period and peak power share of profiles [K N] (mean removed, DC excluded)."""
+    power = torch.fft.rfft(profile - profile.mean(0), dim=0).abs().square()
+    power[0] = 0  # the constant; a zero row after the last bin lets the peak's neighbours be gathered
+    power = torch.cat([power, torch.zeros_like(power[:1])])
+    total = power.sum(0)
+    peak = power[1:-1].argmax(0) + 1  # [N] frequency bin, 1..K//2
+    bins = torch.stack([peak - 1, peak, peak + 1])  # [3 N]
+    near = power.gather(0, bins)
+    has_power = total > 0
+    share = torch.where(has_power, near.sum(0) / total.clamp(min=1e-300), torch.zeros_like(total))
+    centroid = (bins * near).sum(0) / near.sum(0)
+    period = torch.where(has_power, profile.shape[0] / centroid, torch.full_like(total, math.nan))
+    return peak, period, share
+
+
+def _shape_categories(rate: Tensor) -> list[str]:
+    """one-extreme / both-extremes / other for firing-rate profiles [K M] (smoothed, split at mid-range)."""
+    k_len = rate.shape[0]
+    width = max(1, k_len // 32) | 1  # odd moving-average window
+    smooth = F.avg_pool1d(F.pad(rate.T.unsqueeze(1), (width // 2, width // 2), mode="replicate"), width, stride=1)
+    smooth = smooth.squeeze(1).T  # [K M]
+    high = smooth >= (smooth.amax(0) + smooth.amin(0)) / 2
+    runs = high[0].long() + (high[1:] & ~high[:-1]).sum(0)
+    one = ((runs == 1) & (high[0] != high[-1])).tolist()
+    both = ((runs == 2) & high[0] & high[-1]).tolist()
+    return ["one-extreme" if o else "both-extremes" if b else "other" for o, b in zip(one, both, strict=True)]
+
+
+def _score_layer(stats: NeuronPositionStats, li: int, mi_threshold, always_on_rate, oscillation_power) -> pd.DataFrame:
+    pos = stats.positions
+    lo, hi = int(pos.min()), int(pos.max())
+    n = stats.n_tokens[lo : hi + 1]  # [K], zeros at holes
+    fire, s, ss = (t[li, lo : hi + 1] for t in (stats.n_active, stats.act_sum, stats.act_sumsq))
+    total_n = n.sum()
+    present = n > 0
+    n_safe = n.clamp(min=1).unsqueeze(1)
+    rate_p, mean_p = fire / n_safe, s / n_safe  # [K N]
+    rate = fire.sum(0) / total_n
+    mean = s.sum(0) / total_n
+    h = _binary_entropy(rate)
+    mi = (h - ((n / total_n).unsqueeze(1) * _binary_entropy(rate_p)).sum(0)).clamp(min=0)
+    mi_norm = torch.where(h > 0, mi / h.clamp(min=1e-300), torch.zeros_like(mi))
+    between = (n.unsqueeze(1) * (mean_p - mean) ** 2).sum(0)
+    within = (ss - s * mean_p).clamp(min=0).sum(0)
+    total_ss = between + within
+    constant = total_ss <= 1e-12 * ss.sum(0).clamp(min=1e-300)
+    eta2 = torch.where(constant, torch.full_like(mi, math.nan), between / total_ss.clamp(min=1e-300))
+    # Holes (positions without tokens) take the neuron's overall value, so they add no power.
+    mean_filled = torch.where(present.unsqueeze(1), mean_p, mean)
+    rate_filled = torch.where(present.unsqueeze(1), rate_p, rate)
+    peak_bin, period, share = _spectrum(mean_filled)
+    positional = mi > mi_threshold
+    category = np.full(len(mi), NOT_POSITIONAL, dtype=object)
+    idx = torch.nonzero(positional).squeeze(1)
+    if len(idx):
+        shape = np.array(_shape_categories(rate_filled[:, idx]), dtype=object)
+        shape = np.where(shape == "other", np.where(mi_norm[idx] >= 0.5, "other-strong", "other-weak"), shape)
+        oscillatory = ((peak_bin >= 2) & (share >= oscillation_power))[idx].numpy()
+        category[idx.numpy()] = np.where(oscillatory, "oscillatory", shape)
+    n_total = float(total_n)
+    columns = {"mi": mi, "mi_norm": mi_norm, "eta2": eta2, "period": period, "period_power": share}
+    std, peak = (total_ss / n_total).sqrt(), mean_filled.argmax(0) + lo
+    columns.update(firing_rate=rate, mean=mean, std=std, peak_position=peak)
+    columns.update(dead=fire.sum(0) == 0, always_on=rate >= always_on_rate, is_positional=positional)
+    table = pd.DataFrame({"layer": stats.layers[li], "neuron": range(stats.n_neurons)})
+    table = table.assign(**{k: v.numpy() for k, v in columns.items()}, category=category)
+    table.insert(3, "mi_bias", (int(present.sum()) - 1) / (2 * n_total * math.log(2.0)))
+    return table
+
+
+def _layer_summary(table: pd.DataFrame) -> pd.DataFrame:
+    grouped = table.groupby("layer", sort=False, dropna=False)
+    summary = grouped.agg(
+        n_neurons=("neuron", "size"),
+        dead=("dead", "sum"),
+        always_on=("always_on", "sum"),
+        positional=("is_positional", "sum"),
+    )
+    counts = pd.crosstab(table["layer"], table["category"]).reindex(columns=list(CATEGORIES), fill_value=0)
+    return summary.join(counts).fillna(0).astype(int).reset_index()
+
+
+def positional_neurons(
+    source: ActivationStore | Tensor | Mapping[int, Tensor],
+    site: str = "mlp_post",
+    layers: int | Sequence[int] | None = None,
+    threshold: float | None = None,
+    mi_threshold: float = 0.05,
+    exclude_bos: bool = True,
+    device: str | torch.device = "auto",
+    *,
+    always_on_rate: float = 0.99,
+    oscillation_power: float = 0.5,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> PositionalNeurons:
+    """Score every neuron of ``site`` for position dependence and sort positional ones into categories.
+
+    Method of Voita et al. 2023 ("Neurons in LLMs: dead, n-gram, positional"). Inputs as in
+    ``neuron_position_stats`` (a store is streamed shard by shard; tensors [n seq N] or
+    [L n seq N] with an optional ``attention_mask``). A neuron is active on a token when its
+    activation > ``threshold`` (default f(0) of the store's ``act_fn``: 0 for ReLU / GELU /
+    SiLU, see ``active_threshold``). Scores, over analysed tokens (padding and, if
+    ``exclude_bos``, position 0 removed):
+
+    - ``mi`` = I(active; position) in bits = H(p) − Σ_t P(t) H(p_t), p_t the firing rate at
+      position t; ``mi_bias`` = (K − 1) / (2 N ln 2), its expected value for a neuron that ignores
+      position (K positions, N tokens); ``mi_norm`` = mi / H(p).
+    - ``eta2`` = Σ_t n_t (m_t − m)² / Σ (x − m)² (NaN for a constant neuron).
+    - ``period``, ``period_power``: from the FFT of the mean activation m_t over positions
+      (K of them, mean removed), the peak frequency bin k*; ``period_power`` is the share of
+      the spectral power in bins k*−1..k*+1, ``period`` = K / their power-weighted mean bin.
+
+    Positional: ``mi > mi_threshold``. Categories of positional neurons, first rule that holds:
+
+    1. ``oscillatory``: k* ≥ 2 (two or more cycles fit) and ``period_power ≥ oscillation_power``.
+    2. Smooth the firing-rate profile (moving average over max(1, K // 32) positions, rounded
+       up to odd) and mark positions at or above its mid-range (max + min) / 2 as high.
+       ``one-extreme``: the high positions form one run that touches exactly one end
+       (a step or ramp: fires only early, or only late). ``both-extremes``: two runs, one at
+       each end (fires at the start and the end, not in the middle).
+    3. ``other-strong`` when ``mi_norm ≥ 0.5`` (position explains half the firing entropy),
+       else ``other-weak``.
+
+    Non-positional neurons get category ``"none"``. ``dead``: never active on the analysed
+    tokens; ``always_on``: firing rate ≥ ``always_on_rate``.
+    """
+    rates = {"mi_threshold": mi_threshold, "always_on_rate": always_on_rate, "oscillation_power": oscillation_power}
+    for name, value in rates.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    stats = neuron_position_stats(
+        source, site, layers, threshold, exclude_bos, device, attention_mask=attention_mask, position_ids=position_ids
+    )
+    table = pd.concat(
+        [_score_layer(stats, li, mi_threshold, always_on_rate, oscillation_power) for li in range(len(stats.layers))],
+        ignore_index=True,
+    )
+    return PositionalNeurons(
+        table=table,
+        layer_summary=_layer_summary(table),
+        stats=stats,
+        mi_threshold=float(mi_threshold),
+        always_on_rate=float(always_on_rate),
+        oscillation_power=float(oscillation_power),
+        params={"site": site, "threshold": stats.threshold, "exclude_bos": exclude_bos},
+    )

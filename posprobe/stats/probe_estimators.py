@@ -1,0 +1,440 @@
+"""Linear position probes with scikit-learn's API, and the batched ridge kernel behind ``probe_position``.
+
+Probes read a token's position from its activation (Haviv et al. 2022, "Transformer LMs
+without positional encodings still learn positional information"); low-capacity linear probes
+are preferred because they are selective (Hewitt & Liang 2019). Every probe standardises its
+features inside ``fit`` (mean 0, population std 1 on the training rows; constant features are
+left unscaled, as scikit-learn's ``StandardScaler`` does), so ``alpha`` / ``C`` mean the same at
+every layer whatever the activation scale. ``coef_`` and ``intercept_`` are in the raw feature
+units: ``predict(X) = X @ coef_ + intercept_``.
+
+The ridge kernel solves many problems at once: per-block sufficient statistics (Gram matrices)
+are accumulated in one pass, each training set's Gram is a sum of blocks, and one batched
+eigendecomposition per (layer, fold) prices the whole alpha grid. ``alpha`` is chosen by
+generalised cross-validation (GCV; Golub, Heath & Wahba 1979) on the training rows, which costs
+O(d) per alpha and target after the decomposition (scikit-learn's ``RidgeCV`` uses exact
+leave-one-out instead, at O(n d²) per alpha).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from torch import Tensor
+
+#: The default ridge grid for standardised features: 10^-2 … 10^6 in half decades.
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in 10.0 ** np.arange(-2.0, 6.5, 0.5))
+
+_TINY_VAR = 1e-12
+
+
+@dataclass
+class BlockStats:
+    """Sufficient statistics of ridge regression per block of rows (a block = fold × subset).
+
+    Features are centred on ``center`` [L d] before accumulation, which keeps the Gram
+    matrices well conditioned when activations have a large mean (massive activations).
+    """
+
+    count: Tensor  # [B]
+    sum_x: Tensor  # [L B d]
+    gram: Tensor  # [L B d d] (diagonal only, [L B d], when built with full=False)
+    xy: Tensor  # [L B d T]
+    sum_y: Tensor  # [B T]
+    yy: Tensor  # [B T]
+    center: Tensor  # [L d]
+
+
+def block_stats(X: Tensor, Y: Tensor, block: Tensor, n_blocks: int, dtype: torch.dtype, full: bool = True) -> BlockStats:
+    """Accumulate per-block ridge statistics of ``X`` [L n d] against targets ``Y`` [n T].
+
+    ``block`` [n] gives each row's block in ``0..n_blocks-1`` (negative: row unused).
+    """
+    device = X.device
+    L, _, d = X.shape
+    Y = Y.to(device, dtype)
+    T = Y.shape[1]
+    center = torch.zeros(L, d, device=device, dtype=dtype)
+    used = (block >= 0).nonzero().squeeze(1)
+    if used.numel():
+        center = X[:, used].to(dtype).mean(1)
+    count = torch.zeros(n_blocks, device=device, dtype=dtype)
+    sum_x = torch.zeros(L, n_blocks, d, device=device, dtype=dtype)
+    gram = torch.zeros((L, n_blocks, d, d) if full else (L, n_blocks, d), device=device, dtype=dtype)
+    xy = torch.zeros(L, n_blocks, d, T, device=device, dtype=dtype)
+    sum_y = torch.zeros(n_blocks, T, device=device, dtype=dtype)
+    yy = torch.zeros(n_blocks, T, device=device, dtype=dtype)
+    for b in range(n_blocks):
+        idx = (block == b).nonzero().squeeze(1)
+        if not idx.numel():
+            continue
+        Xb = X[:, idx].to(dtype) - center[:, None]
+        Yb = Y[idx]
+        count[b] = idx.numel()
+        sum_x[:, b] = Xb.sum(1)
+        gram[:, b] = Xb.mT @ Xb if full else (Xb * Xb).sum(1)
+        xy[:, b] = Xb.mT @ Yb
+        sum_y[b] = Yb.sum(0)
+        yy[b] = (Yb * Yb).sum(0)
+    return BlockStats(count, sum_x, gram, xy, sum_y, yy, center)
+
+
+@dataclass
+class RidgeSolution:
+    """Ridge fits for F training sets: raw-unit ``coef`` [L F d T], ``intercept`` [L F T], ``alpha`` [L F T]."""
+
+    coef: Tensor
+    intercept: Tensor
+    alpha: Tensor
+
+    def predict(self, X: Tensor, fit: int) -> Tensor:
+        """Predictions [L n T] of training set ``fit`` for rows ``X`` [L n d]."""
+        coef = self.coef[:, fit]
+        return X.to(coef.dtype) @ coef + self.intercept[:, fit, None, :]
+
+
+def _train_moments(stats: BlockStats, train_blocks: Tensor) -> tuple[Tensor, ...]:
+    """Sum the blocks of each training set: n [F], mean [L F d], ybar [F T] and centred moments."""
+    tb = train_blocks.to(stats.count)
+    n = tb @ stats.count
+    if (n < 2).any():
+        raise ValueError(f"a training set has fewer than 2 rows (sizes {n.long().tolist()}); use fewer folds or more data")
+    mu = torch.einsum("fb,lbd->lfd", tb, stats.sum_x) / n[:, None]
+    ybar = (tb @ stats.sum_y) / n[:, None]
+    yyc = tb @ stats.yy - n[:, None] * ybar**2
+    xyc = torch.einsum("fb,lbdt->lfdt", tb, stats.xy) - n[:, None, None] * mu[..., None] * ybar[:, None, :]
+    return n, mu, ybar, yyc, xyc
+
+
+def _scale(var: Tensor) -> Tensor:
+    scale = var.clamp(min=0).sqrt()
+    return torch.where(var > _TINY_VAR * (1 + var.amax(-1, keepdim=True)), scale, torch.ones_like(scale))
+
+
+def solve_ridge(stats: BlockStats, train_blocks: Tensor, alphas: Sequence[float]) -> RidgeSolution:
+    """Standardised ridge for every layer and every training set (a row of ``train_blocks`` [F B] bool).
+
+    With one alpha it is used as is; with several, each (layer, training set, target) takes the
+    alpha of least GCV error. One eigendecomposition per (layer, training set) serves all alphas.
+    """
+    n, mu, ybar, yyc, xyc = _train_moments(stats, train_blocks)
+    tb = train_blocks.to(stats.count)
+    cov = torch.einsum("fb,lbde->lfde", tb, stats.gram) - n[:, None, None] * mu[..., :, None] * mu[..., None, :]
+    scale = _scale(torch.diagonal(cov, dim1=-2, dim2=-1) / n[:, None])
+    A = cov / (scale[..., :, None] * scale[..., None, :])
+    b = xyc / scale[..., None]
+    lam, V = torch.linalg.eigh(A)
+    lam = lam.clamp(min=0)
+    Q = V.mT @ b  # [L F d T]
+    grid = torch.as_tensor(list(alphas), dtype=lam.dtype, device=lam.device)
+    if grid.numel() == 1:
+        alpha = grid.expand(*Q.shape[:2], Q.shape[-1])
+    else:
+        den = lam[..., None] + grid  # [L F d A]
+        # training residual sum of squares and effective degrees of freedom, all from the spectrum
+        rss = yyc[None, :, None, :] - torch.einsum("lfdt,lfda->lfat", Q**2, 2 / den - lam[..., None] / den**2)
+        dof = (lam[..., None] / den).sum(-2) + 1  # +1: the intercept
+        gcv = rss.clamp(min=0) / (1 - dof / n[:, None]).clamp(min=1e-6)[..., None] ** 2
+        alpha = grid[gcv.argmin(-2)]  # [L F T]
+    w = V @ (Q / (lam[..., None] + alpha[:, :, None, :]))
+    coef = w / scale[..., None]
+    intercept = ybar - torch.einsum("lfd,lfdt->lft", mu + stats.center[:, None], coef)
+    return RidgeSolution(coef, intercept, alpha)
+
+
+def correlation_scores(stats: BlockStats, train_blocks: Tensor) -> Tensor:
+    """|Pearson r| of every feature with every target on each training set: [L F d T] (Gurnee et al. 2023)."""
+    n, mu, _, yyc, xyc = _train_moments(stats, train_blocks)
+    tb = train_blocks.to(stats.count)
+    gram_diag = stats.gram if stats.gram.ndim == 3 else torch.diagonal(stats.gram, dim1=-2, dim2=-1)
+    var = torch.einsum("fb,lbd->lfd", tb, gram_diag) - n[:, None] * mu**2
+    den = (var[..., None].clamp(min=0) * yyc[None, :, None, :].clamp(min=0)).sqrt()
+    return torch.where(den > 0, xyc.abs() / den.clamp(min=1e-300), torch.zeros_like(den))
+
+
+def top_k(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k best scores along the last dim, ties to the lower index, sorted ascending."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(-1).values
+
+
+def fit_logistic(Z: Tensor, y: Tensor, n_classes: int, C: float, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression on standardised ``Z`` [L n d] for all L problems in one LBFGS.
+
+    Minimises, per problem, the mean cross-entropy + ||W||² / (2 C n) (scikit-learn's objective
+    divided by n). The problems share no parameters, so the joint optimum is each one's optimum.
+    Returns ``W`` [L d K] and ``b`` [L K].
+    """
+    L, n, d = Z.shape
+    W = torch.zeros(L, d, n_classes, dtype=Z.dtype, device=Z.device, requires_grad=True)
+    b = torch.zeros(L, n_classes, dtype=Z.dtype, device=Z.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
+        history_size=20, line_search_fn="strong_wolfe",
+    )
+    target = y.to(Z.device).repeat(L)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        logits = Z @ W + b[:, None, :]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(L * n, n_classes), target, reduction="sum") / n
+        loss = loss + (W**2).sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return W.detach(), b.detach()
+
+
+def _check_X(X: object) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"X must be a non-empty [n_samples, n_features] array, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinite values")
+    return X
+
+
+def _check_Xy(X: object, y: object) -> tuple[np.ndarray, np.ndarray]:
+    X = _check_X(X)
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != X.shape[0]:
+        raise ValueError(f"y must be 1-D with one value per row of X ({X.shape[0]}), got shape {y.shape}")
+    return X, y
+
+
+def _ridge_fit(X: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> tuple[np.ndarray, float, float]:
+    Xt = torch.as_tensor(X)[None]
+    Yt = torch.as_tensor(y, dtype=torch.float64)[:, None]
+    stats = block_stats(Xt, Yt, torch.zeros(len(y), dtype=torch.long), 1, torch.float64)
+    sol = solve_ridge(stats, torch.ones(1, 1, dtype=torch.bool), alphas)
+    return sol.coef[0, 0, :, 0].numpy(), float(sol.intercept[0, 0, 0]), float(sol.alpha[0, 0, 0])
+
+
+class RidgeProbe(RegressorMixin, BaseEstimator):
+    """Ridge regression of position on standardised activations; ``alpha`` a float or a grid chosen by GCV.
+
+    Closed form via the eigendecomposition of the standardised Gram matrix (Haviv et al. 2022
+    probe, ridge variant). Learned: ``coef_`` [n_features] (raw units), ``intercept_``,
+    ``alpha_``, ``mean_``, ``scale_``.
+    """
+
+    def __init__(self, alpha: float | Sequence[float] = 1.0):
+        self.alpha = alpha
+
+    def fit(self, X: object, y: object) -> RidgeProbe:
+        X, y = _check_Xy(X, y)
+        alphas = [float(self.alpha)] if np.isscalar(self.alpha) else [float(a) for a in self.alpha]
+        if not alphas or min(alphas) < 0:
+            raise ValueError(f"alpha must be a non-negative float or a non-empty grid of them, got {self.alpha!r}")
+        self.coef_, self.intercept_, self.alpha_ = _ridge_fit(X, y.astype(np.float64), alphas)
+        self.mean_ = X.mean(0)
+        self.scale_ = _scale(torch.as_tensor(X.var(0))).numpy()
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X: object) -> np.ndarray:
+        return _check_X(X) @ self.coef_ + self.intercept_
+
+
+class SparseProbe(RegressorMixin, BaseEstimator):
+    """k-sparse probe: the k features most correlated with the target, then ridge on those k.
+
+    Gurnee et al. 2023 ("Finding neurons in a haystack") rank neurons by a univariate score;
+    here |Pearson r| with the target. Learned: ``selected_`` (feature indices, ascending),
+    ``scores_`` [n_features], ``coef_`` [n_features] (zero outside ``selected_``), ``intercept_``, ``alpha_``.
+    """
+
+    def __init__(self, k: int = 8, alpha: float | Sequence[float] = DEFAULT_ALPHAS):
+        self.k = k
+        self.alpha = alpha
+
+    def fit(self, X: object, y: object) -> SparseProbe:
+        X, y = _check_Xy(X, y)
+        if not isinstance(self.k, int | np.integer) or not 1 <= self.k <= X.shape[1]:
+            raise ValueError(f"k must be an integer in 1..{X.shape[1]} (n_features), got {self.k!r}")
+        Xc, yc = X - X.mean(0), y.astype(np.float64) - y.mean()
+        den = np.sqrt((Xc**2).sum(0) * (yc**2).sum())
+        self.scores_ = np.divide(np.abs(Xc.T @ yc), den, out=np.zeros(X.shape[1]), where=den > 0)
+        self.selected_ = top_k(torch.as_tensor(self.scores_), int(self.k)).numpy()
+        ridge = RidgeProbe(self.alpha).fit(X[:, self.selected_], y)
+        self.coef_ = np.zeros(X.shape[1])
+        self.coef_[self.selected_] = ridge.coef_
+        self.intercept_, self.alpha_ = ridge.intercept_, ridge.alpha_
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X: object) -> np.ndarray:
+        return _check_X(X) @ self.coef_ + self.intercept_
+
+
+class LogisticProbe(ClassifierMixin, BaseEstimator):
+    """Multinomial logistic probe (position as a class, as Haviv et al. 2022 probe it), fitted by LBFGS.
+
+    Penalty ||W||²/2 with inverse strength ``C`` (scikit-learn's convention). Learned:
+    ``classes_``, ``coef_`` [n_classes, n_features] (raw units; K rows even for 2 classes),
+    ``intercept_`` [n_classes]. ``score`` is accuracy.
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 200, tol: float = 1e-6):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def fit(self, X: object, y: object) -> LogisticProbe:
+        X, y = _check_Xy(X, y)
+        if not self.C > 0:
+            raise ValueError(f"C must be positive, got {self.C!r}")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        mean = X.mean(0)
+        scale = _scale(torch.as_tensor(X.var(0))).numpy()
+        Z = torch.as_tensor((X - mean) / scale)[None]
+        W, b = fit_logistic(Z, torch.as_tensor(y_idx), len(self.classes_), self.C, self.max_iter, self.tol)
+        self.coef_ = (W[0] / torch.as_tensor(scale)[:, None]).T.numpy()
+        self.intercept_ = (b[0] - torch.as_tensor(mean) @ torch.as_tensor(self.coef_.T)).numpy()
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def decision_function(self, X: object) -> np.ndarray:
+        return _check_X(X) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: object) -> np.ndarray:
+        return torch.softmax(torch.as_tensor(self.decision_function(X)), -1).numpy()
+
+    def predict(self, X: object) -> np.ndarray:
+        return self.classes_[self.decision_function(X).argmax(1)]
+
+
+# -- out-of-fold fits of every layer at once (used by probe_position) ----------------------------
+
+
+@dataclass
+class FoldPlan:
+    """Grouped cross-validation with variants: which rows train and test each fit.
+
+    Rows fall into blocks ``fold * 2 + at_pos0``. Fit ``i`` is (variant ``fits[i][0]``, fold
+    ``fits[i][1]``); variant ``with_pos0=False`` drops position-0 rows from training and testing.
+    """
+
+    block: Tensor  # [n]
+    n_folds: int
+    with_pos0: tuple[bool, ...]
+    fits: list[tuple[int, int, Tensor]]  # (variant, fold, test rows)
+    train_blocks: Tensor  # [n_fits 2F] bool
+    full_train: Tensor  # [n_variants 2F] bool: every row a variant uses
+
+    @classmethod
+    def build(cls, fold: Tensor, at_pos0: Tensor, n_folds: int, with_pos0: tuple[bool, ...]) -> FoldPlan:
+        block = fold * 2 + at_pos0.long()
+        b_fold = torch.arange(2 * n_folds) // 2
+        b_pos0 = torch.arange(2 * n_folds) % 2 == 1
+        fits, train_blocks, full_train = [], [], []
+        for v, keep0 in enumerate(with_pos0):
+            allowed = torch.ones_like(b_pos0) if keep0 else ~b_pos0
+            full_train.append(allowed)
+            for f in range(n_folds):
+                rows = ((fold == f) & (keep0 | ~at_pos0)).nonzero().squeeze(1)
+                fits.append((v, f, rows))
+                train_blocks.append(allowed & (b_fold != f))
+        return cls(block, n_folds, with_pos0, fits, torch.stack(train_blocks), torch.stack(full_train))
+
+    @property
+    def n_blocks(self) -> int:
+        return 2 * self.n_folds
+
+    def empty_predictions(self, L: int, T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.full((L, len(self.with_pos0), self.block.numel(), T), float("nan"), dtype=dtype, device=device)
+
+
+def ridge_oof(X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T]."""
+    stats = block_stats(X, Y, plan.block.to(X.device), plan.n_blocks, dtype)
+    sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas)
+    pred = plan.empty_predictions(X.shape[0], Y.shape[1], dtype, X.device)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        rows = rows.to(X.device)
+        pred[:, v, rows] = sol.predict(X[:, rows], i)
+    return pred, sol.alpha
+
+
+def sparse_oof(
+    X: Tensor, Y: Tensor, plan: FoldPlan, k: int, alphas: Sequence[float], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Out-of-fold k-sparse predictions [L V n T]; alphas [L n_fits T]; neurons [L V k] chosen on all rows.
+
+    Neurons are re-selected on every training fold and for every target column (so the
+    shuffled-label control selects its own neurons); the reported ``neurons`` come from all the
+    rows a variant uses, for target column 0.
+    """
+    L, n, d = X.shape
+    if not 1 <= k <= d:
+        raise ValueError(f"k must be in 1..{d} (the number of features), got {k}")
+    block = plan.block.to(X.device)
+    diag = block_stats(X, Y, block, plan.n_blocks, dtype, full=False)
+    scores = correlation_scores(diag, plan.train_blocks.to(X.device))  # [L F d T]
+    neurons = top_k(correlation_scores(diag, plan.full_train.to(X.device))[..., 0], k)
+    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    alpha = torch.zeros(L, len(plan.fits), Y.shape[1], dtype=dtype, device=X.device)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        rows = rows.to(X.device)
+        for t in range(Y.shape[1]):
+            sel = top_k(scores[:, i, :, t], k)  # [L k]
+            Xs = X.gather(2, sel[:, None, :].expand(L, n, k))
+            stats = block_stats(Xs, Y[:, t : t + 1], block, plan.n_blocks, dtype)
+            sol = solve_ridge(stats, plan.train_blocks[i : i + 1].to(X.device), alphas)
+            pred[:, v, rows, t] = sol.predict(Xs[:, rows], 0)[..., 0]
+            alpha[:, i, t] = sol.alpha[:, 0, 0]
+    return pred, alpha, neurons
+
+
+def logistic_oof(
+    X: Tensor, Y: Tensor, plan: FoldPlan, C: float, max_iter: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Out-of-fold multinomial predictions [L V n T] (the predicted class's target value); C as [L n_fits T]."""
+    L = X.shape[0]
+    block = plan.block.to(X.device)
+    Y = Y.to(X.device)
+    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        rows = rows.to(X.device)
+        train = plan.train_blocks[i].to(X.device)[block].nonzero().squeeze(1)
+        Xtr = X[:, train].to(dtype)
+        mean = Xtr.mean(1, keepdim=True)
+        scale = _scale(Xtr.var(1, unbiased=False))[:, None, :]
+        Ztr, Zte = (Xtr - mean) / scale, (X[:, rows].to(dtype) - mean) / scale
+        for t in range(Y.shape[1]):
+            classes, y_idx = torch.unique(Y[:, t], return_inverse=True)
+            W, b = fit_logistic(Ztr, y_idx[train], len(classes), C, max_iter, 1e-6)
+            pred[:, v, rows, t] = classes.to(dtype)[(Zte @ W + b[:, None, :]).argmax(-1)]
+    return pred, torch.full((L, len(plan.fits), Y.shape[1]), C, dtype=dtype, device=X.device)
+
+
+def token_baseline_oof(key: Tensor, y: Tensor, plan: FoldPlan, alphas: Sequence[float]) -> Tensor:
+    """Out-of-fold predictions [V n] from token identity alone: ridge on one-hot token ids.
+
+    The fit is the shrunken per-token mean ``ybar + sum(y - ybar) / (n_token + alpha)`` (ridge
+    on one-hot ids with an unpenalised mean); alpha is chosen by exact leave-one-out, which is
+    cheap here because the hat matrix is diagonal per token: h = 1 / (n_token + alpha).
+    Unseen tokens get ``ybar``.
+    """
+    _, key = torch.unique(key, return_inverse=True)
+    n_keys = int(key.max()) + 1
+    grid = torch.as_tensor(list(alphas), dtype=torch.float64)
+    y = y.double().cpu()
+    pred = torch.full((len(plan.with_pos0), y.numel()), float("nan"), dtype=torch.float64)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        train = plan.train_blocks[i][plan.block].nonzero().squeeze(1)
+        ybar = y[train].mean()
+        counts = torch.bincount(key[train], minlength=n_keys).double()
+        sums = torch.bincount(key[train], weights=y[train] - ybar, minlength=n_keys)
+        c, s, r = counts[key[train]], sums[key[train]], y[train] - ybar
+        den = c[:, None] + grid  # [n_train A]
+        loo = (r[:, None] - s[:, None] / den) / (1 - 1 / den)
+        alpha = grid[(loo**2).mean(0).argmin()]
+        pred[v, rows] = ybar + sums[key[rows]] / (counts[key[rows]] + alpha)
+    return pred

