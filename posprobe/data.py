@@ -236,7 +236,9 @@ def as_token_batch(model: PositionModel, tokens: TokenBatch | Tensor | Sequence[
     if isinstance(tokens, Tensor):
         t = tokens.unsqueeze(0) if tokens.ndim == 1 else tokens
         bos = model.info.bos_token_id
-        return TokenBatch(t.long().cpu(), torch.ones_like(t).long().cpu(), bool(bos is not None and (t[:, 0] == bos).all()), "tensor")
+        t = t.long().cpu()
+        starts_with_bos = bool(bos is not None and (t[:, 0] == bos).all())
+        return TokenBatch(t, torch.ones_like(t), starts_with_bos, "tensor", _str_tokens(model.tokenizer, t))
     return from_texts(model, tokens)
 
 

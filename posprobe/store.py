@@ -217,7 +217,8 @@ def prepare_store(
     the run's identity (model, tokens, keys, batch size, dtype) must match exactly.
     """
     path = Path(path)
-    manifest = {"format": FORMAT, **manifest, "complete": False}
+    # compare as JSON sees it: tuples become lists on disk
+    manifest = json.loads(json.dumps({"format": FORMAT, **manifest, "complete": False}, default=str))
     if (path / MANIFEST).exists():
         old = json.loads((path / MANIFEST).read_text())
         same = all(old.get(k) == manifest.get(k) for k in IDENTITY_FIELDS)

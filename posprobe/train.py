@@ -84,7 +84,7 @@ class WindowSampler:
 
 
 def heldout_windows(n: int, seq_len: int, bos_id: int) -> torch.Tensor:
-    """The fixed evaluation set [n seq_len]: the first non-overlapping BOS-prepended windows of each held-out address, in turn."""
+    """The fixed evaluation set [n seq_len]: BOS + non-overlapping windows, taken from each held-out address in turn."""
     body = seq_len - 1
     per_doc = [[d[s : s + body] for s in range(0, len(d) - body + 1, body)] for d in corpus_tokens("heldout")]
     rows: list[np.ndarray] = []
@@ -115,7 +115,7 @@ def evaluate(net: ZooTransformer, windows: torch.Tensor, batch_size: int = 16) -
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum").item()
         count += chunk[:, 1:].numel()
     net.train(was_training)
-    unigram = -unigram_logprobs(net.cfg.d_vocab)[windows[:, 1:]].mean().item()
+    unigram = -unigram_logprobs(net.cfg.d_vocab)[windows[:, 1:].cpu()].mean().item()
     return {"heldout_loss": total / count, "unigram_loss": unigram, "n_windows": len(windows), "n_tokens": count}
 
 
@@ -164,7 +164,9 @@ def train(
     }  # fmt: skip
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps, batch_size and lr must be positive; got {steps}, {batch_size}, {lr}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     tokenizer = load_zoo_tokenizer()
     if len(tokenizer) != config.d_vocab:
         raise ValueError(f"config.d_vocab={config.d_vocab} but the zoo tokenizer has {len(tokenizer)} ids")
@@ -180,14 +182,18 @@ def train(
     if resume:
         state = _restore(out, config, hparams, net, opt, dev)
     elif (out / STATE_FILE).exists():
-        raise FileExistsError(f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir")
+        raise FileExistsError(
+            f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     sampler = WindowSampler(corpus_tokens("train"), config.n_ctx, tokenizer.bos_token_id)
     end = steps if stop_at is None else min(stop_at, steps)
     net.train()
     started = time.perf_counter() - state["elapsed_s"]
-    bar = tqdm(range(state["step"], end), initial=state["step"], total=steps, desc=f"zoo:{config.pe}", disable=not progress)
+    bar = tqdm(
+        range(state["step"], end), initial=state["step"], total=steps, desc=f"zoo:{config.pe}", disable=not progress
+    )
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, hparams["warmup"], min_lr_ratio)
@@ -208,7 +214,12 @@ def train(
     state["device"] = str(dev)
     if state["step"] == steps:
         state["eval"] = evaluate(net, heldout_windows(eval_windows, config.n_ctx, tokenizer.bos_token_id).to(dev))
-        log.info("zoo:%s held-out loss %.3f (unigram %.3f)", config.pe, state["eval"]["heldout_loss"], state["eval"]["unigram_loss"])
+        log.info(
+            "zoo:%s held-out loss %.3f (unigram %.3f)",
+            config.pe,
+            state["eval"]["heldout_loss"],
+            state["eval"]["unigram_loss"],
+        )
     _save(out, net, opt, state)
     return state
 
@@ -231,7 +242,12 @@ def _save(out: Path, net: ZooTransformer, opt: torch.optim.Optimizer, state: dic
 
 
 def _restore(
-    out: Path, config: ZooConfig, hparams: dict[str, Any], net: ZooTransformer, opt: torch.optim.Optimizer, dev: torch.device
+    out: Path,
+    config: ZooConfig,
+    hparams: dict[str, Any],
+    net: ZooTransformer,
+    opt: torch.optim.Optimizer,
+    dev: torch.device,
 ) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -240,8 +256,14 @@ def _restore(
         raise FileNotFoundError(f"cannot resume from {out}: missing {', '.join(missing)}")
     saved = ZooConfig.from_json(out / CONFIG_FILE).to_dict()
     state = json.loads((out / STATE_FILE).read_text())
-    diff = [f"{k}: checkpoint {saved[k]!r} vs requested {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v]
-    diff += [f"{k}: checkpoint {state.get(k)!r} vs requested {hparams[k]!r}" for k in RESUME_KEYS if state.get(k) != hparams[k]]
+    diff = [
+        f"{k}: checkpoint {saved[k]!r} vs requested {v!r}" for k, v in config.to_dict().items() if saved.get(k) != v
+    ]
+    diff += [
+        f"{k}: checkpoint {state.get(k)!r} vs requested {hparams[k]!r}"
+        for k in RESUME_KEYS
+        if state.get(k) != hparams[k]
+    ]
     if diff:
         raise ValueError(f"the checkpoint in {out} belongs to another run; differences: " + "; ".join(diff))
     net.load_state_dict({k: v.to(dev) for k, v in load_file(out / WEIGHTS_FILE).items()})
@@ -265,7 +287,17 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    for field in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "n_ctx", "rope_base", "rotary_fraction", "p_rope"):
+    for field in (
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "d_head",
+        "d_mlp",
+        "n_ctx",
+        "rope_base",
+        "rotary_fraction",
+        "p_rope",
+    ):
         value = getattr(defaults, field)
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     p.add_argument("--untied", action="store_true", help="separate unembedding matrix")

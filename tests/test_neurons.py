@@ -121,8 +121,10 @@ def test_padding_is_ignored_exactly(data):
     mask = torch.ones(N_SEQ, SEQ + pad, dtype=torch.long)
     padded[::2, pad:] = x[::2]  # even rows left-padded
     mask[::2, :pad] = 0
-    padded[1::2, :SEQ] = x[1::2]  # odd rows right-padded
-    mask[1::2, SEQ:] = 0
+    padded[1::4, :SEQ] = x[1::4]  # right-padded
+    mask[1::4, SEQ:] = 0
+    padded[3::4, :40], padded[3::4, 40 + pad :] = x[3::4, :40], x[3::4, 40:]  # a hole in the middle
+    mask[3::4, 40 : 40 + pad] = 0
     plain = positional_neurons(x, device="cpu").table
     got = positional_neurons(padded, attention_mask=mask, device="cpu").table
     pd.testing.assert_frame_equal(plain, got, check_exact=True)

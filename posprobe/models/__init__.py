@@ -71,16 +71,17 @@ def _wrap(model: Any, *, dtype: torch.dtype, trust_remote_code: bool, seed: int,
 
             return load_zoo(model.removeprefix("zoo:"))
         return _from_hub(model, dtype=dtype, trust_remote_code=trust_remote_code, **hf_kwargs)
-    bridge_model = getattr(model, "original_model", None)
-    if bridge_model is not None and type(model).__name__ == "TransformerBridge":
-        return HFModel(bridge_model, model.tokenizer, name=getattr(model.cfg, "model_name", None), source="transformer-lens")
-    inner = getattr(model, "_model", None)
-    if inner is not None and type(model).__module__.startswith("nnsight"):
-        tok = getattr(model, "tokenizer", None)
+    from transformers import PreTrainedModel
+
+    tokenizer = hf_kwargs.pop("tokenizer", None)
+    if isinstance(model, PreTrainedModel):
+        return HFModel(model, tokenizer or _tokenizer_for(model), source="object")
+    if type(model).__name__ == "TransformerBridge":
+        return HFModel(model.original_model, tokenizer or model.tokenizer, name=model.cfg.model_name, source="transformer-lens")
+    if type(model).__module__.startswith("nnsight"):
+        inner = model._module
+        tok = tokenizer or getattr(model, "tokenizer", None) or _tokenizer_for(inner)
         return HFModel(inner, tok, name=getattr(inner.config, "_name_or_path", None), source="nnsight")
-    if hasattr(model, "config") and isinstance(model, torch.nn.Module):
-        raise_if_no_tokenizer = hf_kwargs.pop("tokenizer", None)
-        return HFModel(model, raise_if_no_tokenizer or _tokenizer_for(model), source="object")
     raise ValueError(
         f"cannot load {model!r}; pass one of {', '.join(known_models())}, a Hugging Face id or path, "
         "a PositionModel, a transformers model, a TransformerBridge or an nnsight model"

@@ -14,7 +14,7 @@ caller, never guessed here.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,10 @@ class PositionScheme(nn.Module):
     def __init__(self, cfg: ZooConfig) -> None:
         super().__init__()
         self.n_ctx = cfg.n_ctx
+
+    def describe(self) -> dict[str, Any]:
+        """Scheme facts for ``ModelInfo.extra`` (frequencies, slopes, ...); JSON-ready."""
+        return {}
 
     def embed(self, position_ids: Tensor) -> Tensor:
         """Absolute position vectors [b s d_model] for ``position_ids`` [b s]."""
@@ -184,12 +188,16 @@ class Rotary(PositionScheme):
         self.register_buffer("inv_freq", rope_inv_freq(*self._spectrum), persistent=False)
         self.rotary_dims = 2 * self.inv_freq.numel()
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn, recurse=True):
         # ``model.to(torch.float16)`` would round the frequencies (an angle error of ~1 rad at
         # position 1,000); keep them float32, rebuilt from the config on the new device.
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(*self._spectrum).to(self.inv_freq.device)
         return self
+
+    def describe(self) -> dict[str, Any]:
+        *_, fraction, p_rope = self._spectrum
+        return {"rope_inv_freq": self.inv_freq.tolist(), "rotary_fraction": fraction, "p_rope": p_rope}
 
     def rotate(self, q: Tensor, k: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         if self.rotary_dims == 0:
@@ -233,6 +241,9 @@ class ALiBi(PositionScheme):
     def __init__(self, cfg: ZooConfig) -> None:
         super().__init__(cfg)
         self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"alibi_slopes": self.slopes.tolist()}
 
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         distance = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).to(self.slopes.dtype)  # [b s t]

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from posprobe.models.base import Hook, ModelInfo, PositionModel
-from posprobe.models.position_schemes import SCHEMES
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.models.zoo_tokenizer import ZOO_DIR, load_zoo_tokenizer
 from posprobe.sites import SiteKey
@@ -40,10 +39,12 @@ class ZooModel(PositionModel):
     TransformerLens names, so they are removed on exit even when the forward raises.
     """
 
-    def __init__(self, net: ZooTransformer, tokenizer: Any = None, name: str = "zoo", extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self, net: ZooTransformer, tokenizer: Any = None, name: str = "zoo", extra: Mapping[str, Any] | None = None
+    ):
         self.net = net.eval()
         self.tokenizer = tokenizer if tokenizer is not None else load_zoo_tokenizer()
-        self.info = zoo_info(net.cfg, self.tokenizer, name, extra)
+        self.info = zoo_info(net, self.tokenizer, name, extra)
 
     def _run(
         self,
@@ -57,9 +58,7 @@ class ZooModel(PositionModel):
         fwd_hooks = [(key.hook_name, _as_tl_hook(fn)) for key, fn in hooks.items()]
         want_logits = return_logits and stop_at_layer is None
         with self.net.hooks(fwd_hooks=fwd_hooks):
-            out = self.net(
-                tokens, position_ids, attention_mask, return_logits=want_logits, last_layer=stop_at_layer
-            )
+            out = self.net(tokens, position_ids, attention_mask, return_logits=want_logits, last_layer=stop_at_layer)
         return out if want_logits else None
 
     def random_init_copy(self, seed: int = 0) -> ZooModel:
@@ -85,20 +84,14 @@ class ZooModel(PositionModel):
         return self.net.position.extrapolates
 
 
-def zoo_info(cfg: ZooConfig, tokenizer: Any, name: str, extra: Mapping[str, Any] | None = None) -> ModelInfo:
-    """ModelInfo of a zoo config; ``extra`` also records p-RoPE, the exact RoPE frequencies and ALiBi slopes."""
-    n = cfg.n_layers
-    scheme = SCHEMES[cfg.pe](cfg)
-    info_extra: dict[str, Any] = {"config": cfg.to_dict(), "tie_embeddings": cfg.tie_embeddings}
+def zoo_info(net: ZooTransformer, tokenizer: Any, name: str, extra: Mapping[str, Any] | None = None) -> ModelInfo:
+    """ModelInfo of a zoo network; ``extra`` also records p-RoPE, the exact RoPE frequencies and ALiBi slopes."""
+    cfg, scheme, n = net.cfg, net.position, net.cfg.n_layers
+    info_extra: dict[str, Any] = {"config": cfg.to_dict(), "tie_embeddings": cfg.tie_embeddings, **scheme.describe()}
     rope_bases: tuple[float | None, ...] = (None,) * n
     rotary_dims: tuple[int | None, ...] = (None,) * n
     if scheme.rotary:
         rope_bases, rotary_dims = (cfg.rope_base,) * n, (scheme.rotary_dims,) * n
-        info_extra.update(
-            p_rope=cfg.p_rope, rotary_fraction=cfg.rotary_fraction, rope_inv_freq=scheme.inv_freq.tolist()
-        )
-    if scheme.additive and hasattr(scheme, "slopes"):
-        info_extra["alibi_slopes"] = scheme.slopes.tolist()
     info_extra.update(extra or {})
     return ModelInfo(
         name=name,
@@ -152,7 +145,7 @@ def load_checkpoint(path: str | Path, random_init: bool = False, seed: int = 0, 
 
 
 def load_zoo(variant: str, random_init: bool = False, seed: int = 0, root: str | Path | None = None) -> ZooModel:
-    """Load a shipped zoo model by position scheme (``"none"``, ``"learned"``, ``"sinusoidal"``, ``"rope"``, ``"alibi"``).
+    """Load a shipped zoo model by its position scheme: ``none``, ``learned``, ``sinusoidal``, ``rope`` or ``alibi``.
 
     ``random_init=True`` gives the seeded, untrained twin (built on demand, not shipped).
     ``root`` overrides the folder holding the variants (default ``data/zoo``).

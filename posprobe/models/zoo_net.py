@@ -149,7 +149,11 @@ class Attention(nn.Module):
             z = torch.einsum("bhst,bthk->bshk", pattern, v)
         else:
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=logit_bias.to(q.dtype), scale=self.scale
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=logit_bias.to(q.dtype),
+                scale=self.scale,
             ).transpose(1, 2)
         z = self.hook_z(z)
         return torch.einsum("bshk,hkd->bsd", z, self.W_O) + self.b_O

@@ -17,7 +17,9 @@ BOS, PAD = "<|bos|>", "<|pad|>"
 VOCAB_SIZE = 4096
 
 
-def build_zoo_tokenizer(path: str | Path | None = TOKENIZER_PATH, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def build_zoo_tokenizer(
+    path: str | Path | None = TOKENIZER_PATH, vocab_size: int = VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE on ``posprobe.data.corpus_texts("train")`` and save it to ``path``.
 
     Held-out addresses never reach the merges, so held-out losses are honest. Takes ~2 s.
@@ -48,11 +50,13 @@ def load_zoo_tokenizer(path: str | Path = TOKENIZER_PATH) -> PreTrainedTokenizer
     """The shipped zoo tokenizer as a Hugging Face fast tokenizer (cached per process)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no zoo tokenizer at {path}; rebuild it with posprobe.models.zoo_tokenizer.build_zoo_tokenizer()")
+        raise FileNotFoundError(
+            f"no zoo tokenizer at {path}; rebuild it with posprobe.models.zoo_tokenizer.build_zoo_tokenizer()"
+        )
     from tokenizers import Tokenizer
 
     return _wrap(Tokenizer.from_file(str(path)))
 
 
-def _wrap(tok) -> PreTrainedTokenizerFast:  # noqa: ANN001 - tokenizers.Tokenizer
+def _wrap(tok) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, pad_token=PAD, model_max_length=10**9)

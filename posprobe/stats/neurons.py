@@ -17,7 +17,7 @@ passed in memory give bit-identical statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,14 +137,12 @@ class PositionalNeurons:
     ``table``: layer, neuron, mi (bits), mi_bias, mi_norm, eta2, period, period_power,
     firing_rate, mean, std, peak_position, dead, always_on, is_positional, category.
     ``layer_summary``: layer, n_neurons, dead, always_on, positional, and one count per category.
+    ``params``: site, threshold, exclude_bos, mi_threshold, always_on_rate, oscillation_power.
     """
 
     table: pd.DataFrame
     layer_summary: pd.DataFrame
     stats: NeuronPositionStats
-    mi_threshold: float
-    always_on_rate: float
-    oscillation_power: float
     params: dict[str, Any] = field(default_factory=dict)
 
     def top(self, n: int = 20, by: str = "mi") -> pd.DataFrame:
@@ -169,7 +167,7 @@ class PositionalNeurons:
         if kind == "heatmap":
             chosen = self.top(top)
             if chosen.empty:
-                raise ValueError(f"no positional neurons (mi > {self.mi_threshold}) to draw")
+                raise ValueError(f"no positional neurons (mi > {self.params['mi_threshold']}) to draw")
             pairs = list(zip(chosen["layer"], chosen["neuron"], strict=True))
             return plots.positional_neuron_heatmap(self.stats.profiles(pairs))
         raise ValueError(f"unknown figure kind {kind!r}; choose one of 'counts', 'profile', 'heatmap'")
@@ -181,11 +179,11 @@ class PositionalNeurons:
 class _Accumulator:
     """Running float64 sums, updated one sequence at a time (a fixed order, hence exact replay)."""
 
-    def __init__(self, site: str, layers: tuple[int | None, ...], threshold: float, exclude_bos: bool, device):
+    def __init__(self, site: str, layers: tuple, threshold: float, exclude_bos: bool, size: int, device) -> None:
         self.site, self.layers, self.threshold, self.exclude_bos = site, layers, threshold, exclude_bos
-        self.device = device
+        self.device, self.size = device, size  # size: number of position ids (max id + 1)
         self.sums: Tensor | None = None  # [3 L P N]: firing counts, sums, sums of squares
-        self.n_tokens: Tensor | None = None
+        self.n_tokens = torch.zeros(size, dtype=torch.float64, device=device)
 
     def update(self, acts: Sequence[Tensor], attention_mask: Tensor, position_ids: Tensor, rows: str) -> None:
         """Add a batch: ``acts`` one [b s N] tensor per layer, mask and position ids [b s]."""
@@ -195,30 +193,36 @@ class _Accumulator:
                     f"{self.site} layer {layer}: expected activations [n seq neurons] matching the mask "
                     f"{tuple(attention_mask.shape)}, got {tuple(a.shape)}"
                 )
-        n_neurons = acts[0].shape[2]
         if self.sums is None:
-            size = max(int(position_ids.max()) + 1, attention_mask.shape[1])
-            self.sums = torch.zeros(3, len(self.layers), size, n_neurons, dtype=torch.float64, device=self.device)
-            self.n_tokens = torch.zeros(size, dtype=torch.float64, device=self.device)
+            shape = (3, len(self.layers), self.size, acts[0].shape[2])
+            self.sums = torch.zeros(shape, dtype=torch.float64, device=self.device)
         if any(a.shape[2] != self.sums.shape[3] for a in acts):
             counts = [a.shape[2] for a in acts]
             raise ValueError(f"{self.site}: neuron counts {counts} differ from the first batch's {self.sums.shape[3]}")
-        if int(position_ids.max()) >= self.sums.shape[2]:
-            self._grow(int(position_ids.max()) + 1)
         keep = attention_mask.bool()
         if self.exclude_bos:
             keep &= position_ids > 0
-        x_all = torch.stack([a.to(self.device) for a in acts])  # [L b s N]
+        acts = [a.to(self.device) for a in acts]
+        fire, total, squares = self.sums
         for i in range(keep.shape[0]):
             cols = torch.nonzero(keep[i]).squeeze(1)
-            if cols.numel() == 0:
+            k = cols.numel()
+            if k == 0:
                 continue
-            pos = position_ids[i, cols].to(self.device)
-            x = x_all[:, i, cols.to(self.device)].to(torch.float64)  # [L k N]
-            self.n_tokens.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
-            self.sums[0].index_add_(1, pos, (x > self.threshold).to(torch.float64))
-            self.sums[1].index_add_(1, pos, x)
-            self.sums[2].index_add_(1, pos, x * x)
+            pos = position_ids[i, cols]
+            c0, p0 = int(cols[0]), int(pos[0])
+            if int(cols[-1]) - c0 == k - 1 and torch.equal(pos, torch.arange(p0, p0 + k)):
+                at: slice | Tensor = slice(p0, p0 + k)  # the usual case: no gather, no scatter
+                rows_x = [a[i, c0 : c0 + k] for a in acts]
+            else:
+                at, cols = pos.to(self.device), cols.to(self.device)
+                rows_x = [a[i, cols] for a in acts]
+            _add(self.n_tokens, at, torch.ones(k, dtype=torch.float64, device=self.device))
+            for li, x in enumerate(rows_x):
+                x = x.to(torch.float64)  # [k N]
+                _add(fire[li], at, x.gt(self.threshold).to(torch.float64))
+                _add(total[li], at, x)
+                _add(squares[li], at, x * x)
         finite = torch.isfinite(self.sums[1:].flatten(2)).all(dim=2).all(dim=0)
         if not bool(finite.all()):
             bad = [self.layers[j] for j in torch.nonzero(~finite).squeeze(1).tolist()]
@@ -226,13 +230,8 @@ class _Accumulator:
                 f"NaN or infinite activations in {self.site} layer(s) {bad} (rows {rows}); check the extraction"
             )
 
-    def _grow(self, size: int) -> None:
-        extra = size - self.sums.shape[2]
-        self.sums = F.pad(self.sums, (0, 0, 0, extra))
-        self.n_tokens = F.pad(self.n_tokens, (0, extra))
-
     def result(self) -> NeuronPositionStats:
-        if self.sums is None or float(self.n_tokens.sum()) == 0:
+        if float(self.n_tokens.sum()) == 0:
             what = "excluding position 0 " if self.exclude_bos else ""
             raise ValueError(f"no tokens to analyse in {self.site} ({what}and padding); the input is empty")
         if int((self.n_tokens > 0).sum()) < 2:
@@ -241,6 +240,14 @@ class _Accumulator:
         return NeuronPositionStats(
             self.site, self.layers, self.threshold, self.exclude_bos, self.n_tokens.cpu(), cpu[0], cpu[1], cpu[2]
         )
+
+
+def _add(target: Tensor, at: slice | Tensor, value: Tensor) -> None:
+    """target[at] += value, elementwise in float64: the same bits whichever branch adds them."""
+    if isinstance(at, slice):
+        target[at].add_(value)
+    else:
+        target.index_add_(0, at, value)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -261,37 +268,28 @@ def _check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _in_memory_batches(
-    source: Tensor | Mapping[int, Tensor], layers, attention_mask: Tensor | None, position_ids: Tensor | None
-) -> tuple[tuple[int | None, ...], Iterator[tuple[list[Tensor], Tensor, Tensor, str]]]:
-    if isinstance(source, Mapping):
-        if layers is not None:
-            source = {k: source[k] for k in ([layers] if isinstance(layers, int) else layers)}
-        names, tensors = tuple(source), [torch.as_tensor(t) for t in source.values()]
-    else:
-        source = torch.as_tensor(source)
-        if source.ndim == 3:
-            source = source.unsqueeze(0)
-            layers = 0 if layers is None else layers
-        if source.ndim != 4:
-            raise ValueError(f"activations must be [n seq neurons] or [L n seq neurons], got {tuple(source.shape)}")
-        names = tuple(range(source.shape[0]) if layers is None else [layers] if isinstance(layers, int) else layers)
-        if len(names) != source.shape[0]:
-            raise ValueError(f"{len(names)} layer labels {list(names)} for {source.shape[0]} layers of activations")
-        tensors = list(source)
-    if not tensors or tensors[0].numel() == 0:
+def _in_memory_batches(source: Tensor, layers, attention_mask: Tensor | None, position_ids: Tensor | None):
+    source = torch.as_tensor(source)
+    if source.ndim == 3:
+        source = source.unsqueeze(0)
+        layers = 0 if layers is None else layers
+    if source.ndim != 4:
+        raise ValueError(f"activations must be [n seq neurons] or [L n seq neurons], got {tuple(source.shape)}")
+    names = tuple(range(source.shape[0]) if layers is None else [layers] if isinstance(layers, int) else layers)
+    if len(names) != source.shape[0]:
+        raise ValueError(f"{len(names)} layer labels {list(names)} for {source.shape[0]} layers of activations")
+    if source.numel() == 0:
         raise ValueError("no tokens to analyse: the activations are empty")
-    n, s = tensors[0].shape[:2]
+    n, s = source.shape[1:3]
     mask = torch.ones(n, s, dtype=torch.long) if attention_mask is None else torch.as_tensor(attention_mask).long()
     pos = positions_from_mask(mask) if position_ids is None else torch.as_tensor(position_ids).long()
     if mask.shape != (n, s) or pos.shape != (n, s):
         raise ValueError(f"attention_mask {tuple(mask.shape)} / position_ids {tuple(pos.shape)} must be {(n, s)}")
     chunks = [slice(i, min(i + _ROW_CHUNK, n)) for i in range(0, n, _ROW_CHUNK)]
-    batches = (([t[c] for t in tensors], mask[c], pos[c], f"{c.start}:{c.stop}") for c in chunks)
-    return names, batches
+    return names, pos, (([t[c] for t in source], mask[c], pos[c], f"{c.start}:{c.stop}") for c in chunks)
 
 
-def _store_batches(store: ActivationStore, site: str, layers) -> tuple[tuple[int | None, ...], Iterator]:
+def _store_batches(store: ActivationStore, site: str, layers):
     stored = store.layers(site)
     names = tuple(stored if layers is None else [layers] if isinstance(layers, int) else layers)
     missing = [layer for layer in names if layer not in stored]
@@ -304,11 +302,11 @@ def _store_batches(store: ActivationStore, site: str, layers) -> tuple[tuple[int
         ([shard.acts[k] for k in keys], shard.attention_mask, shard.position_ids, f"{shard.start}:{shard.stop}")
         for shard in store.iter_shards(keys)
     )
-    return names, batches
+    return names, store.position_ids, batches
 
 
 def neuron_position_stats(
-    source: ActivationStore | Tensor | Mapping[int, Tensor],
+    source: ActivationStore | Tensor,
     site: str = "mlp_post",
     layers: int | Sequence[int] | None = None,
     threshold: float | None = None,
@@ -321,7 +319,7 @@ def neuron_position_stats(
     """Gather per-position firing counts, sums and sums of squares per neuron in one streaming pass.
 
     ``source`` is a store (read shard by shard), a tensor [n seq N] (one layer, labelled
-    ``layers`` or 0) or [L n seq N], or ``{layer: [n seq N]}``; ``attention_mask`` /
+    ``layers`` or 0) or [L n seq N] (labelled ``layers`` or 0..L-1); ``attention_mask`` /
     ``position_ids`` [n seq] apply to tensors (stores carry their own). Padding is skipped, and
     position 0 (the BOS, or the first token — an attention sink either way) when ``exclude_bos``.
     ``threshold=None`` takes ``active_threshold(store.model_info["act_fn"])`` (0 for tensors).
@@ -329,13 +327,14 @@ def neuron_position_stats(
     check_site(site)
     dev = _resolve_device(device)
     if isinstance(source, ActivationStore):
-        names, batches = _store_batches(source, site, layers)
+        names, all_pos, batches = _store_batches(source, site, layers)
         act_fn = source.model_info.get("act_fn")
     else:
-        names, batches = _in_memory_batches(source, layers, attention_mask, position_ids)
+        names, all_pos, batches = _in_memory_batches(source, layers, attention_mask, position_ids)
         act_fn = None
     threshold = active_threshold(act_fn) if threshold is None else _check_threshold(threshold)
-    acc = _Accumulator(site, names, threshold, exclude_bos, dev)
+    size = max(int(all_pos.max()) + 1, all_pos.shape[1])
+    acc = _Accumulator(site, names, threshold, exclude_bos, size, dev)
     for acts, mask, pos, rows in batches:
         acc.update(acts, mask, pos, rows)
     return acc.result()
@@ -433,7 +432,7 @@ def _layer_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def positional_neurons(
-    source: ActivationStore | Tensor | Mapping[int, Tensor],
+    source: ActivationStore | Tensor,
     site: str = "mlp_post",
     layers: int | Sequence[int] | None = None,
     threshold: float | None = None,
@@ -492,8 +491,5 @@ def positional_neurons(
         table=table,
         layer_summary=_layer_summary(table),
         stats=stats,
-        mi_threshold=float(mi_threshold),
-        always_on_rate=float(always_on_rate),
-        oscillation_power=float(oscillation_power),
-        params={"site": site, "threshold": stats.threshold, "exclude_bos": exclude_bos},
+        params={"site": site, "threshold": stats.threshold, "exclude_bos": exclude_bos, **rates},
     )

@@ -49,7 +49,9 @@ class BlockStats:
     center: Tensor  # [L d]
 
 
-def block_stats(X: Tensor, Y: Tensor, block: Tensor, n_blocks: int, dtype: torch.dtype, full: bool = True) -> BlockStats:
+def block_stats(
+    X: Tensor, Y: Tensor, block: Tensor, n_blocks: int, dtype: torch.dtype, full: bool = True
+) -> BlockStats:
     """Accumulate per-block ridge statistics of ``X`` [L n d] against targets ``Y`` [n T].
 
     ``block`` [n] gives each row's block in ``0..n_blocks-1`` (negative: row unused).
@@ -102,7 +104,9 @@ def _train_moments(stats: BlockStats, train_blocks: Tensor) -> tuple[Tensor, ...
     tb = train_blocks.to(stats.count)
     n = tb @ stats.count
     if (n < 2).any():
-        raise ValueError(f"a training set has fewer than 2 rows (sizes {n.long().tolist()}); use fewer folds or more data")
+        raise ValueError(
+            f"a training set has fewer than 2 rows (sizes {n.long().tolist()}); use fewer folds or more data"
+        )
     mu = torch.einsum("fb,lbd->lfd", tb, stats.sum_x) / n[:, None]
     ybar = (tb @ stats.sum_y) / n[:, None]
     yyc = tb @ stats.yy - n[:, None] * ybar**2
@@ -163,32 +167,37 @@ def top_k(scores: Tensor, k: int) -> Tensor:
 
 
 def fit_logistic(Z: Tensor, y: Tensor, n_classes: int, C: float, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression on standardised ``Z`` [L n d] for all L problems in one LBFGS.
+    """Multinomial logistic regression of ``y`` [n T] on standardised ``Z`` [L n d]: all L × T fits in one LBFGS.
 
     Minimises, per problem, the mean cross-entropy + ||W||² / (2 C n) (scikit-learn's objective
     divided by n). The problems share no parameters, so the joint optimum is each one's optimum.
-    Returns ``W`` [L d K] and ``b`` [L K].
+    Returns ``W`` [L d T K] and ``b`` [L T K].
     """
     L, n, d = Z.shape
-    W = torch.zeros(L, d, n_classes, dtype=Z.dtype, device=Z.device, requires_grad=True)
-    b = torch.zeros(L, n_classes, dtype=Z.dtype, device=Z.device, requires_grad=True)
+    T = y.shape[1]
+    W = torch.zeros(L, d, T * n_classes, dtype=Z.dtype, device=Z.device, requires_grad=True)
+    b = torch.zeros(L, 1, T * n_classes, dtype=Z.dtype, device=Z.device, requires_grad=True)
     opt = torch.optim.LBFGS(
-        [W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
-        history_size=20, line_search_fn="strong_wolfe",
+        [W, b],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=tol * 1e-3,
+        history_size=20,
+        line_search_fn="strong_wolfe",
     )
-    target = y.to(Z.device).repeat(L)
+    target = y.to(Z.device).expand(L, n, T).reshape(-1)
 
     def closure() -> Tensor:
         opt.zero_grad()
-        logits = Z @ W + b[:, None, :]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(L * n, n_classes), target, reduction="sum") / n
-        loss = loss + (W**2).sum() / (2 * C * n)
+        logits = (Z @ W + b).reshape(L * n * T, n_classes)
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum") / n + (W**2).sum() / (2 * C * n)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return W.detach(), b.detach()
+    return W.detach().reshape(L, d, T, n_classes), b.detach().reshape(L, T, n_classes)
 
 
 def _check_X(X: object) -> np.ndarray:
@@ -294,9 +303,9 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         mean = X.mean(0)
         scale = _scale(torch.as_tensor(X.var(0))).numpy()
         Z = torch.as_tensor((X - mean) / scale)[None]
-        W, b = fit_logistic(Z, torch.as_tensor(y_idx), len(self.classes_), self.C, self.max_iter, self.tol)
-        self.coef_ = (W[0] / torch.as_tensor(scale)[:, None]).T.numpy()
-        self.intercept_ = (b[0] - torch.as_tensor(mean) @ torch.as_tensor(self.coef_.T)).numpy()
+        W, b = fit_logistic(Z, torch.as_tensor(y_idx)[:, None], len(self.classes_), self.C, self.max_iter, self.tol)
+        self.coef_ = (W[0, :, 0] / torch.as_tensor(scale)[:, None]).T.numpy()
+        self.intercept_ = (b[0, 0] - torch.as_tensor(mean) @ torch.as_tensor(self.coef_.T)).numpy()
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -351,7 +360,9 @@ class FoldPlan:
         return torch.full((L, len(self.with_pos0), self.block.numel(), T), float("nan"), dtype=dtype, device=device)
 
 
-def ridge_oof(X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def ridge_oof(
+    X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T]."""
     stats = block_stats(X, Y, plan.block.to(X.device), plan.n_blocks, dtype)
     sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas)
@@ -398,7 +409,8 @@ def logistic_oof(
     """Out-of-fold multinomial predictions [L V n T] (the predicted class's target value); C as [L n_fits T]."""
     L = X.shape[0]
     block = plan.block.to(X.device)
-    Y = Y.to(X.device)
+    # the control columns permute the same values, so one class list serves every column
+    classes, y_idx = torch.unique(Y.to(X.device), return_inverse=True)
     pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
     for i, (v, _, rows) in enumerate(plan.fits):
         rows = rows.to(X.device)
@@ -407,10 +419,8 @@ def logistic_oof(
         mean = Xtr.mean(1, keepdim=True)
         scale = _scale(Xtr.var(1, unbiased=False))[:, None, :]
         Ztr, Zte = (Xtr - mean) / scale, (X[:, rows].to(dtype) - mean) / scale
-        for t in range(Y.shape[1]):
-            classes, y_idx = torch.unique(Y[:, t], return_inverse=True)
-            W, b = fit_logistic(Ztr, y_idx[train], len(classes), C, max_iter, 1e-6)
-            pred[:, v, rows, t] = classes.to(dtype)[(Zte @ W + b[:, None, :]).argmax(-1)]
+        W, b = fit_logistic(Ztr, y_idx[train], len(classes), C, max_iter, 1e-6)
+        pred[:, v, rows] = classes.to(dtype)[torch.einsum("lnd,ldtk->lntk", Zte, W).add(b[:, None]).argmax(-1)]
     return pred, torch.full((L, len(plan.fits), Y.shape[1]), C, dtype=dtype, device=X.device)
 
 

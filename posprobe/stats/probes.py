@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -43,8 +42,16 @@ if TYPE_CHECKING:
     from posprobe.models.base import PositionModel
 
 __all__ = [
-    "CONTROLS", "KINDS", "TARGETS", "LogisticProbe", "ProbeResult", "RidgeProbe", "SparseProbe",
-    "probe_model", "probe_position", "random_baseline_mad",
+    "CONTROLS",
+    "KINDS",
+    "TARGETS",
+    "LogisticProbe",
+    "ProbeResult",
+    "RidgeProbe",
+    "SparseProbe",
+    "probe_model",
+    "probe_position",
+    "random_baseline_mad",
 ]
 
 TARGETS = ("absolute", "log", "bucket", "relative")
@@ -91,8 +98,12 @@ class _Inputs:
 
 
 def _load(
-    source: Acts, site: str, layers: Sequence[int] | int | None, positions: Tensor | None,
-    attention_mask: Tensor | None, tokens: Tensor | None,
+    source: Acts,
+    site: str,
+    layers: Sequence[int] | int | None,
+    positions: Tensor | None,
+    attention_mask: Tensor | None,
+    tokens: Tensor | None,
 ) -> _Inputs:
     check_site(site)
     if site in ATTENTION_MAP_SITES:
@@ -114,14 +125,18 @@ def _load(
                 raise ValueError(f"activations must be [layers n_seq seq d], got shape {tuple(source.shape)}")
             source = dict(enumerate(source))
         if not isinstance(source, Mapping) or not source:
-            raise ValueError("no activations given: pass an ActivationStore, a [L n_seq seq d] tensor or {layer: tensor}")
+            raise ValueError(
+                "no activations given: pass an ActivationStore, a [L n_seq seq d] tensor or {layer: tensor}"
+            )
         keys = [SiteKey.parse(k).layer if isinstance(k, str) else k for k in source]
         chosen = keys if wanted is None else wanted
         missing = [layer for layer in chosen if layer not in keys]
         if missing or not chosen:
             raise ValueError(f"layers {missing or chosen} not among the given activations; given layers: {keys}")
         acts = torch.stack([torch.as_tensor(list(source.values())[keys.index(layer)]) for layer in chosen])
-        mask = torch.ones(acts.shape[1:3], dtype=torch.long) if attention_mask is None else torch.as_tensor(attention_mask)
+        mask = (
+            torch.ones(acts.shape[1:3], dtype=torch.long) if attention_mask is None else torch.as_tensor(attention_mask)
+        )
         pos = positions_from_mask(mask) if positions is None else torch.as_tensor(positions)
         toks, model = tokens, "activations"
         for name, t in (("attention_mask", mask), ("positions", pos), ("tokens", toks)):
@@ -149,7 +164,13 @@ def _tokens_of(inputs: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _samples(
-    inputs: _Inputs, target: str, n_buckets: int, n_pairs: int | None, pair_features: str, seed: int, device: torch.device
+    inputs: _Inputs,
+    target: str,
+    n_buckets: int,
+    n_pairs: int | None,
+    pair_features: str,
+    seed: int,
+    device: torch.device,
 ) -> _Samples:
     seq, col, pos = _tokens_of(inputs)
     X = inputs.acts[:, seq, col].to(device)
@@ -170,7 +191,7 @@ def _samples(
 
 
 def _sample_pairs(seq: Tensor, n_pairs: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    """Token pairs (i, j), i ≠ j, drawn uniformly within each sequence; ``n_pairs`` per sequence (default its length)."""
+    """Token pairs (i, j), i ≠ j, drawn uniformly within each sequence; ``n_pairs`` each (default: its length)."""
     counts = torch.bincount(seq)
     starts = torch.cumsum(counts, 0) - counts
     usable = (counts >= 2).nonzero().squeeze(1)
@@ -268,7 +289,7 @@ def probe_position(
     n_pairs: int | None = None,
     pair_features: str = "diff",
 ) -> ProbeResult:
-    """Fit position probes at every layer of ``site`` with controls; one table row per layer × target × kind × with_pos0.
+    """Fit position probes with controls at every layer of ``site``: a row per layer × target × kind × with_pos0.
 
     Haviv et al. 2022 probe each layer for absolute position; controls follow Hewitt & Liang
     2019. ``store_or_acts`` is an ActivationStore (or its path), a tensor [L n_seq seq d] or a
@@ -351,14 +372,22 @@ def probe_position(
                     "accuracy": (cls_pred == cls).double().mean(-1),
                     "mad": (cls_pred - cls).abs().mean(-1),
                     "control_shuffled": _r2(Y[keep, shuffled_col], p[..., shuffled_col]) if Y.shape[1] > 1 else None,
-                    "control_random_init": None if random_pred is None else _r2(y, random_pred[:, v, keep.to(dev), 0].cpu()),
+                    "control_random_init": None
+                    if random_pred is None
+                    else _r2(y, random_pred[:, v, keep.to(dev), 0].cpu()),
                 }
                 token_r2 = math.nan if token_pred is None else float(_r2(y, token_pred[v, keep]))
                 chance = _chance_mad(tgt, cls)
                 for li, layer in enumerate(inputs.layers):
                     row = {
-                        "model": inputs.model, "site": site, "layer": layer, "target": tgt, "kind": knd,
-                        "with_pos0": with_pos0, "n_samples": int(keep.sum()), "n_positions": int(torch.unique(cls).numel()),
+                        "model": inputs.model,
+                        "site": site,
+                        "layer": layer,
+                        "target": tgt,
+                        "kind": knd,
+                        "with_pos0": with_pos0,
+                        "n_samples": int(keep.sum()),
+                        "n_positions": int(torch.unique(cls).numel()),
                     }
                     row |= {m: math.nan if val is None else float(val[li]) for m, val in metrics.items()}
                     row |= {
@@ -366,7 +395,7 @@ def probe_position(
                         "control_token": token_r2,
                         "alpha": float(reg[li, fits, 0].median()),
                         "neurons": None if neurons is None else tuple(neurons[li, v].tolist()),
-                        "controls_missing": ", ".join(missing),
+                        "controls_missing": missing,
                     }
                     rows.append(row)
     table = pd.DataFrame(rows)
@@ -413,7 +442,7 @@ def probe_model(
     out: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> ProbeResult:
-    """Extract ``site`` from ``model`` and from ``model.random_init_copy(seed)``, then ``probe_position`` with every control.
+    """Extract ``site`` from ``model`` and ``model.random_init_copy(seed)``, then ``probe_position`` with all controls.
 
     Stores are written under ``out`` (``real/`` and ``random_init/``; a temporary folder when
     None). Other keyword arguments go to ``probe_position``.

@@ -1,0 +1,467 @@
+"""Per-head attention diagnostics: entropy, attended distance, sinks, previous-token and local heads, head roles.
+
+``attention_stats(model, tokens)`` measures every head of every layer from its attention
+probabilities (site ``pattern`` [b heads s t]) without ever storing a map: a pattern hook
+folds each batch into running sums and returns None, so only one layer's pattern exists at
+a time and 4k-token sequences on SmolLM2 run in bounded memory. The sums are, per layer and
+head, in float64: per query position (entropy, entropy / log(visible keys), mass on the
+first token) and per signed distance Δ = query position − key position (attention mass and
+the number of (query, key) pairs at Δ). Previous-token, diagonal and local-window scores
+and the mean attended distance are read off the per-distance sums.
+
+Attention sinks (Xiao et al. 2023, "Efficient streaming language models with attention
+sinks"; RESEARCH.md §6): the first token draws large attention whatever its content. A
+causal query at position 0 can only attend to itself, so every metric is reported with and
+without queries at position 0 (``include_pos0``), together with whether a BOS was prepended.
+Head roles (previous-token, sink, local/positional, broad/semantic) follow the rules of
+``HeadRoleRules``, read on the metrics without position 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from posprobe.data import TokenBatch
+from posprobe.models.base import PositionModel
+from posprobe.stats.streaming import Batch, Source, as_source
+from posprobe.store import ActivationStore
+
+#: Head roles, in the order ``HeadRoleRules.classify`` tries them (the last is the fallback).
+ROLES = ("previous-token", "sink", "local/positional", "broad/semantic")
+
+#: A batch is shrunk so that one layer's attention map [b heads s s] in float32 stays below this.
+PATTERN_BUDGET_BYTES = 1 << 30
+
+#: How each statistic reads when attention is bidirectional (encoders such as BERT).
+BIDIRECTIONAL_NOTES = (
+    "distances are signed (query position − key position); negative distances are keys after the query",
+    "local_mass counts keys on both sides of the query (|Δ| < window)",
+    "previous_token is the mass on the key just before the query; the key just after is not counted",
+    "first_token_mass is not a causal sink: every query sees every key, so position 0 is not special by construction",
+    "include_pos0=False removes the query at position 0, which in a causal model can only attend to itself; "
+    "in a bidirectional model that query is ordinary",
+)
+
+
+@dataclass(frozen=True)
+class HeadRoleRules:
+    """Thresholds that assign each head one role from its metrics without position-0 queries.
+
+    Tried in this order (first match wins):
+
+    1. ``previous-token``: previous_token ≥ ``previous_token`` and previous_token > first_token_mass;
+    2. ``sink``: first_token_mass ≥ ``sink`` (Xiao et al. 2023);
+    3. ``local/positional``: local_mass (mass on keys with |Δ| < window) ≥ ``local``;
+    4. ``broad/semantic``: everything else — attention spread beyond the window and not parked on the
+       first token: content-driven (semantic) or near-uniform heads; read ``normalized_entropy`` to tell them apart.
+
+    The previous-token rule compares with the first-token mass because for the query at position 1
+    the previous token *is* the first token.
+    """
+
+    previous_token: float = 0.5
+    sink: float = 0.5
+    local: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"HeadRoleRules.{name} must lie in (0, 1], got {value}")
+
+    def classify(self, previous_token: float, first_token_mass: float, local_mass: float) -> str:
+        """The role of one head (see the class docstring)."""
+        if previous_token >= self.previous_token and previous_token > first_token_mass:
+            return ROLES[0]
+        if first_token_mass >= self.sink:
+            return ROLES[1]
+        if local_mass >= self.local:
+            return ROLES[2]
+        return ROLES[3]
+
+    def table(self, window: int) -> pd.DataFrame:
+        """The rules as a table (role, rule), in the order they are tried."""
+        return pd.DataFrame(
+            {
+                "role": list(ROLES),
+                "rule": [
+                    f"previous_token >= {self.previous_token} and previous_token > first_token_mass",
+                    f"first_token_mass >= {self.sink}",
+                    f"local_mass (keys with |Δ| < {window}) >= {self.local}",
+                    "otherwise",
+                ],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Per-head attention diagnostics of one run (``attention_stats``).
+
+    ``heads``: one row per (layer, head, include_pos0) with n_queries, entropy (nats),
+    normalized_entropy (entropy / log(visible keys), 1 = uniform), mean_distance (mean |Δ| of
+    the attention, in tokens), first_token_mass (attention sink; BOS when ``prepend_bos``),
+    previous_token (mean attention on t − 1), diagonal (on t), local_mass (on |Δ| < window).
+    ``roles``: one row per (layer, head) with its role and the scores it was read from
+    (include_pos0 False). ``rules``: the thresholds; ``rules_table``: them as text.
+    ``notes``: how the statistics read for non-causal models (empty for causal ones).
+    """
+
+    heads: pd.DataFrame
+    roles: pd.DataFrame
+    rules: HeadRoleRules
+    rules_table: pd.DataFrame
+    window: int
+    causal: bool
+    prepend_bos: bool
+    model_name: str
+    notes: tuple[str, ...]
+    sums: dict[int, dict[str, Tensor]] = field(repr=False)
+
+    def by_position(self) -> pd.DataFrame:
+        """Per (layer, head, query position): n_queries, entropy, normalized_entropy, uniform_entropy, first_token_mass.
+
+        ``uniform_entropy`` is the mean log(visible keys): the entropy a uniform head would have.
+        ``normalized_entropy`` is NaN where a query sees a single key.
+        """
+        frames = []
+        for layer, acc in self.sums.items():
+            n = acc["n_queries"]
+            keep = torch.nonzero(n > 0).squeeze(1)
+            n_k, n_norm = n[keep], acc["n_norm"][keep]
+            for head in range(acc["entropy"].shape[0]):
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "layer": layer,
+                            "head": head,
+                            "position": keep.numpy(),
+                            "n_queries": n_k.numpy().astype(np.int64),
+                            "entropy": (acc["entropy"][head, keep] / n_k).numpy(),
+                            "normalized_entropy": (acc["norm_entropy"][head, keep] / n_norm).numpy(),
+                            "uniform_entropy": (acc["log_keys"][keep] / n_k).numpy(),
+                            "first_token_mass": (acc["first"][head, keep] / n_k).numpy(),
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    def by_distance(self, include_pos0: bool = False, max_distance: int | None = None) -> pd.DataFrame:
+        """Per (layer, head, distance Δ = query − key position): mass, mean_weight, n_pairs.
+
+        ``mass`` is the share of a query's attention that lands at Δ, averaged over queries
+        (it sums to 1 over Δ); ``mean_weight`` is the mean probability of one key at Δ.
+        Causal models report Δ ≥ 0 only.
+        """
+        frames = []
+        for layer, acc in self.sums.items():
+            dist, pairs, nq = _distance_sums(acc, include_pos0)
+            p = (dist.shape[1] + 1) // 2
+            delta = torch.arange(-(p - 1), p)
+            keep = pairs > 0
+            if self.causal:
+                keep &= delta >= 0
+            if max_distance is not None:
+                keep &= delta.abs() <= max_distance
+            for head in range(dist.shape[0]):
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "layer": layer,
+                            "head": head,
+                            "distance": delta[keep].numpy(),
+                            "mass": (dist[head, keep] / nq).numpy(),
+                            "mean_weight": (dist[head, keep] / pairs[keep]).numpy(),
+                            "n_pairs": pairs[keep].numpy().astype(np.int64),
+                            "include_pos0": include_pos0,
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    def figure(self) -> Any:
+        """Head-role map: layer × head, colored by role."""
+        from posprobe.plots.attention import head_role_map
+
+        return head_role_map(self.roles, title=f"Head roles of {self.model_name} (BOS prepended: {self.prepend_bos})")
+
+    def distance_figure(self, layer: int, max_distance: int | None = 64) -> Any:
+        """Attention mass vs distance for every head of ``layer`` (queries at position 0 excluded)."""
+        from posprobe.plots.attention import attention_by_distance
+
+        table = self.by_distance(include_pos0=False, max_distance=max_distance)
+        return attention_by_distance(table[table["layer"] == layer])
+
+
+def attention_stats(
+    model: PositionModel | ActivationStore,
+    tokens: Any = None,
+    layers: int | Sequence[int] | None = None,
+    window: int = 8,
+    batch_size: int = 8,
+    *,
+    rules: HeadRoleRules | None = None,
+    progress: bool = False,
+) -> AttentionStats:
+    """Measure every head's entropy, distance, sink, previous-token and local scores; assign head roles.
+
+    ``model`` is a PositionModel run on ``tokens`` (TokenBatch, ids [n s] or texts) with a
+    streaming pattern hook — no attention map is stored, and ``batch_size`` is lowered so one
+    layer's map [b heads s s] stays under 1 GiB — or an ActivationStore holding ``pattern``
+    (``pp.extract(model, tokens, ["pattern"])``), for small runs. ``window`` (tokens) sets the
+    local-window mass: keys with 0 ≤ Δ < window (|Δ| < window for bidirectional models).
+    Sinks: Xiao et al. 2023; roles: ``HeadRoleRules``. Sequences need at least two tokens.
+    """
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
+    rules = rules or HeadRoleRules()
+    source = as_source(model, tokens)
+    n_pos = source.n_positions
+    if n_pos < 2:
+        raise ValueError(
+            "sequences of length 1 hold only position 0, whose causal query can attend only to itself: "
+            "attention statistics need sequences of at least 2 tokens"
+        )
+    try:
+        layer_list = source.resolve_layers("pattern", layers)
+    except ValueError as err:
+        raise ValueError(f"{source.name} does not expose attention weights (site 'pattern'): {err}") from err
+    sums = _PatternSums(source, n_pos)
+    source.stream("pattern", layer_list, sums.add, _capped_batch(source, batch_size), progress, "attention stats")
+    heads = pd.concat(
+        [_head_table(layer, acc, window, inc) for layer, acc in sums.acc.items() for inc in (True, False)]
+    )
+    heads = heads.sort_values(["layer", "include_pos0", "head"], ignore_index=True)
+    heads["bos_prepended"] = source.prepend_bos
+    roles = heads[~heads["include_pos0"]].drop(columns=["include_pos0"]).reset_index(drop=True)
+    roles.insert(
+        2,
+        "role",
+        [rules.classify(r.previous_token, r.first_token_mass, r.local_mass) for r in roles.itertuples(index=False)],
+    )
+    return AttentionStats(
+        heads=heads,
+        roles=roles,
+        rules=rules,
+        rules_table=rules.table(window),
+        window=window,
+        causal=source.causal,
+        prepend_bos=source.prepend_bos,
+        model_name=source.name,
+        notes=() if source.causal else BIDIRECTIONAL_NOTES,
+        sums=sums.acc,
+    )
+
+
+def _capped_batch(source: Source, batch_size: int) -> int:
+    if source.model is None or not isinstance(batch_size, int) or batch_size < 1:
+        return batch_size
+    s = source.tokens.tokens.shape[1]
+    per_row = source.model.info.n_heads * s * s * 4
+    return max(1, min(batch_size, PATTERN_BUDGET_BYTES // per_row))
+
+
+class _PatternSums:
+    """Running float64 sums of attention maps per layer (see the module docstring), filled one batch at a time.
+
+    Per layer: ``entropy``, ``norm_entropy``, ``first`` [heads P] and ``n_queries``, ``n_norm``,
+    ``log_keys`` [P] indexed by query position; ``dist``, ``dist_q0`` [heads 2P−1] and ``pairs``,
+    ``pairs_q0`` [2P−1] indexed by Δ + P − 1 (``_q0``: the part from queries at position 0).
+    """
+
+    def __init__(self, source: Source, n_positions: int):
+        self.source = source
+        self.p = n_positions
+        self.acc: dict[int, dict[str, Tensor]] = {}
+
+    def _layer(self, layer: int, n_heads: int) -> dict[str, Tensor]:
+        if layer not in self.acc:
+            p, d = self.p, 2 * self.p - 1
+            self.acc[layer] = {
+                **{k: torch.zeros(n_heads, p, dtype=torch.float64) for k in ("entropy", "norm_entropy", "first")},
+                **{k: torch.zeros(p, dtype=torch.float64) for k in ("n_queries", "n_norm", "log_keys")},
+                **{k: torch.zeros(n_heads, d, dtype=torch.float64) for k in ("dist", "dist_q0")},
+                **{k: torch.zeros(d, dtype=torch.float64) for k in ("pairs", "pairs_q0")},
+            }
+        return self.acc[layer]
+
+    def add(self, layer: int, pattern: Tensor, batch: Batch) -> None:
+        """Fold one batch's pattern [b heads s t] of ``layer`` into the sums."""
+        b, n_heads, s, t = pattern.shape
+        if s != t:
+            raise ValueError(
+                f"attention_stats needs self-attention maps with s == t, got pattern of shape {tuple(pattern.shape)}"
+            )
+        acc = self._layer(layer, n_heads)
+        p = self.p
+        mask = batch.attention_mask.bool()
+        pos = batch.position_ids.long().masked_fill(~mask, 0)
+        delta = pos[:, :, None] - pos[:, None, :]  # [b s t]
+        allowed = mask[:, :, None] & mask[:, None, :]
+        if self.source.causal:
+            allowed &= delta >= 0
+        window = self.source.sliding_window(layer)
+        if window:
+            allowed &= delta.abs() < window
+        n_keys = allowed.sum(-1)  # [b s]
+        log_keys = torch.log(n_keys.clamp(min=1).float())
+        norm_ok = mask & (n_keys >= 2)
+        maskf = mask.float()
+        pos_flat = pos.flatten()
+        didx = (delta + p - 1).flatten()
+        is0 = mask & (pos == 0)
+        has0 = is0.any(-1)
+        col0 = is0.float().argmax(-1)  # [b] the column holding position 0
+        rows = torch.arange(b, device=pattern.device)
+        d0 = delta[rows, col0] + p - 1  # [b t] distances seen by the query at position 0
+        q0w = has0.float()[:, None]
+
+        per_pos = torch.zeros(3, n_heads, p, device=pattern.device)
+        dist = torch.zeros(2, n_heads, 2 * p - 1, device=pattern.device)
+        for head in range(n_heads):
+            ph = pattern[:, head].float().masked_fill(~allowed, 0.0)  # [b s t]
+            ent = -torch.special.xlogy(ph, ph).sum(-1)
+            norm = torch.where(norm_ok, ent / log_keys, 0.0)
+            first = ph[rows, :, col0] * has0.float()[:, None]
+            per_pos[0, head].index_add_(0, pos_flat, (ent * maskf).flatten())
+            per_pos[1, head].index_add_(0, pos_flat, norm.flatten())
+            per_pos[2, head].index_add_(0, pos_flat, (first * maskf).flatten())
+            dist[0, head].index_add_(0, didx, ph.flatten())
+            dist[1, head].index_add_(0, d0.flatten(), (ph[rows, col0] * q0w).flatten())
+        per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
+        acc["entropy"] += per_pos[0]
+        acc["norm_entropy"] += per_pos[1]
+        acc["first"] += per_pos[2]
+        acc["dist"] += dist[0]
+        acc["dist_q0"] += dist[1]
+        counts = torch.zeros(3, p, device=pattern.device)
+        counts[0].index_add_(0, pos_flat, maskf.flatten())
+        counts[1].index_add_(0, pos_flat, norm_ok.float().flatten())
+        counts[2].index_add_(0, pos_flat, (log_keys * maskf).flatten())
+        counts = counts.double().cpu()
+        acc["n_queries"] += counts[0]
+        acc["n_norm"] += counts[1]
+        acc["log_keys"] += counts[2]
+        pairs = torch.zeros(2, 2 * p - 1, device=pattern.device)
+        pairs[0].index_add_(0, didx, allowed.float().flatten())
+        pairs[1].index_add_(0, d0.flatten(), (allowed[rows, col0].float() * q0w).flatten())
+        pairs = pairs.double().cpu()
+        acc["pairs"] += pairs[0]
+        acc["pairs_q0"] += pairs[1]
+
+
+def _distance_sums(acc: dict[str, Tensor], include_pos0: bool) -> tuple[Tensor, Tensor, float]:
+    """Attention mass [heads 2P−1], pair counts [2P−1] and the number of queries, with or without position 0."""
+    if include_pos0:
+        return acc["dist"], acc["pairs"], float(acc["n_queries"].sum())
+    return acc["dist"] - acc["dist_q0"], acc["pairs"] - acc["pairs_q0"], float(acc["n_queries"][1:].sum())
+
+
+def _head_table(layer: int, acc: dict[str, Tensor], window: int, include_pos0: bool) -> pd.DataFrame:
+    dist, _, nq = _distance_sums(acc, include_pos0)
+    sl = slice(0, None) if include_pos0 else slice(1, None)
+    p = acc["n_queries"].shape[0]
+    delta = torch.arange(-(p - 1), p)
+    n_norm = float(acc["n_norm"][sl].sum())
+    return pd.DataFrame(
+        {
+            "layer": layer,
+            "head": np.arange(dist.shape[0]),
+            "include_pos0": include_pos0,
+            "n_queries": int(nq),
+            "entropy": (acc["entropy"][:, sl].sum(1) / nq).numpy(),
+            "normalized_entropy": (acc["norm_entropy"][:, sl].sum(1) / n_norm).numpy() if n_norm else np.nan,
+            "mean_distance": ((dist * delta.abs()).sum(1) / nq).numpy(),
+            "first_token_mass": (acc["first"][:, sl].sum(1) / nq).numpy(),
+            "previous_token": (dist[:, p] / nq).numpy(),
+            "diagonal": (dist[:, p - 1] / nq).numpy(),
+            "local_mass": (dist[:, delta.abs() < window].sum(1) / nq).numpy(),
+        }
+    )
+
+
+def attention_patterns(
+    model: PositionModel | ActivationStore,
+    tokens: Any = None,
+    seq: int = 0,
+    layers: int | Sequence[int] | None = None,
+    max_tokens: int = 64,
+) -> pd.DataFrame:
+    """One sequence's attention maps as a tidy table for ``plots.attention.attention_pattern_viewer``.
+
+    Rows: layer, head, query_pos, key_pos, query_token, key_token, weight — for the first
+    ``max_tokens`` real tokens of row ``seq`` and every (query, key) pair the query can see.
+    ``model`` is a PositionModel with ``tokens`` or a store holding ``pattern``.
+    """
+    source = as_source(model, tokens)
+    n_rows = len(source.position_ids)
+    if not 0 <= seq < n_rows:
+        raise ValueError(f"seq {seq} out of range; the run has sequences 0..{n_rows - 1}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be ≥ 1, got {max_tokens}")
+    keep = torch.nonzero(source.attention_mask[seq].bool()).squeeze(1)
+    if source.model is not None:
+        full, cols = source.tokens, keep[:max_tokens]
+        strs = None if full.str_tokens is None else [[full.str_tokens[seq][c] for c in cols.tolist()]]
+        row = TokenBatch(
+            full.tokens[seq : seq + 1, cols],
+            full.attention_mask[seq : seq + 1, cols],
+            full.prepend_bos,
+            full.source,
+            strs,
+        )
+        source = Source(source.model, None, row, source.info, source.prepend_bos)
+        seq, keep = 0, torch.arange(len(cols))
+    cols = keep[:max_tokens]
+    layer_list = source.resolve_layers("pattern", layers)
+    maps: dict[int, Tensor] = {}
+
+    def grab(layer: int, pattern: Tensor, batch: Batch) -> None:
+        local = seq - batch.start
+        if 0 <= local < pattern.shape[0]:
+            idx = cols.to(pattern.device)
+            maps[layer] = pattern[local][:, idx][:, :, idx].float().cpu()
+
+    source.stream("pattern", layer_list, grab, batch_size=1)
+    words = _token_strings(source, seq, cols)
+    n = len(cols)
+    q, k = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    visible = (k <= q) if source.causal else np.ones_like(q, dtype=bool)
+    q, k = q[visible], k[visible]
+    frames = []
+    for layer, pattern in sorted(maps.items()):
+        for head in range(pattern.shape[0]):
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "query_pos": q,
+                        "key_pos": k,
+                        "query_token": [words[i] for i in q],
+                        "key_token": [words[j] for j in k],
+                        "weight": pattern[head].numpy()[q, k],
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _token_strings(source: Source, seq: int, cols: Tensor) -> list[str]:
+    if source.tokens is not None:
+        strs = source.tokens.str_tokens
+        if strs is not None:
+            return [str(strs[seq][c]) for c in cols.tolist()]
+        ids = source.tokens.tokens[seq, cols].tolist()
+        tok = getattr(source.model, "tokenizer", None)
+        return [str(x) for x in (tok.convert_ids_to_tokens(ids) if tok is not None else ids)]
+    strs = source.store.manifest.get("str_tokens")
+    if strs is not None:
+        return [str(strs[seq][c]) for c in cols.tolist()]
+    return [str(x) for x in source.store.tokens[seq, cols].tolist()]

@@ -1,0 +1,500 @@
+"""RoPE frequency analyses: which rotation planes each head uses, and what each plane adds to the logit by distance.
+
+Barbero et al. 2024, "Round and round we go! What makes rotary positional encodings useful?":
+split each head's queries and keys into the 2-D planes RoPE rotates (plane i turns at
+θ_i = base^(−2i/d_rot) rad/token); the mean norm per plane shows which frequencies a head uses.
+The highest frequencies build positional heads (diagonal, previous token); the lowest carry most
+of the norm and likely semantics. Hong et al. 2024, "On the token distance modeling ability of
+higher RoPE attention dimension": the contribution of each plane to the attention logit as a
+function of the distance between query and key.
+
+Conventions. A plane is a pair of head dimensions (first, second) rotated together: ``"half"``
+pairing (Hugging Face, GPT-NeoX) pairs i with i + d_rot/2, ``"interleaved"`` (GPT-J, RoFormer)
+pairs 2i with 2i + 1. Only the first ``rotary_dims`` dimensions rotate (partial rotary, p-RoPE);
+the others are paired by the same rule and reported with θ = 0 and ``rotary`` False. In complex
+form a plane is z = x_first + i·x_second and RoPE multiplies it by e^{iθ·position}, so the plane's
+share of q·k at distance Δ = query position − key position is Re(q_z · conj(k_z) · e^{iθΔ}), and
+plane norms are the same before and after the rotation (queries and keys are read pre-rotation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from posprobe.data import TokenBatch, as_token_batch
+from posprobe.models.base import Hook, ModelInfo, PositionModel, positions_from_mask
+from posprobe.sites import SiteKey, resolve_sites
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+PAIRINGS = ("half", "interleaved")
+ROLES = ("positional", "semantic", "mixed")
+
+
+# -- plane geometry (pure functions) ---------------------------------------------------------------
+
+
+def rope_planes(d_head: int, rotary_dims: int, pairing: str) -> tuple[np.ndarray, np.ndarray]:
+    """Dimension indices (first, second) [d_head/2] of each 2-D plane of a head, rotary planes first.
+
+    Plane i < rotary_dims/2 turns at θ_i; ``"half"`` pairs (i, i + rotary_dims/2), ``"interleaved"``
+    pairs (2i, 2i + 1). The ``d_head − rotary_dims`` dimensions that do not rotate are paired by the
+    same rule within their own block.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"unknown RoPE pairing {pairing!r}; accepted pairings: {', '.join(PAIRINGS)}")
+    if d_head <= 0 or d_head % 2 or rotary_dims % 2 or not 0 <= rotary_dims <= d_head:
+        raise ValueError(
+            f"need an even d_head > 0 and an even rotary_dims in [0, d_head]; got d_head={d_head}, "
+            f"rotary_dims={rotary_dims}"
+        )
+
+    def pairs(start: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if pairing == "half":
+            first = start + np.arange(width // 2)
+            return first, first + width // 2
+        first = start + 2 * np.arange(width // 2)
+        return first, first + 1
+
+    f_rot, s_rot = pairs(0, rotary_dims)
+    f_rest, s_rest = pairs(rotary_dims, d_head - rotary_dims)
+    return np.concatenate([f_rot, f_rest]), np.concatenate([s_rot, s_rest])
+
+
+def rope_thetas(base: float, rotary_dims: int) -> np.ndarray:
+    """Angular frequencies θ_i = base^(−2i/rotary_dims) rad/token [rotary_dims/2], highest first (Su et al. 2021)."""
+    if base <= 1:
+        raise ValueError(f"RoPE base must be > 1, got {base}")
+    return base ** (-np.arange(0, rotary_dims, 2, dtype=np.float64) / rotary_dims)
+
+
+def dim_thetas(d_head: int, rotary_dims: int, base: float, pairing: str) -> np.ndarray:
+    """The angular frequency of every head dimension [d_head] in rad/token (0 where it does not rotate)."""
+    first, second = rope_planes(d_head, rotary_dims, pairing)
+    n_rot = rotary_dims // 2
+    theta = np.zeros(d_head)
+    theta[first[:n_rot]] = theta[second[:n_rot]] = rope_thetas(base, rotary_dims)
+    return theta
+
+
+def kv_heads(n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """The key/value head each query head reads under grouped-query attention [n_heads]: h // (n_heads / n_kv_heads)."""
+    if n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    return np.arange(n_heads) // (n_heads // n_kv_heads)
+
+
+def require_rope(info: ModelInfo, what: str) -> None:
+    """Raise a ValueError naming the model's position scheme unless it is a RoPE model."""
+    if info.position_scheme != "rope":
+        raise ValueError(
+            f"{what} needs a rotary (RoPE) model, but {info.name} uses position scheme {info.position_scheme!r}; "
+            "accepted position scheme: 'rope'"
+        )
+    if info.rope_pairing not in PAIRINGS:
+        raise ValueError(f"{info.name}: unknown RoPE pairing {info.rope_pairing!r}; accepted: {', '.join(PAIRINGS)}")
+
+
+@dataclass(frozen=True)
+class LayerPlanes:
+    """The rotation planes of one layer: dimension pairs and frequencies [d_head/2] (θ = 0 off the rotary dims)."""
+
+    layer: int
+    layer_type: str
+    base: float
+    rotary_dims: int
+    window: int | None
+    first: np.ndarray
+    second: np.ndarray
+    theta: np.ndarray
+
+    @property
+    def n_rotary(self) -> int:
+        return self.rotary_dims // 2
+
+    def split(self, x: Tensor) -> Tensor:
+        """Head vectors [... d_head] as complex planes [... d_head/2]: x_first + i·x_second."""
+        first = torch.as_tensor(self.first, device=x.device)
+        second = torch.as_tensor(self.second, device=x.device)
+        return torch.complex(x[..., first].float(), x[..., second].float())
+
+
+def layer_planes(info: ModelInfo, layer: int) -> LayerPlanes:
+    """The planes of ``layer`` from ``info``: that layer's base, rotary dims, pairing and sliding window.
+
+    Frequencies come from ``info.extra["rope_inv_freq"]`` when the model records them (the zoo does,
+    because p-RoPE keeps θ_i = base^(−2i/d_rot) of the full spectrum); otherwise base^(−2i/rotary_dims).
+    """
+    require_rope(info, "layer_planes")
+    base, rot = info.rope_bases[layer], info.rotary_dims[layer]
+    if base is None or rot is None:
+        raise ValueError(f"{info.name} layer {layer} has no RoPE base / rotary dims (got {base}, {rot})")
+    first, second = rope_planes(info.d_head, rot, info.rope_pairing)
+    recorded = info.extra.get("rope_inv_freq")
+    if recorded is not None:
+        freqs = np.asarray(recorded, dtype=np.float64)
+        freqs = freqs[layer] if freqs.ndim == 2 else freqs
+        if freqs.shape != (rot // 2,):
+            raise ValueError(f"{info.name}: rope_inv_freq has shape {freqs.shape}, expected ({rot // 2},)")
+    else:
+        freqs = rope_thetas(base, rot)
+    theta = np.concatenate([freqs, np.zeros(info.d_head // 2 - rot // 2)])
+    windows = info.sliding_windows or (None,) * info.n_layers
+    layer_type = info.layer_types[layer] if info.layer_types else "full_attention"
+    return LayerPlanes(layer, layer_type, float(base), rot, windows[layer], first, second, theta)
+
+
+def attention_scale(model: PositionModel) -> float:
+    """The factor from q·k to the logit: query_pre_attn_scalar^−½ if the config has one (Gemma), else d_head^−½."""
+    config = getattr(getattr(model, "hf", None), "config", None)
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    return float(scalar) ** -0.5 if scalar else model.info.d_head**-0.5
+
+
+# -- statistics on tensors (pure) -----------------------------------------------------------------
+
+
+def delta_cross_products(
+    qz: Tensor, kz: Tensor, valid: Tensor, kv_map: Tensor, max_delta: int
+) -> tuple[Tensor, Tensor]:
+    """Sums over token pairs at each distance of q_z · conj(k_z), and the pair counts.
+
+    ``qz`` [b s heads planes] and ``kz`` [b s kv_heads planes] complex (pre-rotation), ``valid``
+    [b s] bool (real tokens with contiguous positions, so index distance = position distance),
+    ``kv_map`` [heads] the kv head of each query head. Returns sums [max_delta+1 heads planes]
+    (complex128) over pairs (query i, key i − Δ) with both valid, and counts [max_delta+1].
+    """
+    qz = qz * valid[..., None, None]
+    kz = (kz * valid[..., None, None])[:, :, kv_map]
+    seq = qz.shape[1]
+    sums = torch.zeros(max_delta + 1, *qz.shape[2:], dtype=torch.complex128, device=qz.device)
+    counts = torch.zeros(max_delta + 1, dtype=torch.float64, device=qz.device)
+    for delta in range(min(max_delta, seq - 1) + 1):
+        sums[delta] = (qz[:, delta:] * kz[:, : seq - delta].conj()).to(torch.complex128).sum((0, 1))
+        counts[delta] = (valid[:, delta:] & valid[:, : seq - delta]).sum()
+    return sums, counts
+
+
+class PatternScores:
+    """Running previous-token and diagonal attention per (layer, head), gathered by ``pattern`` hooks.
+
+    prev_token_score: mean attention from a query to the token just before it, over queries at
+    positions ≥ 2 (so the previous token is never position 0, the usual attention sink, RESEARCH.md
+    §6). diag_score: mean attention of a query to itself, over queries at positions ≥ 1.
+    """
+
+    def __init__(self, layers: Sequence[int], n_heads: int) -> None:
+        self.layers = tuple(layers)
+        self.sums = np.zeros((len(self.layers), 2, n_heads))
+        self.counts = np.zeros((len(self.layers), 2))
+
+    def hooks(self, attention_mask: Tensor) -> dict[SiteKey, Hook]:
+        """Hooks for one batch with ``attention_mask`` [b s]; they read the pattern and return None."""
+        real = attention_mask.bool()
+        pos = positions_from_mask(attention_mask.long())
+        prev_ok = real[:, 1:] & real[:, :-1] & (pos[:, 1:] >= 2)  # query i+1, key i
+        diag_ok = real & (pos >= 1)
+
+        def make(index: int) -> Hook:
+            def hook(pattern: Tensor) -> None:
+                prev = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).float()  # [b h s-1]: query i+1 → key i
+                diag = pattern.diagonal(dim1=-2, dim2=-1).float()
+                self.sums[index, 0] += (prev * prev_ok.to(prev.device)[:, None]).sum((0, 2)).double().cpu().numpy()
+                self.sums[index, 1] += (diag * diag_ok.to(diag.device)[:, None]).sum((0, 2)).double().cpu().numpy()
+                self.counts[index] += [int(prev_ok.sum()), int(diag_ok.sum())]
+
+            return hook
+
+        return {SiteKey("pattern", layer): make(i) for i, layer in enumerate(self.layers)}
+
+    def table(self) -> pd.DataFrame:
+        """One row per (layer, head): layer, head, prev_token_score, diag_score (NaN without queries)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = self.sums / self.counts[..., None]
+        n_layers, _, n_heads = means.shape
+        return pd.DataFrame(
+            {
+                "layer": np.repeat(self.layers, n_heads),
+                "head": np.tile(np.arange(n_heads), n_layers),
+                "prev_token_score": means[:, 0].ravel(),
+                "diag_score": means[:, 1].ravel(),
+            }
+        )
+
+
+def classify_heads(
+    usage: pd.DataFrame,
+    pattern_scores: pd.DataFrame,
+    high_fraction: float = 0.25,
+    share_threshold: float = 0.5,
+    pattern_threshold: float = 0.5,
+) -> pd.DataFrame:
+    """Call each head positional, semantic or mixed from its frequency use and attention pattern (Barbero et al. 2024).
+
+    Bands: the high band is the ``high_fraction`` highest-frequency rotary planes of the head's
+    layer (at least one); the low band the same number of lowest-frequency rotary planes plus every
+    non-rotary plane (θ = 0). ``*_freq_share`` sums ``share`` (the plane's share of the head's q·k norm
+    product, see ``rope_frequency_usage``) over a band. The rule, in order:
+
+    - positional: high_freq_share ≥ share_threshold AND max(prev_token_score, diag_score) ≥ pattern_threshold;
+    - semantic: low_freq_share ≥ share_threshold;
+    - mixed: otherwise.
+
+    Returns one row per head: layer, head, high_freq_share, low_freq_share, rotary_share,
+    prev_token_score, diag_score, role, rule (the comparison that decided, with the numbers).
+    """
+    if not 0 < high_fraction <= 0.5:
+        raise ValueError(f"high_fraction must lie in (0, 0.5], got {high_fraction}")
+    for name, value in (("share_threshold", share_threshold), ("pattern_threshold", pattern_threshold)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    rows = []
+    for (layer, head), g in usage.groupby(["layer", "head"], sort=True):
+        rot = g[g["rotary"]].sort_values("theta", ascending=False)["share"].to_numpy()
+        band = math.ceil(high_fraction * len(rot)) if len(rot) else 0
+        high = float(rot[:band].sum())
+        low = float(rot[len(rot) - band :].sum() + g.loc[~g["rotary"], "share"].sum())
+        rows.append(
+            {"layer": layer, "head": head, "high_freq_share": high, "low_freq_share": low, "rotary_share": rot.sum()}
+        )
+    roles = pd.DataFrame(rows).merge(pattern_scores, on=["layer", "head"], how="left")
+    verdicts = [
+        _role(r.high_freq_share, r.low_freq_share, r.prev_token_score, r.diag_score, share_threshold, pattern_threshold)
+        for r in roles.itertuples()
+    ]
+    roles["role"] = [v[0] for v in verdicts]
+    roles["rule"] = [v[1] for v in verdicts]
+    return roles
+
+
+def _role(high: float, low: float, prev: float, diag: float, share_t: float, pattern_t: float) -> tuple[str, str]:
+    sharp_name, sharp = ("diag_score", diag) if diag > prev or math.isnan(prev) else ("prev_token_score", prev)
+    if high >= share_t and sharp >= pattern_t:
+        return "positional", f"high_freq_share {high:.3f} ≥ {share_t} and {sharp_name} {sharp:.3f} ≥ {pattern_t}"
+    if low >= share_t:
+        return "semantic", f"low_freq_share {low:.3f} ≥ {share_t}"
+    return "mixed", (
+        f"not positional (high_freq_share {high:.3f}, max pattern score {sharp:.3f}; "
+        f"need ≥ {share_t} and ≥ {pattern_t}) and low_freq_share {low:.3f} < {share_t}"
+    )
+
+
+# -- the analysis --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RopeFrequencyUsage:
+    """What ``rope_frequency_usage`` returns.
+
+    ``table``: one row per (layer, head, plane): layer, layer_type, head, kv_head, plane, dim_first,
+    dim_second, rotary, base, theta (rad/token), wavelength (tokens, 2π/θ; inf off the rotary dims),
+    window, q_norm, k_norm, share, q_share.
+    ``contributions``: one row per (layer, head, plane, delta): contribution (logit units).
+    ``pattern_scores`` / ``head_roles``: one row per head (see ``PatternScores``, ``classify_heads``).
+    ``notes``: what the numbers mean for this model (windows, logit scale, excluded tokens).
+    """
+
+    table: pd.DataFrame
+    contributions: pd.DataFrame
+    pattern_scores: pd.DataFrame
+    head_roles: pd.DataFrame
+    notes: tuple[str, ...]
+    params: dict[str, Any]
+
+    def head_logits(self) -> pd.DataFrame:
+        """Mean attention logit by distance per head: contributions summed over planes (layer, head, delta, logit)."""
+        summed = self.contributions.groupby(["layer", "head", "delta"], as_index=False)["contribution"].sum()
+        return summed.rename(columns={"contribution": "logit"})
+
+    def classify(
+        self, high_fraction: float = 0.25, share_threshold: float = 0.5, pattern_threshold: float = 0.5
+    ) -> pd.DataFrame:
+        """``head_roles`` again with other thresholds (see ``classify_heads``)."""
+        return classify_heads(self.table, self.pattern_scores, high_fraction, share_threshold, pattern_threshold)
+
+    def figure(self, value: str = "share") -> go.Figure:
+        """Heatmap of ``value`` with one row per layer.head and one column per plane."""
+        from posprobe.plots.rope import frequency_usage_heatmap
+
+        return frequency_usage_heatmap(self.table, value=value)
+
+    def spectrum_figure(self, layer: int | None = None) -> go.Figure:
+        """Each head's share of norm per plane against wavelength (rotary planes)."""
+        from posprobe.plots.rope import frequency_spectra
+
+        return frequency_spectra(self.table, layer=layer)
+
+    def contribution_figure(self, layer: int, head: int, top: int = 8) -> go.Figure:
+        """One head's logit contribution by distance: the ``top`` planes and their sum."""
+        from posprobe.plots.rope import distance_contributions
+
+        return distance_contributions(self.contributions, self.table, layer=layer, head=head, top=top)
+
+    def roles_figure(self) -> go.Figure:
+        """High-frequency share against the sharper of previous-token and diagonal attention, by role."""
+        from posprobe.plots.rope import head_roles_scatter
+
+        return head_roles_scatter(self.head_roles)
+
+
+def rope_frequency_usage(
+    model: PositionModel,
+    tokens: TokenBatch | Tensor | Sequence[str],
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    max_delta: int = 64,
+    include_position_zero: bool = True,
+    progress: bool = False,
+) -> RopeFrequencyUsage:
+    """Measure which RoPE frequencies every head uses and how each adds to the logit by distance (Barbero et al. 2024).
+
+    For each layer (default all), head and plane: the mean over real tokens of the plane's 2-D norm
+    of the pre-rotation query (``q_norm``) and of the key of the head's kv head (``k_norm``), read
+    with that layer's own base, rotary dims and window. ``share`` = q_norm·k_norm / Σ_planes
+    q_norm·k_norm: the plane's share of the head's q·k norm product, a bound on what the plane can
+    add to the logit (|q_z·conj(k_z)| ≤ |q_z||k_z|); ``q_share`` is the share of the query norm alone.
+
+    ``contributions`` (Hong et al. 2024): for Δ = 0..max_delta, the mean over token pairs (query i,
+    key i − Δ) of scale · Re(q_z[i] conj(k_z[i − Δ]) e^{iθΔ}), where scale is the model's logit scale
+    (``attention_scale``); summed over planes it is the mean pre-softmax logit at distance Δ. On
+    sliding-window layers only Δ < window is computed (keys further away are masked); ``notes`` says so.
+
+    Padding never counts; with ``include_position_zero=False`` position 0 (BOS, the attention sink)
+    is dropped from norms and pairs. ``tokens`` [n s] is a TokenBatch, ids or texts; real tokens must
+    be contiguous in each row (left or right padding). Heads are classified by ``classify_heads``.
+    """
+    info = model.info
+    require_rope(info, "rope_frequency_usage")
+    if batch_size < 1 or max_delta < 0:
+        raise ValueError(f"need batch_size ≥ 1 and max_delta ≥ 0, got batch_size={batch_size}, max_delta={max_delta}")
+    batch = as_token_batch(model, tokens)
+    layer_list = [key.layer for key in resolve_sites("q", layers, info.n_layers)]
+    planes = {layer: layer_planes(info, layer) for layer in layer_list}
+    kv_map = kv_heads(info.n_heads, info.n_kv_heads)
+    seq = batch.tokens.shape[1]
+    reach = {layer: min(max_delta, seq - 1, (p.window - 1) if p.window else max_delta) for layer, p in planes.items()}
+    n_planes = info.d_head // 2
+    norm_sums = {L: [np.zeros((info.n_heads, n_planes)), np.zeros((info.n_kv_heads, n_planes))] for L in layer_list}
+    cross = {layer: np.zeros((reach[layer] + 1, info.n_heads, n_planes), dtype=np.complex128) for layer in layer_list}
+    pairs = {layer: np.zeros(reach[layer] + 1) for layer in layer_list}
+    n_tokens = 0
+    scores = PatternScores(layer_list, info.n_heads)
+    capture = [SiteKey(site, layer) for layer in layer_list for site in ("q", "k")]
+    kv_index = torch.as_tensor(kv_map, device=model.device)
+    for start in tqdm(range(0, len(batch), batch_size), desc="rope frequency usage", disable=not progress):
+        toks, mask = batch.tokens[start : start + batch_size], batch.attention_mask[start : start + batch_size]
+        acts = model.run(
+            toks,
+            attention_mask=mask,
+            capture=capture,
+            hooks=scores.hooks(mask),
+            return_logits=False,
+            stop_at_layer=max(layer_list),
+        ).acts
+        valid = mask.bool() & (positions_from_mask(mask) >= (0 if include_position_zero else 1))
+        valid = valid.to(model.device)
+        n_tokens += int(valid.sum())
+        for layer in layer_list:
+            qz = planes[layer].split(acts[SiteKey("q", layer)])
+            kz = planes[layer].split(acts[SiteKey("k", layer)])
+            norm_sums[layer][0] += (qz.abs() * valid[..., None, None]).sum((0, 1)).double().cpu().numpy()
+            norm_sums[layer][1] += (kz.abs() * valid[..., None, None]).sum((0, 1)).double().cpu().numpy()
+            sums, counts = delta_cross_products(qz, kz, valid, kv_index, reach[layer])
+            cross[layer] += sums.cpu().numpy()
+            pairs[layer] += counts.cpu().numpy()
+    if n_tokens == 0:
+        raise ValueError(
+            "no tokens to analyse: every token is padding (or position 0 with include_position_zero=False)"
+        )
+    scale = attention_scale(model)
+    usage = pd.concat(
+        [_usage_rows(planes[L], norm_sums[L][0] / n_tokens, norm_sums[L][1] / n_tokens, kv_map) for L in layer_list],
+        ignore_index=True,
+    )
+    contributions = pd.concat(
+        [_contribution_rows(planes[L], cross[L], pairs[L], scale) for L in layer_list], ignore_index=True
+    )
+    pattern_table = scores.table()
+    notes = _notes(model, planes, reach, scale, include_position_zero)
+    params = dict(model=info.name, layers=layer_list, batch_size=batch_size, max_delta=max_delta, logit_scale=scale)
+    params.update(include_position_zero=include_position_zero, n_sequences=len(batch), seq_len=seq, n_tokens=n_tokens)
+    return RopeFrequencyUsage(usage, contributions, pattern_table, classify_heads(usage, pattern_table), notes, params)
+
+
+def _usage_rows(planes: LayerPlanes, q_norm: np.ndarray, k_norm: np.ndarray, kv_map: np.ndarray) -> pd.DataFrame:
+    """Tidy rows for one layer from mean plane norms q [heads planes] and k [kv_heads planes]."""
+    n_heads, n_planes = q_norm.shape
+    k_per_head = k_norm[kv_map]
+    product = q_norm * k_per_head
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = product / product.sum(1, keepdims=True)
+        q_share = q_norm / q_norm.sum(1, keepdims=True)
+        wavelength = np.where(planes.theta > 0, 2 * np.pi / planes.theta, np.inf)
+    tile = lambda a: np.tile(a, n_heads)  # noqa: E731
+    return pd.DataFrame(
+        {
+            "layer": planes.layer,
+            "layer_type": planes.layer_type,
+            "head": np.repeat(np.arange(n_heads), n_planes),
+            "kv_head": np.repeat(kv_map, n_planes),
+            "plane": tile(np.arange(n_planes)),
+            "dim_first": tile(planes.first),
+            "dim_second": tile(planes.second),
+            "rotary": tile(np.arange(n_planes) < planes.n_rotary),
+            "base": planes.base,
+            "theta": tile(planes.theta),
+            "wavelength": tile(wavelength),
+            "window": pd.array([planes.window] * n_heads * n_planes, dtype="Int64"),
+            "q_norm": q_norm.ravel(),
+            "k_norm": k_per_head.ravel(),
+            "share": share.ravel(),
+            "q_share": q_share.ravel(),
+        }
+    )
+
+
+def _contribution_rows(planes: LayerPlanes, cross: np.ndarray, pairs: np.ndarray, scale: float) -> pd.DataFrame:
+    """Tidy rows (layer, head, plane, delta, contribution) from cross-product sums [Δ heads planes]."""
+    seen = pairs > 0
+    deltas = np.arange(len(pairs))[seen]
+    mean = cross[seen] / pairs[seen, None, None]
+    phase = np.exp(1j * deltas[:, None] * planes.theta[None, :])  # [Δ planes]
+    value = scale * (mean * phase[:, None, :]).real  # [Δ heads planes]
+    d, h, p = np.meshgrid(deltas, np.arange(value.shape[1]), np.arange(value.shape[2]), indexing="ij")
+    table = pd.DataFrame({"layer": planes.layer, "head": h.ravel(), "plane": p.ravel(), "delta": d.ravel()})
+    table["contribution"] = value.ravel()
+    return table.sort_values(["head", "plane", "delta"], ignore_index=True)
+
+
+def _notes(
+    model: PositionModel, planes: dict[int, LayerPlanes], reach: dict[int, int], scale: float, include_zero: bool
+) -> tuple[str, ...]:
+    info = model.info
+    notes = [
+        f"{info.name}: {info.rope_pairing} pairing; contributions in logit units (q·k × {scale:.4g})",
+        "norms and pairs over real tokens" + ("" if include_zero else ", excluding position 0"),
+    ]
+    for layer, p in planes.items():
+        if p.window is not None:
+            notes.append(
+                f"layer {layer} ({p.layer_type}): sliding window of {p.window} tokens applies; "
+                f"contributions computed only for Δ ≤ {reach[layer]}"
+            )
+        if p.rotary_dims < info.d_head:
+            notes.append(
+                f"layer {layer}: partial rotary, {p.rotary_dims} of {info.d_head} dims rotate; the rest have θ = 0"
+            )
+    softcap = getattr(getattr(getattr(model, "hf", None), "config", None), "attn_logit_softcapping", None)
+    if softcap:
+        notes.append(f"attention logits are soft-capped at {softcap}; contributions are before the cap")
+    return tuple(notes)

@@ -1,0 +1,196 @@
+"""Feed activations batch by batch to per-layer observers, from a model run or from a store.
+
+The attention diagnostics (``attention.py``, ``variance.py``, ``similarity.py``) never keep
+more than one batch of one layer in memory: with a model, each requested site gets a hook
+that calls the observer and returns None (the forward goes on unchanged, and an attention
+map is freed as soon as its layer is done); with an ``ActivationStore``, shards are read one
+site and layer at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from posprobe.data import TokenBatch, as_token_batch
+from posprobe.models.base import PositionModel
+from posprobe.sites import LAYERLESS_SITES, SiteKey, check_site
+from posprobe.store import ActivationStore
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows ``start:start+b`` of a run; mask and position ids [b s] live on the activations' device."""
+
+    start: int
+    attention_mask: Tensor
+    position_ids: Tensor
+
+
+#: ``observer(layer, activation, batch)``: the activation is in its canonical shape (``posprobe.sites``).
+Observer = Callable[[int | None, Tensor, Batch], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an analysis reads: a model with its tokens, or a store; plus the facts analyses report."""
+
+    model: PositionModel | None
+    store: ActivationStore | None
+    tokens: TokenBatch | None
+    info: dict[str, Any]
+    prepend_bos: bool
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name", "model"))
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.info.get("causal", True))
+
+    @property
+    def position_ids(self) -> Tensor:
+        """Position ids of every row [n s] (0 on padding)."""
+        return self.tokens.position_ids if self.tokens is not None else self.store.position_ids
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return self.tokens.attention_mask if self.tokens is not None else self.store.attention_mask
+
+    @property
+    def n_positions(self) -> int:
+        """One more than the largest position id of a real token."""
+        pos = self.position_ids[self.attention_mask.bool()]
+        return int(pos.max()) + 1
+
+    def sliding_window(self, layer: int | None) -> int | None:
+        windows = self.info.get("sliding_windows") or ()
+        return windows[layer] if layer is not None and layer < len(windows) else None
+
+    def resolve_layers(self, site: str, layers: int | Sequence[int] | None) -> list[int | None]:
+        """The layers of ``site`` to read: all stored / all of the model's when ``layers`` is None."""
+        check_site(site)
+        if site in LAYERLESS_SITES:
+            available: list[int | None] = [None]
+        elif self.model is not None:
+            self.model.check_site(site)
+            available = list(range(self.model.info.n_layers))
+        else:
+            available = self.store.layers(site)
+        if layers is None or site in LAYERLESS_SITES:
+            return available
+        wanted = [layers] if isinstance(layers, int) else list(layers)
+        n = self.info.get("n_layers") or (max(x for x in available if x is not None) + 1)
+        out = []
+        for layer in wanted:
+            resolved = layer % n if -n <= layer < n else layer
+            if resolved not in available:
+                raise ValueError(f"layer {layer} of site {site!r} is not available; available layers: {available}")
+            out.append(resolved)
+        return sorted(set(out))
+
+    def stream(
+        self,
+        site: str,
+        layers: Sequence[int | None],
+        observe: Observer,
+        batch_size: int,
+        progress: bool = False,
+        desc: str = "",
+    ) -> None:
+        """Call ``observe(layer, activation, batch)`` for every batch and layer of ``site``."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if self.model is None:
+            self._stream_store(site, layers, observe, progress, desc)
+        else:
+            self._stream_model(site, layers, observe, batch_size, progress, desc)
+
+    def _stream_store(
+        self, site: str, layers: Sequence[int | None], observe: Observer, progress: bool, desc: str
+    ) -> None:
+        for layer in tqdm(layers, desc=desc or f"read {site}", unit="layer", disable=not progress):
+            for shard in self.store.iter_shards([SiteKey(site, layer)]):
+                act = shard.acts[SiteKey(site, layer)]
+                batch = Batch(shard.start, shard.attention_mask.to(act.device), shard.position_ids.to(act.device))
+                observe(layer, act, batch)
+
+    def _stream_model(
+        self, site: str, layers: Sequence[int | None], observe: Observer, batch_size: int, progress: bool, desc: str
+    ) -> None:
+        model, tokens = self.model, self.tokens
+        last = max((x for x in layers if x is not None), default=None)
+        starts = range(0, len(tokens), batch_size)
+        for start in tqdm(starts, desc=desc or f"run {self.name}", unit="batch", disable=not progress):
+            stop = start + batch_size
+            batch = Batch(
+                start,
+                tokens.attention_mask[start:stop].to(model.device),
+                tokens.position_ids[start:stop].to(model.device),
+            )
+            fired: set[int | None] = set()
+            hooks = {SiteKey(site, layer): partial(_observe_once, observe, layer, batch, fired) for layer in layers}
+            model.run(
+                tokens.tokens[start:stop],
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                hooks=hooks,
+                return_logits=False,
+                stop_at_layer=last,
+            )
+            silent = [layer for layer in layers if layer not in fired]
+            if silent:
+                raise RuntimeError(
+                    f"the {site!r} hook of layer(s) {silent} never fired: {self.name} does not expose this site "
+                    "through its hooks (for 'pattern': its attention does not go through posprobe's attention "
+                    "function, so its weights cannot be read). Use a model whose backend implements the site, "
+                    "or a store that holds it"
+                )
+
+
+def _observe_once(observe: Observer, layer: int | None, batch: Batch, fired: set[int | None], x: Tensor) -> None:
+    fired.add(layer)
+    observe(layer, x.detach(), batch)
+
+
+def as_source(model_or_store: PositionModel | ActivationStore, tokens: Any = None) -> Source:
+    """Wrap a model (with ``tokens``: a TokenBatch, an id tensor [n s] or texts) or a store (no tokens)."""
+    if isinstance(model_or_store, ActivationStore):
+        if tokens is not None:
+            raise ValueError("a store already holds its tokens; pass tokens=None with a store")
+        store = model_or_store
+        return Source(None, store, None, dict(store.model_info), store.prepend_bos)
+    if isinstance(model_or_store, PositionModel):
+        if tokens is None:
+            raise ValueError(f"running {model_or_store.info.name} needs tokens (a TokenBatch, an id tensor or texts)")
+        batch = as_token_batch(model_or_store, tokens)
+        return Source(model_or_store, None, batch, model_or_store.info.as_dict(), batch.prepend_bos)
+    raise TypeError(
+        f"expected a PositionModel (pp.load_model) or an ActivationStore (pp.extract / pp.open_store), "
+        f"got {type(model_or_store).__name__}"
+    )
+
+
+def spearman_rows(x: Tensor, y: Tensor) -> Tensor:
+    """Spearman correlation of each column pair of ``x`` and ``y`` [n k] over their n rows → [k] (no ties assumed)."""
+    rx = x.argsort(0).argsort(0).double()
+    ry = y.argsort(0).argsort(0).double()
+    rx = rx - rx.mean(0)
+    ry = ry - ry.mean(0)
+    return (rx * ry).sum(0) / ((rx.square().sum(0) * ry.square().sum(0)).sqrt() + 1e-300)
+
+
+def sem(values: Tensor) -> float:
+    """Standard error of the mean of a 1-D tensor (NaN for fewer than two values)."""
+    if values.numel() < 2:
+        return float("nan")
+    return float(values.double().std() / values.numel() ** 0.5)
+
+
+__all__ = ["Batch", "Observer", "Source", "as_source", "sem", "spearman_rows"]

@@ -1,0 +1,293 @@
+"""Position probes: constructions with known answers, scikit-learn agreement, controls, splits, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from posprobe.stats.probes import (
+    LogisticProbe,
+    ProbeResult,
+    RidgeProbe,
+    SparseProbe,
+    probe_model,
+    probe_position,
+    random_baseline_mad,
+)
+from posprobe.store import StoreError, write_store
+
+N_SEQ, SEQ, D = 20, 16, 64
+
+
+def sinusoid(n_pos: int, d: int, base: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoidal position features [n_pos d] (Vaswani et al. 2017)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]
+    freqs = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    return torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], dim=-1)
+
+
+def planted_acts(seed: int = 0) -> torch.Tensor:
+    """[3 n seq d]: layer 1 carries sinusoidal position plus noise; layers 0 and 2 are noise only."""
+    gen = torch.Generator().manual_seed(seed)
+    acts = 0.05 * torch.randn(3, N_SEQ, SEQ, D, generator=gen)
+    acts[1] += sinusoid(SEQ, D)
+    return acts
+
+
+def rows(result: ProbeResult, **where) -> list[dict]:
+    table = result.table
+    for column, value in where.items():
+        table = table[table[column] == value]
+    return table.to_dict("records")
+
+
+# -- ground truth ---------------------------------------------------------------------------------
+
+
+def test_sinusoidal_features_decode_with_ridge():
+    result = probe_position(planted_acts(), device="cpu", controls=("shuffled",))
+    for row in rows(result, layer=1):
+        assert row["r2"] > 0.99
+        assert row["mad"] < 0.5
+        assert row["selectivity"] > 0.99
+    for row in rows(result, layer=0):
+        assert abs(row["r2"]) < 0.1
+
+
+def test_relative_offsets_decode_from_pair_differences():
+    result = probe_position(planted_acts(), target="relative", device="cpu", controls=("shuffled",), n_pairs=16)
+    (row,) = rows(result, layer=1, with_pos0=True)
+    assert row["r2"] > 0.99
+    assert abs(row["control_shuffled"]) < 0.05
+
+
+def test_every_target_and_kind_runs_with_both_pos0_variants():
+    acts = planted_acts()[:2, :10, :8, :16]
+    result = probe_position(
+        acts,
+        target=["absolute", "log", "bucket"],
+        kind=["ridge", "sparse", "logistic"],
+        n_splits=2,
+        device="cpu",
+        max_iter=20,
+        k=4,
+        tokens=torch.arange(80).reshape(10, 8) % 5,
+    )
+    table = result.table
+    assert len(table) == 2 * 3 * 3 * 2
+    assert set(table["with_pos0"]) == {True, False}
+    assert table[["r2", "mae", "accuracy", "mad", "control_shuffled", "control_token"]].notna().all().all()
+    assert table["control_random_init"].isna().all()
+    assert table["controls_missing"].str.contains("random_init: no random_init_store given").all()
+    sparse = table[table["kind"] == "sparse"]
+    assert sparse["neurons"].map(len).eq(4).all()
+    assert table.loc[(table["kind"] == "logistic") & (table["layer"] == 1), "accuracy"].min() > 0.7
+
+
+def test_zoo_sinusoidal_layer0_decodes(tmp_path, tokenizer):
+    from posprobe.extract import extract
+    from posprobe.models.zoo import ZooConfig, ZooModel, ZooTransformer
+
+    cfg = ZooConfig(d_model=64, n_layers=1, n_heads=2, d_head=32, d_mlp=64, n_ctx=64, d_vocab=256, pe="sinusoidal")
+    model = ZooModel(ZooTransformer(cfg), tokenizer, name="tiny-sinusoidal")
+    tokens = torch.randint(2, 256, (16, 32), generator=torch.Generator().manual_seed(0))
+    store = extract(model, tokens, sites=["resid_pre", "pos_embed"], layers=[0], out=tmp_path / "s", progress=False)
+    for site in ("resid_pre", "pos_embed"):
+        result = probe_position(store, site=site, device="cpu", n_splits=4)
+        assert result.table["r2"].min() > 0.99, site
+
+
+def test_nope_random_init_shuffled_control_is_near_zero(tokenizer):
+    from posprobe.models.zoo import ZooConfig, ZooModel, ZooTransformer
+
+    cfg = ZooConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=256, pe="none")
+    model = ZooModel(ZooTransformer(cfg), tokenizer, name="tiny-nope")
+    tokens = torch.randint(2, 256, (24, 32), generator=torch.Generator().manual_seed(1))
+    result = probe_model(model, tokens, "resid_post", n_splits=4, device="cpu")
+    table = result.table
+    assert (table["control_shuffled"].abs() < 0.05).all()
+    assert table[["control_random_init", "control_token"]].notna().all().all()
+    assert table["controls_missing"].eq("").all()
+    assert list(table["layer"].unique()) == [0, 1]
+
+
+def test_sparse_probe_finds_planted_neurons(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(2, N_SEQ, SEQ, 256, generator=gen)
+    planted = (17, 99, 200)
+    pos = torch.arange(SEQ, dtype=torch.float32) / SEQ
+    for neuron, weight in zip(planted, (12.0, -8.0, 10.0), strict=True):
+        acts[1, :, :, neuron] += weight * pos
+    tokens = torch.randint(0, 50, (N_SEQ, SEQ), generator=gen)
+    store = write_store(tmp_path / "s", {"mlp_post.0": acts[0], "mlp_post.1": acts[1]}, tokens)
+    result = probe_position(store, site="mlp_post", kind="sparse", k=3, device="cpu")
+    for row in rows(result, layer=1):
+        assert row["neurons"] == planted
+        assert row["r2"] > 0.95
+    X, y = acts[1].reshape(-1, 256).numpy(), np.tile(np.arange(SEQ), N_SEQ)
+    probe = SparseProbe(k=3).fit(X, y)
+    assert tuple(probe.selected_) == planted
+    assert np.count_nonzero(probe.coef_) == 3
+
+
+def test_ridge_equals_sklearn_on_the_same_split():
+    acts = planted_acts()
+    acts[1] += 0.5 * torch.randn(N_SEQ, SEQ, D, generator=torch.Generator().manual_seed(3))
+    alpha = 3.0
+    result = probe_position(acts, layers=[1], alphas=(alpha,), controls=(), device="cpu", exclude_bos=False)
+    (row,) = rows(result)
+    X = acts[1].reshape(-1, D).double().numpy()
+    y = np.tile(np.arange(SEQ), N_SEQ).astype(float)
+    seq = np.repeat(np.arange(N_SEQ), SEQ)
+    pred = np.empty_like(y)
+    for test_seqs in result.split:
+        test = np.isin(seq, test_seqs)
+        sk = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[~test], y[~test])
+        pred[test] = sk.predict(X[test])
+    r2 = 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert row["r2"] == pytest.approx(r2, abs=1e-4)
+    assert row["mae"] == pytest.approx(np.abs(pred - y).mean(), abs=1e-4)
+    probe = RidgeProbe(alpha).fit(X, y)
+    sk = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X, y)
+    np.testing.assert_allclose(probe.predict(X), sk.predict(X), atol=1e-4)
+    np.testing.assert_allclose(probe.coef_, sk[-1].coef_ / sk[0].scale_, atol=1e-4)
+
+
+def test_estimators_compose_with_sklearn_cross_validation():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 6))
+    y = X @ rng.normal(size=6) + 0.1 * rng.normal(size=120)
+    groups = np.repeat(np.arange(12), 10)
+    cv = GroupKFold(n_splits=3)
+    for probe in (RidgeProbe(alpha=[0.1, 1.0, 10.0]), SparseProbe(k=3)):
+        scores = cross_val_score(probe, X, y, groups=groups, cv=cv)
+        assert scores.shape == (3,) and (scores > 0.5).all()
+        assert clone(probe).get_params() == probe.get_params()
+    labels = (y > np.median(y)).astype(int)
+    scores = cross_val_score(LogisticProbe(max_iter=50), X, labels, groups=groups, cv=cv)
+    assert (scores > 0.8).all()
+    fitted = LogisticProbe(max_iter=50).fit(X, labels)
+    assert fitted.predict_proba(X).shape == (120, 2)
+    assert fitted.score(X, labels) == pytest.approx((fitted.predict(X) == labels).mean())
+
+
+# -- baselines and splits -------------------------------------------------------------------------
+
+
+def test_random_baseline_mad_formula():
+    assert random_baseline_mad(1024) == pytest.approx(341.3, abs=0.05)
+    for n in (1, 2, 7):
+        brute = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]).mean()
+        assert random_baseline_mad(n) == pytest.approx(brute)
+    result = probe_position(planted_acts()[:1], device="cpu", controls=())
+    assert rows(result, with_pos0=True)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ))
+    assert rows(result, with_pos0=False)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ - 1))
+
+
+def test_split_is_by_sequence_and_recorded():
+    result = probe_position(planted_acts()[:1], target=["absolute", "relative"], n_splits=4, seed=3, device="cpu")
+    folds = [set(f) for f in result.split]
+    assert len(folds) == 4
+    assert set().union(*folds) == set(range(N_SEQ))
+    assert sum(len(f) for f in folds) == N_SEQ
+    other = probe_position(planted_acts()[:1], n_splits=4, seed=4, device="cpu", controls=())
+    assert other.split != result.split
+
+
+def test_fold_plan_never_trains_on_a_test_sequence():
+    from posprobe.stats.probe_estimators import FoldPlan
+    from posprobe.stats.probes import _split
+
+    seq = torch.arange(N_SEQ).repeat_interleave(SEQ)
+    fold, split = _split(seq, 5, seed=0)
+    at_pos0 = torch.arange(SEQ).repeat(N_SEQ) == 0
+    plan = FoldPlan.build(fold, at_pos0, 5, (True, False))
+    for i, (_, f, test_rows) in enumerate(plan.fits):
+        train_rows = plan.train_blocks[i][plan.block].nonzero().squeeze(1)
+        assert not set(seq[train_rows].tolist()) & set(seq[test_rows].tolist())
+        assert set(seq[test_rows].tolist()) == set(split[f])
+
+
+def test_missing_random_init_is_nan_and_said():
+    result = probe_position(planted_acts()[:1], device="cpu")
+    table = result.table
+    assert table["control_random_init"].isna().all()
+    assert table["control_token"].isna().all()
+    assert table["controls_missing"].str.contains("random_init").all()
+    assert table["controls_missing"].str.contains("token: no token ids").all()
+    fig = result.plot()
+    assert fig.layout.yaxis.title.text.startswith("R²")
+    assert len(fig.data) >= 2
+
+
+def test_random_init_store_fills_its_column(tmp_path):
+    acts = planted_acts()
+    tokens = torch.randint(0, 50, (N_SEQ, SEQ), generator=torch.Generator().manual_seed(0))
+    real = write_store(tmp_path / "real", {f"resid_post.{i}": acts[i] for i in range(3)}, tokens)
+    noise = 0.05 * torch.randn(3, N_SEQ, SEQ, D, generator=torch.Generator().manual_seed(9))
+    rand = write_store(tmp_path / "rand", {f"resid_post.{i}": noise[i] for i in range(3)}, tokens)
+    result = probe_position(real, random_init_store=rand, device="cpu")
+    table = result.table
+    assert (table["control_random_init"].abs() < 0.1).all()
+    assert table["controls_missing"].eq("").all()
+    control_max = table[["control_shuffled", "control_random_init", "control_token"]].max(axis=1)
+    np.testing.assert_allclose(table["selectivity"], table["r2"] - control_max)
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_unknown_target_and_kind_list_the_accepted():
+    acts = planted_acts()
+    with pytest.raises(ValueError, match=r"unknown target 'position'.*absolute, log, bucket, relative"):
+        probe_position(acts, target="position")
+    with pytest.raises(ValueError, match=r"unknown kind 'mlp'.*ridge, sparse, logistic"):
+        probe_position(acts, kind=["ridge", "mlp"])
+    with pytest.raises(ValueError, match="unknown control 'zero'"):
+        probe_position(acts, controls=("zero",))
+
+
+def test_unknown_site_in_store(tmp_path):
+    store = write_store(tmp_path / "s", {"resid_post.0": planted_acts()[0]}, torch.zeros(N_SEQ, SEQ, dtype=torch.long))
+    with pytest.raises(StoreError, match="'resid_mid' is not in this store; stored sites: resid_post"):
+        probe_position(store, site="resid_mid")
+    with pytest.raises(ValueError, match="unknown site 'resid'"):
+        probe_position(store, site="resid")
+    with pytest.raises(ValueError, match=r"layers \[5\] of 'resid_post' are not in the store"):
+        probe_position(store, layers=[5])
+
+
+def test_empty_activations():
+    with pytest.raises(ValueError, match="no activations given"):
+        probe_position({})
+    with pytest.raises(ValueError, match="empty"):
+        probe_position(torch.zeros(2, 0, SEQ, D))
+
+
+def test_nan_activations_name_the_layer():
+    acts = planted_acts()
+    acts[2, 3, 4, 5] = math.nan
+    with pytest.raises(ValueError, match="layer 2 contain NaN"):
+        probe_position(acts, device="cpu")
+
+
+def test_fewer_sequences_than_folds():
+    with pytest.raises(ValueError, match="3 sequences cannot make 5 folds"):
+        probe_position(planted_acts()[:, :3], device="cpu")
+
+
+def test_estimator_bad_input():
+    with pytest.raises(ValueError, match=r"k must be an integer in 1\.\.4"):
+        SparseProbe(k=9).fit(np.ones((5, 4)), np.arange(5))
+    with pytest.raises(ValueError, match="NaN"):
+        RidgeProbe().fit(np.full((5, 2), np.nan), np.arange(5))
+    with pytest.raises(ValueError, match="one value per row"):
+        RidgeProbe().fit(np.ones((5, 2)), np.arange(4))
