@@ -87,8 +87,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from posprobe.sites import SiteKey
-    from posprobe.stats.rope import PatternScores, delta_cross_products, kv_heads, layer_planes, rope_frequency_usage
+    from posprobe.stats.rope import delta_cross_products, kv_heads, layer_planes, rope_frequency_usage
     from posprobe.stats.rope_ablation import frequency_ablation_hooks
+    from posprobe.stats.rope_roles import PatternScores
 
     synthetic = args.synthetic
     if not synthetic:

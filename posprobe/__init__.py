@@ -1,4 +1,12 @@
-"""posprobe: where does a transformer keep position, and how does it use it?"""
+"""posprobe: where does a transformer keep position, and how does it use it?
+
+The public names below load their modules on first use, so ``import posprobe`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from posprobe import data
 from posprobe.models import DEFAULT_MODEL, ModelInfo, PositionModel, known_models, load_model
@@ -6,6 +14,37 @@ from posprobe.sites import SITES, SiteKey
 from posprobe.store import ActivationStore, open_store
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "extract": "posprobe.extract",
+    "probe_position": "posprobe.stats.probes",
+    "probe_model": "posprobe.stats.probes",
+    "rope_frequency_usage": "posprobe.stats.rope",
+    "rope_ablation": "posprobe.stats.rope_ablation",
+    "positional_neurons": "posprobe.stats.neurons",
+    "attention_stats": "posprobe.stats.attention",
+    "attention_variance": "posprobe.stats.variance",
+    "embedding_similarity": "posprobe.stats.similarity",
+    "patch_positions": "posprobe.stats.patching",
+    "subspace_patch": "posprobe.stats.patching",
+    "shift_invariance": "posprobe.stats.patching",
+    "length_generalization": "posprobe.stats.length",
+    "train": "posprobe.train",
+}
+
+
+def report(model: Any = DEFAULT_MODEL, out: str = "report", **kwargs: Any):
+    """Write the one-page HTML atlas for ``model`` to ``out/index.html`` (see ``posprobe.report``)."""
+    from posprobe.report import build_report
+
+    return build_report(model, out, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'posprobe' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -18,4 +57,6 @@ __all__ = [
     "known_models",
     "load_model",
     "open_store",
+    "report",
+    *_LAZY,
 ]

@@ -15,7 +15,6 @@ from posprobe.models.zoo import ZooModel
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.sites import SiteKey
 from posprobe.stats.rope import (
-    classify_heads,
     dim_thetas,
     kv_heads,
     layer_planes,
@@ -24,6 +23,7 @@ from posprobe.stats.rope import (
     rope_thetas,
 )
 from posprobe.stats.rope_ablation import ablated_planes, default_layer_groups, frequency_ablation_hooks, rope_ablation
+from posprobe.stats.rope_roles import classify_heads
 
 D_HEAD, N_PLANES = 16, 8  # tiny Llama: hidden 64 / 4 heads
 PREV_HEAD, PLANE_HEAD = 0, 2  # layer-0 query heads built below; they read kv heads 0 and 1

@@ -45,7 +45,10 @@ def load_model(
     variant (``zoo:rope``), a Hugging Face hub id or local path (needs a network for hub
     ids), or an object: a PositionModel, a Hugging Face ``PreTrainedModel``, a TransformerLens
     ``TransformerBridge`` or an nnsight model (their underlying HF model is hooked directly).
-    ``trust_remote_code`` is passed to transformers only when you set it.
+    ``trust_remote_code`` is passed to transformers only when you set it. Other keyword
+    arguments go to ``from_pretrained`` for hub ids and paths: ``device_map="auto"`` splits a
+    model too large for one GPU across the visible GPUs (then CPU and disk) through
+    accelerate; ``device`` is then ignored and inputs go to the embedding's device.
     """
     from posprobe.devices import resolve_device, resolve_dtype
 
@@ -54,6 +57,8 @@ def load_model(
     wrapped = _wrap(model, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed, **hf_kwargs)
     if random_init:
         wrapped = wrapped.random_init_copy(seed)
+    if wrapped.device_map is not None:  # placed by accelerate's device_map: moving it would undo that
+        return wrapped
     return wrapped.to(device=device, dtype=dtype)
 
 

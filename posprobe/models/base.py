@@ -123,6 +123,11 @@ class PositionModel(ABC):
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> PositionModel:
         """Move the model; returns self."""
 
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """Where each module lives when the model is split across devices (accelerate), else None."""
+        return None
+
     def available_sites(self) -> tuple[str, ...]:
         """The sites this model has (``rot_q`` only for RoPE, ``pos_embed`` only for absolute schemes)."""
         sites = list(SITES)

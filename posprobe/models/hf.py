@@ -226,13 +226,32 @@ class HFModel(PositionModel):
     # -- PositionModel --------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the device the token embedding runs on (its execution device under a device map)."""
+        if self.device_map is None:
+            return next(self.hf.parameters()).device
+        return _execution_device(self.hf, self.spec.embed)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.hf.parameters()).dtype
 
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """accelerate's module → device map when the model spans several devices or offloads to disk, else None."""
+        mapping = getattr(self.hf, "hf_device_map", None) or {}
+        places = {str(v) for v in mapping.values()}
+        return dict(mapping) if len(places) > 1 or "disk" in places else None
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> HFModel:
+        if self.device_map is not None:
+            moves = device is not None and torch.device(device) != self.device
+            if moves or (dtype is not None and dtype != self.dtype):
+                raise ValueError(
+                    f"{self.info.name} is split across devices by a device map "
+                    f"({', '.join(sorted({str(v) for v in self.device_map.values()}))}); it cannot be moved or cast "
+                    "after loading: load it again with the device_map and dtype you want"
+                )
+            return self
         self.hf.to(device=device, dtype=dtype)
         return self
 
@@ -352,6 +371,17 @@ def _hook_module(module: nn.Module, how: str, hook: Hook, d_head: int) -> torch.
         return _apply(hook, output)
 
     return module.register_forward_hook(post)
+
+
+def _execution_device(hf: nn.Module, path: str) -> torch.device:
+    """The device accelerate runs the module at ``path`` on: its own hook's or its closest hooked parent's."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), -1, -1):
+        hook = getattr(_get(hf, ".".join(parts[:depth])), "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return _get(hf, path).weight.device
 
 
 def _get(root: nn.Module, path: str) -> Any:

@@ -279,6 +279,9 @@ class _PatternSums:
         self.source = source
         self.p = n_positions
         self.acc: dict[int, dict[str, Tensor]] = {}
+        self._geo_for: Batch | None = None
+        self._geo_window: int | None = None
+        self._geo: dict[str, Any] = {}
 
     def _layer(self, layer: int, n_heads: int) -> dict[str, Tensor]:
         if layer not in self.acc:
@@ -293,12 +296,42 @@ class _PatternSums:
 
     def add(self, layer: int, pattern: Tensor, batch: Batch) -> None:
         """Fold one batch's pattern [b heads s t] of ``layer`` into the sums."""
-        b, n_heads, s, t = pattern.shape
+        _, n_heads, s, t = pattern.shape
         if s != t:
             raise ValueError(
                 f"attention_stats needs self-attention maps with s == t, got pattern of shape {tuple(pattern.shape)}"
             )
         acc = self._layer(layer, n_heads)
+        geo = self._geometry(batch, self.source.sliding_window(layer))
+        p, rows, col0 = self.p, geo["rows"], geo["col0"]
+        per_pos = torch.zeros(3, n_heads, p, device=pattern.device)
+        dist = torch.zeros(2, n_heads, 2 * p - 1, device=pattern.device)
+        for head in range(n_heads):
+            # masked keys already hold probability 0; only padded query rows need zeroing
+            ph = pattern[:, head].float()
+            if geo["padded"]:
+                ph = ph * geo["maskf"][:, :, None]
+            ent = -torch.special.xlogy(ph, ph).sum(-1)  # [b s]
+            norm = torch.where(geo["norm_ok"], ent / geo["log_keys"], 0.0)
+            first = ph[rows, :, col0] * geo["has0"]
+            per_pos[0, head].index_add_(0, geo["pos_flat"], (ent * geo["maskf"]).flatten())
+            per_pos[1, head].index_add_(0, geo["pos_flat"], norm.flatten())
+            per_pos[2, head].index_add_(0, geo["pos_flat"], (first * geo["maskf"]).flatten())
+            for row in range(len(ph)):  # ph[row] is contiguous, so flattening it copies nothing
+                dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten())
+            dist[1, head].index_add_(0, geo["d0"], (ph[rows, col0] * geo["has0"]).flatten())
+        per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
+        for name, value in (("entropy", per_pos[0]), ("norm_entropy", per_pos[1]), ("first", per_pos[2])):
+            acc[name] += value
+        acc["dist"] += dist[0]
+        acc["dist_q0"] += dist[1]
+        for name, value in geo["counts"].items():
+            acc[name] += value
+
+    def _geometry(self, batch: Batch, window: int | None) -> dict[str, Any]:
+        """What one batch's mask and positions imply, shared by every head and layer with the same window."""
+        if self._geo_for is batch and self._geo_window == window:
+            return self._geo
         p = self.p
         mask = batch.attention_mask.bool()
         pos = batch.position_ids.long().masked_fill(~mask, 0)
@@ -306,7 +339,6 @@ class _PatternSums:
         allowed = mask[:, :, None] & mask[:, None, :]
         if self.source.causal:
             allowed &= delta >= 0
-        window = self.source.sliding_window(layer)
         if window:
             allowed &= delta.abs() < window
         n_keys = allowed.sum(-1)  # [b s]
@@ -314,46 +346,40 @@ class _PatternSums:
         norm_ok = mask & (n_keys >= 2)
         maskf = mask.float()
         pos_flat = pos.flatten()
-        didx = (delta + p - 1).flatten()
+        didx = (delta + p - 1).flatten(1)  # [b s*t]
         is0 = mask & (pos == 0)
-        has0 = is0.any(-1)
+        has0 = is0.any(-1).float()[:, None]
         col0 = is0.float().argmax(-1)  # [b] the column holding position 0
-        rows = torch.arange(b, device=pattern.device)
-        d0 = delta[rows, col0] + p - 1  # [b t] distances seen by the query at position 0
-        q0w = has0.float()[:, None]
-
-        per_pos = torch.zeros(3, n_heads, p, device=pattern.device)
-        dist = torch.zeros(2, n_heads, 2 * p - 1, device=pattern.device)
-        for head in range(n_heads):
-            ph = pattern[:, head].float().masked_fill(~allowed, 0.0)  # [b s t]
-            ent = -torch.special.xlogy(ph, ph).sum(-1)
-            norm = torch.where(norm_ok, ent / log_keys, 0.0)
-            first = ph[rows, :, col0] * has0.float()[:, None]
-            per_pos[0, head].index_add_(0, pos_flat, (ent * maskf).flatten())
-            per_pos[1, head].index_add_(0, pos_flat, norm.flatten())
-            per_pos[2, head].index_add_(0, pos_flat, (first * maskf).flatten())
-            dist[0, head].index_add_(0, didx, ph.flatten())
-            dist[1, head].index_add_(0, d0.flatten(), (ph[rows, col0] * q0w).flatten())
-        per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
-        acc["entropy"] += per_pos[0]
-        acc["norm_entropy"] += per_pos[1]
-        acc["first"] += per_pos[2]
-        acc["dist"] += dist[0]
-        acc["dist_q0"] += dist[1]
-        counts = torch.zeros(3, p, device=pattern.device)
-        counts[0].index_add_(0, pos_flat, maskf.flatten())
-        counts[1].index_add_(0, pos_flat, norm_ok.float().flatten())
-        counts[2].index_add_(0, pos_flat, (log_keys * maskf).flatten())
+        rows = torch.arange(len(mask), device=mask.device)
+        d0 = (delta[rows, col0] + p - 1).flatten()  # distances seen by the query at position 0
+        counts = torch.zeros(5, 2 * p - 1, device=mask.device)
+        counts[0, :p].index_add_(0, pos_flat, maskf.flatten())
+        counts[1, :p].index_add_(0, pos_flat, norm_ok.float().flatten())
+        counts[2, :p].index_add_(0, pos_flat, (log_keys * maskf).flatten())
+        counts[3].index_add_(0, didx.flatten(), allowed.float().flatten())
+        counts[4].index_add_(0, d0, (allowed[rows, col0].float() * has0).flatten())
         counts = counts.double().cpu()
-        acc["n_queries"] += counts[0]
-        acc["n_norm"] += counts[1]
-        acc["log_keys"] += counts[2]
-        pairs = torch.zeros(2, 2 * p - 1, device=pattern.device)
-        pairs[0].index_add_(0, didx, allowed.float().flatten())
-        pairs[1].index_add_(0, d0.flatten(), (allowed[rows, col0].float() * q0w).flatten())
-        pairs = pairs.double().cpu()
-        acc["pairs"] += pairs[0]
-        acc["pairs_q0"] += pairs[1]
+        self._geo_for, self._geo_window = batch, window  # a reference, so the identity test above is sound
+        self._geo = {
+            "padded": not bool(mask.all()),
+            "maskf": maskf,
+            "norm_ok": norm_ok,
+            "log_keys": log_keys,
+            "pos_flat": pos_flat,
+            "didx": didx,
+            "rows": rows,
+            "col0": col0,
+            "has0": has0,
+            "d0": d0,
+            "counts": {
+                "n_queries": counts[0, :p],
+                "n_norm": counts[1, :p],
+                "log_keys": counts[2, :p],
+                "pairs": counts[3],
+                "pairs_q0": counts[4],
+            },
+        }
+        return self._geo
 
 
 def _distance_sums(acc: dict[str, Tensor], include_pos0: bool) -> tuple[Tensor, Tensor, float]:

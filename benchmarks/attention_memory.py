@@ -1,0 +1,112 @@
+"""attention_stats memory and time: streamed pattern hooks vs a plain forward vs keeping every map (prints JSON).
+
+Each case runs in a fresh process on one sequence of ``seq_len`` random tokens and reports wall
+time and peak RSS above the RSS after the model is loaded:
+
+- ``plain``: the model body with fused SDPA and no hooks (the floor);
+- ``stream``: ``attention_stats`` on every layer (one layer's pattern alive at a time);
+- ``keep``: capturing every layer's pattern in memory, what storing full maps costs
+  (skipped above ``--keep-max`` tokens, where its size is reported from the shapes instead).
+
+    .venv/bin/python benchmarks/attention_memory.py [--model smollm2-135m] [--seq-lens 1024 4096] [--keep-max 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def run_case(model_name: str, case: str, seq_len: int, threads: int) -> dict:
+    import posprobe as pp
+    from posprobe.sites import SiteKey
+    from posprobe.stats.attention import attention_stats
+
+    torch.set_num_threads(threads)
+    model = pp.load_model(model_name)
+    tokens = pp.data.random_tokens(model, n=1, seq_len=seq_len, seed=0)
+    last = model.info.n_layers - 1
+    base = rss_mb()
+    start = time.perf_counter()
+    if case == "plain":
+        model.run(tokens.tokens, return_logits=False, stop_at_layer=last)
+    elif case == "stream":
+        attention_stats(model, tokens, batch_size=1)
+    elif case == "keep":
+        keys = [SiteKey("pattern", layer) for layer in range(model.info.n_layers)]
+        model.run(tokens.tokens, capture=keys, return_logits=False, stop_at_layer=last)
+    else:
+        raise ValueError(f"unknown case {case!r}; known: plain, stream, keep")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = model.info
+    return {
+        "case": case,
+        "seq_len": seq_len,
+        "seconds": round(seconds, 2),
+        "peak_rss_above_loaded_mb": round(peak - base, 1),
+        "one_layer_pattern_mb": round(info.n_heads * seq_len**2 * 4 / 2**20, 1),
+        "all_patterns_mb": round(info.n_layers * info.n_heads * seq_len**2 * 4 / 2**20, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--keep-max", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.model, args.case, args.seq_len, args.threads)))
+        return
+    results = []
+    for seq_len in args.seq_lens:
+        cases = ["plain", "stream"] + (["keep"] if seq_len <= args.keep_max else [])
+        for case in cases:
+            cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads)]
+            out = subprocess.run(
+                [*cmd, "--case", case, "--seq-len", str(seq_len)], capture_output=True, text=True, check=True
+            )
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    by = {(r["seq_len"], r["case"]): r for r in results}
+    ratios = {}
+    for seq_len in args.seq_lens:
+        plain, stream = by[(seq_len, "plain")], by[(seq_len, "stream")]
+        entry = {
+            "stream_vs_plain_time": round(stream["seconds"] / plain["seconds"], 2),
+            "stream_peak_vs_one_layer_pattern": round(
+                stream["peak_rss_above_loaded_mb"] / stream["one_layer_pattern_mb"], 2
+            ),
+            "stream_peak_vs_all_patterns": round(stream["peak_rss_above_loaded_mb"] / stream["all_patterns_mb"], 3),
+        }
+        if (seq_len, "keep") in by:
+            keep = by[(seq_len, "keep")]
+            entry["keep_peak_vs_stream_peak"] = round(
+                keep["peak_rss_above_loaded_mb"] / stream["peak_rss_above_loaded_mb"], 2
+            )
+        ratios[str(seq_len)] = entry
+    print(json.dumps({"model": args.model, "threads": args.threads, "results": results, "ratios": ratios}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

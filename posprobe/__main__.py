@@ -1,0 +1,1 @@
+from posprobe.cli import main; raise SystemExit(main())

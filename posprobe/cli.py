@@ -1,0 +1,250 @@
+"""The ``posprobe`` command line: one subcommand per job, consistent flags, clean errors.
+
+Every subcommand takes ``--model``, ``--device``, ``--seed`` and ``--out``; bad input exits
+with status 2 and one line on stderr (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = {
+    "models": "posprobe models\n  posprobe models --model gemma-3-270m",
+    "extract": "posprobe extract --model smollm2-135m --sites resid_post rot_q --n 64 --seq-len 256 --out runs/smol",
+    "probe": "posprobe probe --model zoo:none --site resid_post --target absolute --out out/probe",
+    "rope": "posprobe rope --model gemma-3-270m --n 8 --out out/rope",
+    "neurons": "posprobe neurons --model smollm2-135m --n 32 --out out/neurons",
+    "attention": "posprobe attention --model smollm2-135m --seq-len 1024 --n 4 --out out/attention",
+    "patch": "posprobe patch --model zoo:learned --shift 8 --out out/patch",
+    "train": "posprobe train --pe rope --steps 2000 --out data/zoo/rope",
+    "report": "posprobe report --model smollm2-135m --out report/\n  posprobe report --quick --compare zoo:none",
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True, default_out: str | None = None) -> None:
+    if model:
+        p.add_argument("--model", default="smollm2-135m", help="packaged name, zoo:<variant>, HF id or path")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=default_out, required=default_out is None, help="output folder")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) -> None:
+    p.add_argument("--n", type=int, default=n, help="number of text windows")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posprobe", description="Where does a transformer keep position?")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("models", "list the models posprobe loads offline, or describe one")
+    p.add_argument("--model", default=None)
+    p.add_argument("--debug", action="store_true")
+
+    p = add("extract", "extract sites into an on-disk activation store")
+    _common(p)
+    _tokens_args(p)
+    p.add_argument("--sites", nargs="+", default=["resid_post"])
+    p.add_argument("--layers", nargs="*", type=int, default=None)
+    p.add_argument("--batch-size", default="16")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, bf16, fp16")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = add("probe", "linear position probes per layer, with controls")
+    _common(p)
+    _tokens_args(p)
+    p.add_argument("--site", default="resid_post")
+    p.add_argument("--target", default="absolute")
+    p.add_argument("--kind", default="ridge")
+
+    p = add("rope", "RoPE frequency usage per layer and head")
+    _common(p)
+    _tokens_args(p, n=8)
+
+    p = add("neurons", "positional neurons in the MLPs")
+    _common(p)
+    _tokens_args(p)
+
+    p = add("attention", "attention sinks, head roles, variance and similarity")
+    _common(p)
+    _tokens_args(p, n=8)
+
+    p = add("patch", "position-shift patching and shift invariance")
+    _common(p)
+    _tokens_args(p, n=8, seq_len=64)
+    p.add_argument("--shift", type=int, default=8)
+    p.add_argument("--sites", nargs="+", default=["resid_pre"])
+
+    p = add("train", "train a zoo model (arguments passed to posprobe.train)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = add("report", "one HTML report on a model")
+    _common(p, default_out="report")
+    p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
+    p.add_argument("--compare", default=None, help="a second model shown side by side, e.g. zoo:none")
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    import posprobe as pp
+
+    return pp.load_model(args.model, device=args.device)
+
+
+def _windows(model, args: argparse.Namespace):
+    import posprobe as pp
+
+    return pp.data.text_windows(model, n=args.n, seq_len=min(args.seq_len, model.info.n_ctx), seed=args.seed)
+
+
+def _save(out: str, tables: dict[str, Any], figures: dict[str, Any]) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.to_csv(folder / f"{name}.csv", index=False)
+    for name, fig in figures.items():
+        fig.write_html(folder / f"{name}.html", include_plotlyjs=True)
+    logging.getLogger("posprobe").info("wrote %s", folder)
+    print(f"wrote {', '.join(list(tables) + list(figures))} to {folder}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import posprobe as pp
+
+    if args.model is None:
+        for name, desc in pp.known_models().items():
+            print(f"{name:16s} {desc}")
+        return
+    print(json.dumps(pp.load_model(args.model).info.as_dict(), indent=1, default=str))
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from posprobe.extract import extract
+
+    model = _load(args)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    store = extract(model, _windows(model, args), args.sites, args.layers, batch_size=batch_size, device=args.device,
+                    dtype=args.dtype, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    print(store)
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from posprobe.stats.probes import probe_model
+
+    model = _load(args)
+    result = probe_model(model, _windows(model, args), args.site, seed=args.seed, target=args.target, kind=args.kind)
+    _save(args.out, {"probes": result.table}, {"probes": result.plot()})
+
+
+def cmd_rope(args: argparse.Namespace) -> None:
+    from posprobe.stats.rope import rope_frequency_usage
+
+    model = _load(args)
+    usage = rope_frequency_usage(model, _windows(model, args), progress=True)
+    _save(args.out, {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
+          {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()})
+
+
+def cmd_neurons(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from posprobe.extract import extract
+    from posprobe.stats.neurons import positional_neurons
+
+    model = _load(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = positional_neurons(extract(model, _windows(model, args), "mlp_post", out=tmp))
+    _save(args.out, {"neurons": result.table, "layers": result.layer_summary},
+          {"neuron_counts": result.figure("counts"), "neuron_heatmap": result.figure("heatmap")})
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from posprobe.stats.attention import attention_stats
+    from posprobe.stats.variance import attention_variance
+
+    model = _load(args)
+    tokens = _windows(model, args)
+    stats = attention_stats(model, tokens, progress=True)
+    variance = attention_variance(model, tokens, progress=True)
+    _save(args.out, {"heads": stats.heads, "roles": stats.roles, "variance": variance.table,
+                     "exponents": variance.exponents},
+          {"head_roles": stats.figure(), "variance": variance.figure()})
+
+
+def cmd_patch(args: argparse.Namespace) -> None:
+    from posprobe.stats.patching import patch_positions, shift_invariance
+
+    model = _load(args)
+    tokens = _windows(model, args)
+    result = patch_positions(model, tokens, shift=args.shift, sites=tuple(args.sites))
+    _save(args.out, {"patching": result.table, "shift_invariance": shift_invariance(model, tokens)},
+          {"patching": result.figure()})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from posprobe.train import main_train
+
+    code = main_train(args.args)
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from posprobe.report import ReportSettings, build_report
+
+    settings = ReportSettings.make(quick=args.quick, n=args.n, seq_len=args.seq_len, seed=args.seed, device=args.device)
+    page = build_report(args.model, args.out, compare=args.compare, settings=settings)
+    print(f"report written to {page}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "models": cmd_models,
+    "extract": cmd_extract,
+    "probe": cmd_probe,
+    "rope": cmd_rope,
+    "neurons": cmd_neurons,
+    "attention": cmd_attention,
+    "patch": cmd_patch,
+    "train": cmd_train,
+    "report": cmd_report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``posprobe`` command."""
+    from posprobe.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, StoreError, FileNotFoundError, ModuleNotFoundError, NotImplementedError, KeyError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"posprobe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

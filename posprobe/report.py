@@ -1,0 +1,321 @@
+"""``posprobe report``: one offline HTML page answering "where does position live in this model?".
+
+Composition only: every number comes from an analysis in ``posprobe.stats`` run here, every
+figure from ``posprobe.plots``. Tables land beside the page as CSV and Parquet, with a JSON
+summary and the run's settings.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from posprobe.models import PositionModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What a report run measures on: token windows, seed, device."""
+
+    n: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "auto"
+    quick: bool = False
+
+    @classmethod
+    def make(cls, quick: bool = False, **overrides: Any) -> ReportSettings:
+        base = cls(n=8, seq_len=128, quick=True) if quick else cls()
+        return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class Section:
+    """One part of the page: a title, a sentence of findings, figures and tables."""
+
+    key: str
+    title: str
+    summary: str
+    figures: list[go.Figure] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+@dataclass
+class ModelReport:
+    """All sections computed for one model."""
+
+    model_name: str
+    info: dict[str, Any]
+    sections: list[Section]
+    headline: dict[str, Any]
+
+
+def analyse_model(model: PositionModel, settings: ReportSettings, progress: bool = True) -> ModelReport:
+    """Run every analysis that applies to ``model`` and collect their tables and figures."""
+    import posprobe.data as data
+
+    tokens = data.text_windows(model, n=settings.n, seq_len=min(settings.seq_len, model.info.n_ctx), seed=settings.seed)
+    stages: list[tuple[str, Callable[[], Section]]] = [
+        ("model card", lambda: _model_card(model, tokens)),
+        ("position probes", lambda: _probes(model, tokens, settings)),
+    ]
+    if model.info.is_rotary:
+        stages.append(("RoPE frequencies", lambda: _rope(model, tokens)))
+    stages.append(("positional neurons", lambda: _neurons(model, tokens)))
+    if model.info.causal:
+        stages.append(("attention", lambda: _attention(model, tokens)))
+    if importlib.util.find_spec("posprobe.stats.patching") is not None:
+        stages.append(("shift invariance", lambda: _shift(model, tokens)))
+    sections = []
+    bar = tqdm(stages, desc=f"report {model.info.name}", unit="stage", disable=not progress)
+    for name, stage in bar:
+        bar.set_postfix_str(name)
+        started = time.perf_counter()
+        sections.append(stage())
+        log.info("%s: %s took %.1f s", model.info.name, name, time.perf_counter() - started)
+    headline = {s.key: s.summary for s in sections}
+    return ModelReport(model.info.name, model.info.as_dict(), sections, headline)
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def _model_card(model: PositionModel, tokens) -> Section:
+    info = model.info
+    rows = [
+        ("architecture", info.architecture),
+        ("position scheme", info.position_scheme),
+        ("layers / heads / kv-heads", f"{info.n_layers} / {info.n_heads} / {info.n_kv_heads}"),
+        ("d_model / d_head / d_mlp", f"{info.d_model} / {info.d_head} / {info.d_mlp}"),
+        ("context", info.n_ctx),
+        ("causal", info.causal),
+    ]
+    if info.is_rotary:
+        rows.append(("RoPE pairing", info.rope_pairing))
+        bases = pd.DataFrame(
+            {
+                "layer": range(info.n_layers),
+                "layer_type": info.layer_types or ["full_attention"] * info.n_layers,
+                "rope_base": info.rope_bases,
+                "rotary_dims": info.rotary_dims,
+                "sliding_window": info.sliding_windows or [None] * info.n_layers,
+            }
+        )
+    else:
+        bases = pd.DataFrame({"layer": range(info.n_layers)})
+    rows.append(("BOS prepended in this run", tokens.prepend_bos))
+    card = pd.DataFrame(rows, columns=["property", "value"]).astype({"value": str})
+    summary = info.summary()
+    return Section("model", "Model card", summary, tables={"model_card": card, "layers": bases})
+
+
+def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
+    from posprobe.stats.probes import probe_model
+
+    with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
+        result = probe_model(model, tokens, "resid_post", seed=settings.seed, out=tmp)
+    table = result.table
+    main = _probe_main_rows(table)
+    best = main.loc[main["r2"].idxmax()] if len(main) else None
+    summary = (
+        f"absolute position is linearly decodable best at layer {int(best['layer'])} (R² {best['r2']:.3f}, "
+        f"MAE {best['mae']:.1f} tokens); see the controls for how much is selective"
+        if best is not None
+        else "no probe rows"
+    )
+    return Section("probes", "Where can position be read out? (linear probes, Haviv et al. 2022)", summary,
+                   figures=[result.plot("r2")], tables={"probes": table})
+
+
+def _probe_main_rows(table: pd.DataFrame) -> pd.DataFrame:
+    rows = table
+    for column, value in (("target", "absolute"), ("kind", "ridge")):
+        if column in rows:
+            rows = rows[rows[column] == value]
+    if "with_pos0" in rows:
+        rows = rows[~rows["with_pos0"].astype(bool)]
+    return rows
+
+
+def _rope(model: PositionModel, tokens) -> Section:
+    from posprobe.stats.rope import rope_frequency_usage
+
+    usage = rope_frequency_usage(model, tokens[: min(len(tokens), 8)])
+    roles = usage.head_roles
+    counts = roles["role"].value_counts().to_dict() if "role" in roles else {}
+    summary = "head roles from frequency use: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    return Section("rope", "Which rotation frequencies does each head use? (Barbero et al. 2024)", summary,
+                   figures=[usage.figure(), usage.spectrum_figure()],
+                   tables={"rope_usage": usage.table, "rope_head_roles": roles})
+
+
+def _neurons(model: PositionModel, tokens) -> Section:
+    from posprobe.extract import extract
+    from posprobe.stats.neurons import positional_neurons
+
+    with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
+        store = extract(model, tokens, "mlp_post", out=tmp, progress=False)
+        result = positional_neurons(store)
+    summary_table = result.layer_summary
+    positional = result.table[result.table["is_positional"]]
+    summary = (
+        f"{len(positional)} of {len(result.table)} MLP neurons are positional (MI > 0.05 bits); "
+        f"categories: {positional['category'].value_counts().to_dict()}"
+    )
+    figures = [result.figure("counts")]
+    if len(positional):
+        figures.append(result.figure("heatmap", top=20))
+    return Section("neurons", "Positional neurons (Voita et al. 2023)", summary, figures=figures,
+                   tables={"neurons": result.table, "neuron_layers": summary_table})
+
+
+def _attention(model: PositionModel, tokens) -> Section:
+    from posprobe.stats.attention import attention_stats
+    from posprobe.stats.similarity import embedding_similarity
+    from posprobe.stats.variance import attention_variance
+
+    stats = attention_stats(model, tokens)
+    variance = attention_variance(model, tokens)
+    similarity = embedding_similarity(model, tokens)
+    roles = stats.roles
+    counts = roles["role"].value_counts().to_dict() if "role" in roles else {}
+    exps = variance.exponents
+    summary = (
+        "head roles: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        + f"; attention-output variance ∝ position^-a with median a = {exps['exponent'].median():.2f}"
+        if "exponent" in exps
+        else ""
+    )
+    return Section("attention", "Attention: sinks, head roles, variance and similarity (Chi 2023, Zuo 2025)", summary,
+                   figures=[stats.figure(), variance.figure(), similarity.figure()],
+                   tables={"attention_heads": stats.heads, "head_roles": roles, "attention_variance": variance.table,
+                           "variance_exponents": exps, "similarity": similarity.table,
+                           "similarity_summary": similarity.summary})
+
+
+def _shift(model: PositionModel, tokens) -> Section:
+    from posprobe.stats.patching import shift_invariance
+
+    table = shift_invariance(model, tokens[: min(len(tokens), 4)])
+    summary = "output change when every position id is shifted: " + ", ".join(
+        f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
+    )
+    return Section("shift", "Relative or absolute? Shifting every position", summary, tables={"shift_invariance": table})
+
+
+# -- assembling the page -------------------------------------------------------------------------
+
+
+def build_report(
+    model: str | PositionModel = "smollm2-135m",
+    out: str | Path = "report",
+    *,
+    quick: bool = False,
+    compare: str | PositionModel | None = None,
+    settings: ReportSettings | None = None,
+    progress: bool = True,
+) -> Path:
+    """Analyse ``model`` (and ``compare`` side by side) and write ``out/index.html``; returns its path."""
+    settings = settings or ReportSettings.make(quick=quick)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    reports = []
+    for m in [model] + ([compare] if compare is not None else []):
+        loaded = load_model(m, device=settings.device) if not isinstance(m, PositionModel) else m
+        torch.manual_seed(settings.seed)
+        reports.append(analyse_model(loaded, settings, progress=progress))
+    meta = {
+        "settings": asdict(settings),
+        "versions": _versions(),
+        "machine": platform.platform(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    _write_tables(reports, out)
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "models": {r.model_name: r.headline for r in reports}},
+                                                 indent=1, default=str))
+    page = out / "index.html"
+    page.write_text(_html(reports, meta))
+    return page
+
+
+def _write_tables(reports: list[ModelReport], out: Path) -> None:
+    tables = out / "tables"
+    tables.mkdir(exist_ok=True)
+    for report in reports:
+        slug = report.model_name.replace("/", "_").replace(":", "_")
+        for section in report.sections:
+            for name, table in section.tables.items():
+                table.to_csv(tables / f"{slug}.{name}.csv", index=False)
+                table.to_parquet(tables / f"{slug}.{name}.parquet", index=False)
+
+
+def _versions() -> dict[str, str]:
+    import plotly
+    import transformers
+
+    import posprobe
+
+    return {"posprobe": posprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "plotly": plotly.__version__, "python": platform.python_version()}
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;color:#222}
+h1{margin-bottom:.2em} .settings{color:#555;font-size:.9em}
+.row{display:flex;gap:1em} .col{flex:1;min-width:0}
+table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ddd;padding:2px 6px}
+.summary{background:#f4f6fa;padding:.5em 1em;border-left:4px solid #4a6fa5}
+"""
+
+
+def _html(reports: list[ModelReport], meta: dict[str, Any]) -> str:
+    from plotly.offline import get_plotlyjs
+
+    names = " vs ".join(html.escape(r.model_name) for r in reports)
+    settings = meta["settings"]
+    head = (
+        f"<h1>Where does position live in {names}?</h1><p class='settings'>{settings['n']} windows × "
+        f"{settings['seq_len']} tokens of held-out State of the Union text, seed {settings['seed']}, "
+        f"device {settings['device']}; versions {html.escape(json.dumps(meta['versions']))}; "
+        f"{meta['created']}, {meta['seconds']} s. Tables: <code>tables/</code>; summary: <code>summary.json</code>.</p>"
+    )
+    keys = list(dict.fromkeys(s.key for r in reports for s in r.sections))
+    body = []
+    for key in keys:
+        cols = []
+        title = ""
+        for report in reports:
+            section = next((s for s in report.sections if s.key == key), None)
+            if section is None:
+                cols.append(f"<div class='col'><p>not applicable to {html.escape(report.model_name)}</p></div>")
+                continue
+            title = section.title
+            parts = [f"<h3>{html.escape(report.model_name)}</h3>", f"<p class='summary'>{html.escape(section.summary)}</p>"]
+            parts += [f.to_html(full_html=False, include_plotlyjs=False) for f in section.figures]
+            if key == "model" or not section.figures:
+                parts += [t.to_html(index=False, border=0) for t in section.tables.values()]
+            cols.append("<div class='col'>" + "".join(parts) + "</div>")
+        body.append(f"<section id='{key}'><h2>{html.escape(title)}</h2><div class='row'>{''.join(cols)}</div></section>")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>posprobe report</title>"
+        f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+        + head + "".join(body) + "</body></html>"
+    )

@@ -1,0 +1,322 @@
+"""Position patching and subspace patching on tiny models built so the answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+from conftest import random_ids, tiny_gemma3_hf, tiny_llama_hf
+
+import posprobe as pp
+from posprobe import data
+from posprobe.models.hf import HFModel
+from posprobe.models.zoo import ZooModel
+from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+from posprobe.stats.patching import corrupt_inputs, fit_site_probe, patch_positions, shift_invariance
+from posprobe.stats.probe_estimators import RidgeProbe
+from posprobe.stats.subspace import downstream_read_matrix, split_direction, subspace_patch
+
+TINY = dict(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=32, d_vocab=4096)
+
+
+def tiny_zoo(pe: str = "learned", name: str | None = None, **kw) -> ZooModel:
+    """A random-weight zoo model; a large init makes positional effects far above float noise."""
+    cfg = ZooConfig(pe=pe, init_std=kw.pop("init_std", 0.5), **{**TINY, **kw})
+    return ZooModel(ZooTransformer(cfg), name=name or f"tiny-{pe}")
+
+
+def toks(model, n: int = 3, s: int = 10, seed: int = 0) -> data.TokenBatch:
+    return data.random_tokens(model, n=n, seq_len=s, seed=seed, prepend_bos=False)
+
+
+def one_head_model(head: int = 1) -> ZooModel:
+    """One-layer learned-PE zoo model in which position reaches the output only through ``head``.
+
+    The position vectors w_p = 3 (cos 0.4p (e0 − e1) + sin 0.4p (e2 − e3)) / √2 live on dims 0-3,
+    are orthogonal to the all-ones vector and have one norm, so no LayerNorm's mean or scale depends
+    on p. Token embeddings, attention and MLP outputs write nothing to dims 0-3; the MLP's and the
+    unembedding's LayerNorm gains are 0 there; other heads' W_O are 0. Only ``head``'s q, k, v read w_p.
+    """
+    model = tiny_zoo("learned", name="one-head", n_layers=1, n_heads=4, d_head=8)
+    net = model.net
+    phi = 0.4 * torch.arange(net.cfg.n_ctx, dtype=torch.float32)
+    with torch.no_grad():
+        w = torch.zeros_like(net.position.W_pos)
+        w[:, 0], w[:, 1] = math.cos(0) * torch.cos(phi), -torch.cos(phi)
+        w[:, 2], w[:, 3] = torch.sin(phi), -torch.sin(phi)
+        net.position.W_pos.copy_(3 * w / math.sqrt(2))
+        net.W_E[:, :4] = 0
+        block = net.blocks[0]
+        block.ln2.weight[:4] = 0
+        net.ln_final.weight[:4] = 0
+        block.attn.W_O[:, :, :4] = 0
+        block.mlp.W_out[:, :4] = 0
+        for h in range(4):
+            if h != head:
+                block.attn.W_O[h] = 0
+        for W in (block.attn.W_Q, block.attn.W_K, block.attn.W_V):
+            W[head, :4] *= 4
+    return model
+
+
+# -- ground truth ------------------------------------------------------------------------------------
+
+
+def test_identical_input_gives_zero_effect():
+    model = tiny_zoo("learned")
+    sites = ["pos_embed", "resid_pre", "attn_out", "z", "mlp_out", "mlp_post"]
+    result = patch_positions(model, toks(model), shift=0, sites=sites, layers=[1], heads=True, batch_size=6)
+    table = result.table
+    assert set(table["site"]) == set(sites) and table["position"].notna().all()
+    assert set(table.loc[table["site"] == "z", "head"]) == {0, 1}
+    assert table["effect"].abs().max() <= 1e-6
+    assert table["normalized"].isna().all()  # no full change to normalise by
+
+
+def test_identical_input_gives_zero_effect_on_hf_rotary_sites(tiny_llama):
+    batch = random_ids(2, 8, seed=1)
+    result = patch_positions(
+        tiny_llama, batch, shift=0, mode="filler", sites=["rot_q", "rot_k", "z", "resid_post"], layers=[0], heads=True
+    )
+    assert result.table["effect"].abs().max() <= 1e-6
+    assert set(result.table.loc[result.table["site"] == "rot_k", "head"]) == {0, 1}  # 2 kv heads
+
+
+def test_pos_embed_patch_moves_decoded_position_by_the_shift():
+    model = tiny_zoo("learned", d_model=64)
+    # fit on every position the shifted run can reach: learned tables decode exactly only where seen
+    probe = fit_site_probe(model, toks(model, n=4, s=32, seed=1), "pos_embed", None, RidgeProbe(alpha=1e-8))
+    k = 5
+    result = patch_positions(model, toks(model, s=12), shift=k, sites=["pos_embed", "resid_post"], probe=probe)
+    moved = result.table[(result.table["metric"] == "probe_position") & (result.table["site"] == "pos_embed")]
+    assert len(moved) == 12
+    np.testing.assert_allclose(moved["effect"], k, atol=0.05)
+    np.testing.assert_allclose(moved["normalized"], 1.0, atol=0.01)
+    later = result.table[(result.table["metric"] == "probe_position") & (result.table["site"] == "resid_post")]
+    assert later["effect"].abs().max() == 0  # a patch after the probe's site cannot move its reading
+    whole = patch_positions(model, toks(model, s=12), shift=k, sites="pos_embed", per_position=False, probe=probe)
+    row = whole.table[whole.table["metric"] == "probe_position"].iloc[0]
+    assert abs(row["effect"] - k) < 0.05 and pd.isna(row["position"])
+    out = whole.table[whole.table["metric"] != "probe_position"]
+    np.testing.assert_allclose(out["normalized"], 1.0, atol=1e-4)  # the only position signal of the model
+
+
+def test_known_head_explains_the_whole_effect():
+    head = 1
+    model = one_head_model(head)
+    result = patch_positions(
+        model, toks(model, n=4, s=12), shift=6, sites=["z", "attn_out"], per_position=False, heads=True
+    )
+    table = result.table.set_index(["site", "head", "metric"])
+    for metric in ("logprob", "kl"):
+        assert table.loc[("attn_out", pd.NA, metric), "normalized"] == pytest.approx(1.0, abs=1e-3)
+        assert table.loc[("z", head, metric), "normalized"] >= 0.95
+        for other in (0, 2, 3):
+            assert abs(table.loc[("z", other, metric), "normalized"]) <= 1e-6
+    full = table.loc[("z", head, "kl")]
+    assert full["corrupt"] > 1e-3  # the shift really changes the output
+
+
+def test_filler_mode_aligns_tokens_and_final_residual_explains_all():
+    model = tiny_zoo("none", name="tiny-nope")
+    batch = toks(model, n=2, s=8)
+    corrupt = corrupt_inputs(model, batch, 3, "filler")
+    assert corrupt.tokens.shape == (2, 11) and torch.equal(corrupt.tokens[:, corrupt.index], batch.tokens)
+    result = patch_positions(
+        model, batch, shift=3, mode="filler", sites=["resid_pre", "resid_post"], layers=[0, 1], per_position=False
+    )
+    t = result.table.set_index(["site", "layer", "metric"])["normalized"]
+    assert abs(t[("resid_pre", 0, "kl")]) <= 1e-6  # embeddings of aligned tokens are identical in NoPE
+    assert t[("resid_post", 1, "kl")] == pytest.approx(1.0, abs=1e-5)
+    assert t[("resid_post", 1, "logprob")] == pytest.approx(1.0, abs=1e-4)
+    bos = data.random_tokens(model, n=2, seq_len=8, prepend_bos=True)
+    shifted = corrupt_inputs(model, bos, 3, "filler")
+    assert shifted.index.tolist()[:2] == [0, 4] and (shifted.tokens[:, 0] == bos.tokens[:, 0]).all()
+
+
+def test_exactly_relative_model_has_no_normalised_effect(tiny_llama):
+    result = patch_positions(tiny_llama, random_ids(2, 8), shift=4, sites="resid_pre", layers=[1], per_position=False)
+    assert result.table["normalized"].isna().all()  # RoPE without sinks: shifting changes nothing
+    fig = result.figure("kl", value="effect")
+    assert isinstance(fig, go.Figure) and "Position patching" in fig.layout.title.text
+
+
+def test_nnsight_wrapped_model_gives_the_same_table(tokenizer):
+    from nnsight import NNsight
+
+    hf = tiny_llama_hf()
+    batch = random_ids(2, 8, seed=3)
+    kw = dict(shift=2, mode="filler", sites="z", layers=[2], heads=True, per_position=False)
+    direct = patch_positions(HFModel(hf, tokenizer, name="tiny"), batch, **kw).table
+    wrapped = patch_positions(pp.load_model(NNsight(hf), tokenizer=tokenizer), batch, **kw).table
+    np.testing.assert_allclose(direct["effect"], wrapped["effect"], atol=1e-7)
+
+
+def test_heatmap_has_a_panel_per_site():
+    model = tiny_zoo("learned")
+    result = patch_positions(model, toks(model, n=2, s=6), shift=2, sites=["resid_pre", "z"], heads=True)
+    fig = result.figure("logprob")
+    assert len(fig.data) == 2 and fig.layout.xaxis.title.text.startswith("patched position")
+    assert list(fig.data[1].y) == ["L0.H0", "L0.H1", "L1.H0", "L1.H1"]
+
+
+# -- shift invariance -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pe", ["none", "rope", "alibi"])
+def test_relative_schemes_are_shift_invariant(pe):
+    model = tiny_zoo(pe)
+    table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8, 19))
+    assert list(table.columns[:6]) == ["model", "shift", "with_bos", "kl", "max_abs_logit_diff", "mean_abs_logit_diff"]
+    assert (table["kl"].abs() <= 1e-6).all() and not table["with_bos"].any()
+
+
+def test_learned_positions_are_not_shift_invariant_and_bos_variants(tiny_llama):
+    model = tiny_zoo("learned")
+    table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8), with_bos=(False, True))
+    assert len(table) == 4 and (table["kl"] > 1e-3).all() and set(table["with_bos"]) == {False, True}
+    hf = shift_invariance(tiny_llama, random_ids(2, 8), shifts=(1, 64))
+    assert (hf["kl"] <= 1e-6).all()
+
+
+# -- subspace patching -----------------------------------------------------------------------------
+
+
+def makelov_model() -> ZooModel:
+    """Learned-PE zoo model built for Makelov et al.'s illusion at ``mlp_post.0``.
+
+    Only neurons 0-31 write to the residual (W_out rows 32-63 are 0), so the row space of the
+    read matrix W_outᵀ is exactly span(e_0 … e_31). Neuron 0 is dormant (W_in column and bias 0,
+    so gelu(0) = 0 on every input) but writes strongly; neuron 40 varies with position and writes nothing.
+    """
+    model = tiny_zoo("learned", name="makelov", n_layers=1)
+    mlp = model.net.blocks[0].mlp
+    with torch.no_grad():
+        mlp.W_out[32:] = 0
+        mlp.W_in[:, 0] = 0
+        mlp.b_in[0] = 0
+        mlp.W_out[0] *= 20
+        mlp.W_in[:, 40] *= 5
+    return model
+
+
+def test_read_matrix_row_space_is_the_writing_neurons():
+    model = makelov_model()
+    read = downstream_read_matrix(model, "mlp_post", 0)
+    assert read.shape == (32, 64)
+    e = torch.eye(64, dtype=torch.float64)
+    row, null = split_direction(e[0] + e[40], read)
+    torch.testing.assert_close(row, e[0])
+    torch.testing.assert_close(null, e[40])
+
+
+def test_illusion_is_flagged_and_clean_direction_is_not():
+    model = makelov_model()
+    fit, held = toks(model, n=3, s=10, seed=0), toks(model, n=3, s=10, seed=7)
+    e = torch.eye(64)
+    illusion = subspace_patch(
+        model, fit, site="mlp_post", layer=0, direction=e[0] + e[40], shift=6, heldout_tokens=held
+    )
+    assert illusion.possible_illusion and len(illusion.flags) == 2 and illusion.flags["possible_illusion"].all()
+    effects = illusion.table[illusion.table["metric"] == "kl"].set_index(["split", "patch"])["effect"]
+    assert effects[("fit", "subspace")] > 1e-3
+    assert effects[("fit", "row")] <= 1e-9 and effects[("fit", "null")] <= 1e-9
+    assert illusion.flags["null_share"].tolist() == pytest.approx([1.0, 1.0])
+    clean = subspace_patch(model, fit, site="mlp_post", layer=0, direction=e[5], shift=6, heldout_tokens=held)
+    assert not clean.possible_illusion
+    assert clean.flags["row_fraction"].tolist() == pytest.approx([1.0, 1.0])
+    assert isinstance(illusion.figure(), go.Figure)
+
+
+def test_zoo_read_matrix_is_the_linear_part_of_the_next_block():
+    model = tiny_zoo("rope")
+    block = model.net.blocks[1]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    read = downstream_read_matrix(model, "resid_pre", 1).float()
+    normed = block.ln1(x)
+    sigma = (x.var(-1, unbiased=False) + block.ln1.eps).sqrt()[:, None]
+    q = torch.einsum("nd,hdk->nhk", normed, block.attn.W_Q).reshape(5, -1)
+    torch.testing.assert_close(x @ read[: q.shape[1]].T / sigma, q, atol=1e-4, rtol=1e-4)
+    mlp_in = block.ln2(x) @ block.mlp.W_in
+    torch.testing.assert_close(x @ read[-64:].T / sigma, mlp_in, atol=1e-4, rtol=1e-4)
+    assert downstream_read_matrix(model, "resid_post", 1).shape == (4096, 32)  # last layer: the unembedding
+    assert downstream_read_matrix(model, "resid_post", 0, scope="all").shape[0] == 3 * 32 + 64 + 4096
+
+
+@pytest.mark.parametrize("build", [tiny_llama_hf, tiny_gemma3_hf])
+def test_hf_read_matrix_composes_the_rmsnorm_gain(build, tokenizer):
+    hf = build()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.normal_(generator=torch.Generator().manual_seed(1))  # non-trivial norm gains
+    model = HFModel(hf, tokenizer)
+    layer = model.hf.model.layers[0]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    read = downstream_read_matrix(model, "resid_pre", 0).float()
+    norm = layer.input_layernorm
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    rms = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    q = layer.self_attn.q_proj(layer.input_layernorm(x))
+    if layer.self_attn.q_proj.bias is not None:
+        q = q - layer.self_attn.q_proj.bias
+    torch.testing.assert_close(x @ read[: q.shape[1]].T / rms, q, atol=1e-4, rtol=1e-4)
+    assert downstream_read_matrix(model, "z", 0).shape == (64, model.info.n_heads * model.info.d_head)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def test_unequal_clean_and_corrupt_lengths_are_refused():
+    model = makelov_model()
+    with pytest.raises(ValueError, match="equal length"):
+        subspace_patch(model, toks(model, s=10), toks(model, s=12), site="mlp_post", layer=0, direction=torch.ones(64))
+    with pytest.raises(ValueError, match="either"):
+        subspace_patch(model, toks(model), site="mlp_post", layer=0, direction=torch.ones(64))
+    with pytest.raises(ValueError, match="vector of 64"):
+        subspace_patch(model, toks(model), shift=1, site="mlp_post", layer=0, direction=torch.ones(32))
+    with pytest.raises(ValueError, match="supports sites"):
+        subspace_patch(model, toks(model), shift=1, site="rot_q", layer=0, direction=torch.ones(32))
+
+
+def test_probe_from_another_site_or_model_is_refused():
+    model = tiny_zoo("learned")
+    batch = toks(model, n=2, s=8)
+    on_mlp = fit_site_probe(model, batch, "mlp_post", 0)
+    with pytest.raises(ValueError, match="reads 64 features"):
+        patch_positions(model, batch, shift=1, probe=on_mlp.estimator, probe_site="resid_pre.0")
+    with pytest.raises(ValueError, match="disagrees"):
+        patch_positions(model, batch, shift=1, probe=on_mlp, probe_site="resid_pre.0")
+    other = tiny_zoo("learned", name="another-model")
+    with pytest.raises(ValueError, match="fitted on model 'tiny-learned'"):
+        patch_positions(other, batch, shift=1, probe=on_mlp)
+    with pytest.raises(ValueError, match="probe_site"):
+        patch_positions(model, batch, shift=1, probe=on_mlp.estimator)
+
+
+def test_shift_beyond_the_learned_table_is_refused():
+    model = tiny_zoo("learned")
+    batch = toks(model, n=2, s=20)
+    with pytest.raises(ValueError, match="beyond tiny-learned's context of 32"):
+        patch_positions(model, batch, shift=13)
+    with pytest.raises(ValueError, match="at most 12"):
+        shift_invariance(model, batch, shifts=(64,))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        patch_positions(model, batch, shift=-1)
+    with pytest.raises(ValueError, match="unknown patching mode"):
+        patch_positions(model, batch, shift=1, mode="swap")
+    with pytest.raises(ValueError, match="attention maps"):
+        patch_positions(model, batch, shift=1, sites="pattern")
+    padded = data.TokenBatch(
+        batch.tokens, torch.ones_like(batch.tokens).index_fill(1, torch.tensor([0]), 0), False, "x"
+    )
+    with pytest.raises(ValueError, match="filler mode needs unpadded"):
+        patch_positions(model, padded, shift=1, mode="filler")
+    with pytest.raises(ValueError, match="left padding"):
+        patch_positions(model, padded, shift=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        patch_positions(tiny_zoo("rope"), batch, shift=1, sites="pos_embed")
