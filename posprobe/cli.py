@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tokens_args(p, n=8, seq_len=64)
     p.add_argument("--shift", type=int, default=8)
     p.add_argument("--sites", nargs="+", default=["resid_pre"])
+    p.add_argument("--per-position", action="store_true", help="patch each position separately (n_layers × seq_len runs)")
 
     p = add("train", "train a zoo model (arguments passed to posprobe.train)")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -195,8 +196,9 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
     model = _load(args)
     tokens = _windows(model, args)
-    result = patch_positions(model, tokens, shift=args.shift, sites=tuple(args.sites))
-    _save(args.out, {"patching": result.table, "shift_invariance": shift_invariance(model, tokens)},
+    result = patch_positions(model, tokens, shift=args.shift, sites=tuple(args.sites), per_position=args.per_position)
+    invariance = shift_invariance(model, tokens, shifts=(1, args.shift))
+    _save(args.out, {"patching": result.table, "shift_invariance": invariance},
           {"patching": result.figure()})
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from posprobe.devices import (
     shard_bytes_per_sequence,
     site_shape,
 )
-from posprobe.models import PositionModel, load_model
+from posprobe.models import ModelInfo, PositionModel, load_model
 from posprobe.sites import ATTENTION_MAP_SITES, SiteKey, resolve_sites
 from posprobe.store import ActivationStore, mark_complete, prepare_store, token_hash, write_shard
 
@@ -77,13 +77,58 @@ def extract(
         batch_size = auto_batch_size(model, batch.tokens.shape[1], keys, store_dtype=store_dtype)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    last_layer = max((k.layer for k in keys if k.layer is not None), default=0)
+
+    def capture(start: int, stop: int) -> dict[SiteKey, Tensor]:
+        return model.capture(
+            batch.tokens[start:stop],
+            keys,
+            attention_mask=batch.attention_mask[start:stop],
+            position_ids=batch.position_ids[start:stop],
+            stop_at_layer=last_layer,
+        )
+
+    return _write_run(
+        model.info,
+        batch,
+        keys,
+        capture,
+        batch_size,
+        store_dtype,
+        compute_dtype,
+        out,
+        resume,
+        overwrite,
+        progress,
+        writers=_writer_count(dev),
+    )
+
+
+def _write_run(
+    info: ModelInfo,
+    batch: TokenBatch,
+    keys: list[SiteKey],
+    capture: Callable[[int, int], dict[SiteKey, Tensor]],
+    batch_size: int,
+    store_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    out: str | os.PathLike[str] | None,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    writers: int = 1,
+) -> ActivationStore:
+    """Create the store, then for each missing shard: ``capture(start, stop)``, check, copy to host, write.
+
+    ``writers`` threads write shards while the next batch is captured; at most ``writers``
+    shards wait in host memory, so memory does not grow with the number of tokens.
+    """
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="posprobe-store-"))
     n, s = batch.tokens.shape
-    shapes = {k: site_shape(model.info, k.site, s) for k in keys}
-    bytes_needed = n * shard_bytes_per_sequence(model.info, s, keys, store_dtype.itemsize)
+    shapes = {k: site_shape(info, k.site, s) for k in keys}
     manifest: dict[str, Any] = {
-        "model": model.info.as_dict(),
+        "model": info.as_dict(),
         "keys": [k.name for k in keys],
         "shapes": {k.name: list(v) for k, v in shapes.items()},
         "token_hash": token_hash(batch.tokens, batch.attention_mask),
@@ -105,25 +150,14 @@ def extract(
         batch.position_ids,
         resume=resume,
         overwrite=overwrite,
-        bytes_needed=bytes_needed,
+        bytes_needed=n * shard_bytes_per_sequence(info, s, keys, store_dtype.itemsize),
     )
-    todo = store.missing_shards()
     bounds = store.shard_bounds()
-    last_layer = max((k.layer for k in keys if k.layer is not None), default=0)
-    writers = _writer_count(dev)
     pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="posprobe-writer") as pool:
-        for index in tqdm(todo, desc=f"extract {model.info.name}", unit="batch", disable=not progress):
+        for index in tqdm(store.missing_shards(), desc=f"extract {info.name}", unit="batch", disable=not progress):
             start, stop = bounds[index]
-            acts = model.capture(
-                batch.tokens[start:stop],
-                keys,
-                attention_mask=batch.attention_mask[start:stop],
-                position_ids=batch.position_ids[start:stop],
-                stop_at_layer=last_layer,
-            )
-            host = _to_host(acts, store_dtype, start)
-            del acts
+            host = _to_host(capture(start, stop), store_dtype, start)
             while len(pending) >= writers:
                 pending.popleft().result()
             pending.append(pool.submit(write_shard, store, index, host))
@@ -131,6 +165,112 @@ def extract(
             pending.popleft().result()
     mark_complete(store)
     return store
+
+
+#: Sites read at module boundaries, in the order a block computes them (nnsight reads them in that order).
+BOUNDARY_SITES = ("resid_pre", "q", "k", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post")
+
+
+def extract_remote(
+    model: Any,
+    tokens: TokenBatch | Tensor | Sequence[str],
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: int | Sequence[int] | None = None,
+    *,
+    remote: bool | str = True,
+    batch_size: int = 8,
+    store_dtype: str | torch.dtype = torch.float32,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ActivationStore:
+    """Extract a model no local machine holds through nnsight's remote execution (NDIF) into a local store.
+
+    ``model`` is an nnsight ``LanguageModel``: ``LanguageModel("meta-llama/Llama-3.1-405B")`` reads
+    only the config and tokenizer (weights stay on the meta device). Each batch runs as one
+    ``model.trace(..., remote=remote)``: ``True`` sends it to NDIF (needs ``NDIF_API_KEY``), a URL
+    to another host, ``"local"`` runs the same serialised request in this process (nnsight's dry
+    run), ``False`` a plain local trace. Sites are those at module boundaries: embed, pos_embed,
+    resid_pre, q, k, attn_out, resid_mid, mlp_post, mlp_out, resid_post; sites inside attention
+    (rot_q, rot_k, attn_scores, pattern, z) need posprobe's attention function, which a remote
+    server does not run. The store, shards and resume behave as ``extract``'s.
+    """
+    from posprobe.models.hf import HFModel
+
+    wrapper = HFModel(model._module, model.tokenizer, source="nnsight")
+    batch = as_token_batch(wrapper, tokens)
+    keys = resolve_sites(sites, layers, wrapper.info.n_layers)
+    plan = _boundary_plan(wrapper, keys)
+    store_dtype = resolve_dtype(store_dtype)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    wrapper.prepare_inputs(batch.tokens[:1], batch.attention_mask[:1], batch.position_ids[:1])  # fail fast on n_ctx
+    kwargs: dict[str, Any] = {"token_type_ids": None} if wrapper.spec.lm_head is None else {"use_cache": False}
+
+    def capture(start: int, stop: int) -> dict[SiteKey, Tensor]:
+        inputs = {"input_ids": batch.tokens[start:stop], "attention_mask": batch.attention_mask[start:stop]}
+        extra = {k: torch.zeros_like(inputs["input_ids"]) if v is None else v for k, v in kwargs.items()}
+        saved: dict[str, Any] = {}
+        with model.trace(inputs, position_ids=batch.position_ids[start:stop], remote=remote, **extra):
+            for name, path, attr in plan:  # plain Python over strings: this block is what the server runs
+                envoy = model
+                for part in path.split("."):
+                    envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+                saved[name] = getattr(envoy, attr).save()
+        return {key: _canonical(saved[key.name], how, wrapper.info.d_head) for key, how in _hows(wrapper, keys).items()}
+
+    return _write_run(
+        wrapper.info, batch, keys, capture, batch_size, store_dtype, wrapper.dtype, out, resume, overwrite, progress
+    )
+
+
+def _site_module(model: PositionModel, key: SiteKey) -> tuple[str, str]:
+    """(module path, how to read it) of a boundary site in a Hugging Face model (see ``ModuleSite``)."""
+    spec = model.spec
+    if key.site == "embed":
+        return spec.embed, "out"
+    if key.site == "pos_embed":
+        return spec.pos_embed, "out"
+    block = f"{spec.layers}.{key.layer}"
+    if key.site in ("resid_pre", "resid_post"):
+        return block, "in" if key.site == "resid_pre" else "out"
+    where = spec.sites[key.site]
+    return f"{block}.{where.path}", where.how
+
+
+def _hows(model: PositionModel, keys: list[SiteKey]) -> dict[SiteKey, str]:
+    return {key: _site_module(model, key)[1] for key in keys}
+
+
+def _boundary_plan(model: PositionModel, keys: list[SiteKey]) -> list[tuple[str, str, str]]:
+    """(key name, module path, ``input``/``output``) for every key, in the order the forward reaches them."""
+    supported = ("embed", "pos_embed", *BOUNDARY_SITES)
+    for key in keys:
+        model.check_site(key.site)
+        if key.site not in supported:
+            raise ValueError(
+                f"site {key.site!r} lies inside attention and needs posprobe's attention function, which a remote "
+                f"trace cannot run; extract_remote supports: {', '.join(supported)}"
+            )
+    order = sorted(keys, key=lambda k: (k.layer is not None, k.layer or 0, supported.index(k.site)))
+    plan = []
+    for key in order:
+        path, how = _site_module(model, key)
+        plan.append((key.name, path, "input" if how == "in" else "output"))
+    return plan
+
+
+def _canonical(value: Any, how: str, d_head: int) -> Tensor:
+    """A saved module input/output in the site's canonical shape (``posprobe.sites``)."""
+    if isinstance(value, tuple):
+        value = value[0]
+    if how == "heads":
+        b, s, _ = value.shape
+        return value.reshape(b, s, -1, d_head)
+    if how == "bhsd":
+        return value.transpose(1, 2)
+    return value
 
 
 def _placement(

@@ -212,7 +212,8 @@ def _attention(model: PositionModel, tokens) -> Section:
 def _shift(model: PositionModel, tokens) -> Section:
     from posprobe.stats.patching import shift_invariance
 
-    table = shift_invariance(model, tokens[: min(len(tokens), 4)])
+    shifts = tuple(k for k in (1, 8, 64) if model.extrapolates or tokens.shape[1] + k <= model.info.n_ctx)
+    table = shift_invariance(model, tokens[: min(len(tokens), 4)], shifts=shifts)
     summary = "output change when every position id is shifted: " + ", ".join(
         f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
     )

@@ -4,8 +4,9 @@
 ``model.safetensors`` + ``config.json`` (what ``posprobe.models.zoo.load_checkpoint`` reads),
 ``optimizer.pt`` (tensors only, ``torch.load(weights_only=True)``) and ``train_state.json``
 (hyperparameters, loss curve, and the held-out evaluation beside a unigram baseline).
-Batches are a pure function of (seed, step), so training is deterministic on CPU and a resumed
-run matches one trained straight through. ``main_train(argv)`` is the ``posprobe train`` CLI.
+Batches are a pure function of (seed, step) and every CPU kernel used is deterministic, so CPU
+training is reproducible bit for bit (any thread count) and a resumed run matches one trained
+straight through; on CUDA it matched too where checked (H200), but cuBLAS promises less. ``main_train(argv)`` is the ``posprobe train`` CLI.
 """
 
 from __future__ import annotations

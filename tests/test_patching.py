@@ -14,7 +14,7 @@ from conftest import random_ids, tiny_gemma3_hf, tiny_llama_hf
 import posprobe as pp
 from posprobe import data
 from posprobe.models.hf import HFModel
-from posprobe.models.zoo import ZooModel
+from posprobe.models.zoo import ZOO_DIR, ZooModel
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.stats.patching import corrupt_inputs, fit_site_probe, patch_positions, shift_invariance
 from posprobe.stats.probe_estimators import RidgeProbe
@@ -69,7 +69,7 @@ def one_head_model(head: int = 1) -> ZooModel:
 def test_identical_input_gives_zero_effect():
     model = tiny_zoo("learned")
     sites = ["pos_embed", "resid_pre", "attn_out", "z", "mlp_out", "mlp_post"]
-    result = patch_positions(model, toks(model), shift=0, sites=sites, layers=[1], heads=True, batch_size=6)
+    result = patch_positions(model, toks(model, s=6), shift=0, sites=sites, layers=[1], heads=True, batch_size=6)
     table = result.table
     assert set(table["site"]) == set(sites) and table["position"].notna().all()
     assert set(table.loc[table["site"] == "z", "head"]) == {0, 1}
@@ -175,6 +175,17 @@ def test_relative_schemes_are_shift_invariant(pe):
     assert (table["kl"].abs() <= 1e-6).all() and not table["with_bos"].any()
 
 
+@pytest.mark.skipif(not (ZOO_DIR / "learned" / "model.safetensors").exists(), reason="no trained zoo checkpoints")
+def test_trained_zoo_shift_invariance():
+    from posprobe.models.zoo import load_zoo
+
+    kl = {}
+    for variant in ("none", "rope", "learned"):
+        model = load_zoo(variant)
+        kl[variant] = shift_invariance(model, toks(model, n=2, s=32), shifts=(8,))["kl"].iloc[0]
+    assert kl["none"] <= 1e-6 and kl["rope"] <= 1e-6 and kl["learned"] > 1e-4
+
+
 def test_learned_positions_are_not_shift_invariant_and_bos_variants(tiny_llama):
     model = tiny_zoo("learned")
     table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8), with_bos=(False, True))
@@ -245,6 +256,21 @@ def test_zoo_read_matrix_is_the_linear_part_of_the_next_block():
     torch.testing.assert_close(x @ read[-64:].T / sigma, mlp_in, atol=1e-4, rtol=1e-4)
     assert downstream_read_matrix(model, "resid_post", 1).shape == (4096, 32)  # last layer: the unembedding
     assert downstream_read_matrix(model, "resid_post", 0, scope="all").shape[0] == 3 * 32 + 64 + 4096
+
+
+def test_residual_direction_of_a_llama_is_all_row_space(tiny_llama, tiny_gemma3):
+    # the next block reads all 64 residual dims, so nothing is dormant-by-construction and nothing is flagged
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    result = subspace_patch(
+        tiny_llama, random_ids(2, 8), site="resid_pre", layer=1, direction=v, shift=2, mode="filler"
+    )
+    assert result.params["row_weight"] == pytest.approx(1.0) and not result.possible_illusion
+    kl = result.table[result.table["metric"] == "kl"].set_index("patch")["effect"]
+    assert kl["full"] > 0 and kl["row"] == pytest.approx(kl["subspace"], rel=1e-4) and kl["null"] == 0
+    z = subspace_patch(
+        tiny_gemma3, random_ids(2, 8), site="z", layer=0, direction=torch.ones(128), shift=2, mode="filler"
+    )
+    assert z.params["read_shape"] == (64, 128) and len(z.flags) == 1
 
 
 @pytest.mark.parametrize("build", [tiny_llama_hf, tiny_gemma3_hf])

@@ -201,6 +201,16 @@ def test_random_baseline_mad_formula():
     assert rows(result, with_pos0=False)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ - 1))
 
 
+def test_exclude_bos_picks_the_pos0_variants():
+    acts = planted_acts()[:1]
+    only_without = probe_position(acts, exclude_bos=True, controls=("shuffled",), device="cpu").table
+    assert list(only_without["with_pos0"]) == [False]
+    assert only_without["n_samples"].item() == N_SEQ * (SEQ - 1)
+    assert abs(only_without["control_shuffled"].item()) < 0.05
+    with pytest.raises(ValueError, match="exclude_bos must be 'both', True or False"):
+        probe_position(acts, exclude_bos="yes")
+
+
 def test_split_is_by_sequence_and_recorded():
     result = probe_position(planted_acts()[:1], target=["absolute", "relative"], n_splits=4, seed=3, device="cpu")
     folds = [set(f) for f in result.split]

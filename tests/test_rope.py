@@ -127,8 +127,10 @@ def test_table_planes_reproduce_the_model_rotation(fixture, request):
     pos = torch.arange(10, dtype=torch.float32)[None, :, None, None]
     expected = planes.split(acts[SiteKey("q", 1)]) * torch.exp(1j * theta * pos)
     assert torch.allclose(planes.split(acts[SiteKey("rot_q", 1)]), expected, atol=1e-4)
-    table = rope_frequency_usage(model, x, layers=[1]).table
+    result = rope_frequency_usage(model, x, layers=[1])
+    table = result.table
     if fixture == "zoo":
+        assert "layers [1]: partial rotary, 4 of 16 dims rotate; the rest have θ = 0" in result.notes
         rotary = table[(table["head"] == 0) & table["rotary"]]
         assert np.allclose(rotary["theta"], model.info.extra["rope_inv_freq"])
         assert np.allclose(rotary["theta"], 500.0 ** -(np.arange(2) * 2 / 8))  # base^(-2i/d_rot) of the full spectrum
@@ -207,7 +209,7 @@ def test_plane_contributions_sum_to_the_mean_logit_by_distance(fixture, layer, r
         ref = torch.stack([scores[b, :, i, i - delta] for b, i in rows]).mean(0)
         assert np.allclose(logits.xs(delta, level="delta").to_numpy(), ref.numpy(), atol=1e-5), delta
     if window:
-        assert any(f"sliding window of {window} tokens" in note for note in result.notes)
+        assert any(f"sliding window of {window} tokens applies; it limits" in note for note in result.notes)
 
 
 def _batch(tokens, mask):

@@ -108,13 +108,15 @@ def test_nope_has_no_positional_parameters_and_ignores_position_ids():
 
 
 def test_sinusoidal_embedding_matches_formula():
-    model = tiny("sinusoidal")
+    model = tiny("sinusoidal", init_std=0.02)
+    scale = 0.02 * math.sqrt(2)  # per-dimension RMS equal to the token embedding's at init
+    assert model.info.extra["sinusoidal_scale"] == pytest.approx(scale)
     pe = model.capture(ids(1, 32), [SiteKey("pos_embed", None)])[SiteKey("pos_embed", None)][0]
     for p in (0, 1, 7, 31):
         for i in (0, 3, 15):
             angle = p / 10000 ** (2 * i / 32)
-            assert pe[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
-            assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+            assert pe[p, 2 * i].item() == pytest.approx(scale * math.sin(angle), abs=1e-7)
+            assert pe[p, 2 * i + 1].item() == pytest.approx(scale * math.cos(angle), abs=1e-7)
 
 
 def test_learned_positions_are_in_the_residual():

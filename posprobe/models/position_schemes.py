@@ -17,6 +17,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class LearnedAbsolute(PositionScheme):
 
     def embed(self, position_ids: Tensor) -> Tensor:
         self._check_in_context(position_ids)
-        return self.W_pos[position_ids]
+        return F.embedding(position_ids, self.W_pos)
 
 
 def sinusoidal_table(n_ctx: int, d_model: int) -> Tensor:
@@ -133,8 +134,12 @@ def sinusoidal_table(n_ctx: int, d_model: int) -> Tensor:
 class SinusoidalAbsolute(PositionScheme):
     """Fixed sinusoids added to the token embedding (Vaswani et al. 2017); no parameters.
 
-    The formula could run past ``n_ctx``, but the model never saw those positions, so they
-    are refused like the learned table's.
+    The table is multiplied by ``scale = init_std · sqrt(2)`` so that, at initialisation, its
+    per-dimension RMS equals the token embedding's (sin/cos have RMS 1/sqrt(2)). Vaswani et al.
+    and fairseq get the same balance the other way round, multiplying N(0, 1/d) token embeddings
+    by sqrt(d). Unscaled sinusoids swamp N(0, 0.02²) token embeddings ~35-fold after the
+    LayerNorm, and a zoo model trained so stayed at the unigram loss. The formula could run past
+    ``n_ctx``, but the model never saw those positions, so they are refused like the learned table's.
     """
 
     extrapolates = False
@@ -142,7 +147,11 @@ class SinusoidalAbsolute(PositionScheme):
 
     def __init__(self, cfg: ZooConfig) -> None:
         super().__init__(cfg)
-        self.register_buffer("table", sinusoidal_table(cfg.n_ctx, cfg.d_model), persistent=False)
+        self.scale = cfg.init_std * math.sqrt(2.0)
+        self.register_buffer("table", sinusoidal_table(cfg.n_ctx, cfg.d_model) * self.scale, persistent=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"sinusoidal_scale": self.scale}
 
     def embed(self, position_ids: Tensor) -> Tensor:
         self._check_in_context(position_ids)

@@ -236,10 +236,6 @@ class ZooTransformer(HookedRootModule):
                 scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if leaf in ("W_O", "W_out") else 1.0
                 param.copy_(torch.randn(param.shape, generator=gen) * std * scale)
 
-    @property
-    def scheme(self) -> PositionScheme:
-        return self.position
-
     def forward(
         self,
         tokens: Tensor,
@@ -273,7 +269,7 @@ class ZooTransformer(HookedRootModule):
         if return_logits and n_run < self.cfg.n_layers:
             raise ValueError("logits need every layer; pass return_logits=False with last_layer")
 
-        resid = self.hook_embed(self.W_E[tokens])
+        resid = self.hook_embed(F.embedding(tokens, self.W_E))  # indexing's backward is nondeterministic on CPU
         if self.position.absolute:
             resid = resid + self.hook_pos_embed(self.position.embed(position_ids))
         logit_bias = self._logit_bias(position_ids, attention_mask, resid.dtype)

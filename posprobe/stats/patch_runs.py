@@ -8,6 +8,7 @@ summed across batches so chunking never changes a number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,6 +267,8 @@ class Totals:
             return 0.0, self.corrupt_kl / self.n_tokens
         cols = slice(None) if column is None else slice(column, column + 1)
         count = self.probe_count[cols].sum()
+        if count == 0:  # a column of padding only
+            return float("nan"), float("nan")
         return self.clean_probe[cols].sum() / count, self.corrupt_probe[cols].sum() / count
 
     def value(self, metric: str, i: int, column: int | None) -> float:
@@ -275,19 +278,20 @@ class Totals:
         if metric == "kl":
             return self.kl[i] / self.n_tokens
         count = self.probe_count.sum() if column is None else self.probe_count[column]
-        return self.probe[i] / count
+        return self.probe[i] / count if count else float("nan")
 
 
 def _logprob(logp: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-    """Summed log-prob of the actual next token over real targets, per row: [b]."""
+    """Summed log-prob of the actual next token over real targets: logp [... b s V], tokens [b s] → [... b]."""
     targets = mask[:, :-1].bool() & mask[:, 1:].bool()
-    lp = logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    index = tokens[:, 1:, None].expand(*logp.shape[:-3], -1, -1, 1)
+    lp = logp[..., :-1, :].gather(-1, index).squeeze(-1)
     return (lp * targets).sum(-1).double()
 
 
-def _kl(clean_logp: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
-    """Summed KL(clean ‖ run) of the output distributions over real tokens, per row: [b]."""
-    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+def _kl(clean_p: Tensor, clean_logp: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """Summed KL(clean ‖ run) over real tokens: clean [b s V], logp [... b s V], mask [b s] → [... b]."""
+    kl = (clean_p * (clean_logp - logp)).sum(-1)
     return (kl * mask.bool()).sum(-1).double()
 
 
@@ -324,18 +328,22 @@ def run_patches(
     capture = [probe.key] if probe is not None else []
     by_key = {key: [i for i, p in enumerate(patches) if p.key == key] for key in keys}
     starts = range(0, n, batch_size)
-    runs = sum(
-        2 + sum(-(-len(v) // max(1, batch_size // min(batch_size, n - st))) for v in by_key.values()) for st in starts
-    )
+    chunk_sizes = [min(batch_size, n - start) for start in starts]
+    runs = sum(2 + sum(math.ceil(len(v) / max(1, batch_size // b)) for v in by_key.values()) for b in chunk_sizes)
     with tqdm(total=runs, desc="patching", disable=not progress) as bar:
         for start in starts:
             sl = slice(start, start + batch_size)
             toks, mask, pos = batch.tokens[sl], batch.attention_mask[sl], batch.position_ids[sl]
             b = toks.shape[0]
             clean = model.run(toks, attention_mask=mask, position_ids=pos, capture=capture)
+            if clean.logits is None:
+                raise ValueError(
+                    f"patching measures the next-token distribution, but {model.info.name} has no language-model head"
+                )
             dev = clean.logits.device
             toks_d, mask_d = toks.to(dev), mask.to(dev)
             clean_logp = torch.log_softmax(clean.logits.float(), dim=-1)
+            clean_p = clean_logp.exp()
             totals.clean_logprob += float(_logprob(clean_logp, toks_d, mask_d).sum())
             totals.n_targets += float((mask[:, :-1].bool() & mask[:, 1:].bool()).sum())
             totals.n_tokens += float(mask.sum())
@@ -348,7 +356,7 @@ def run_patches(
             index = corrupt.index.to(dev)
             bad_logp = torch.log_softmax(bad.logits[:, index].float(), dim=-1)
             totals.corrupt_logprob += float(_logprob(bad_logp, toks_d, mask_d).sum())
-            totals.corrupt_kl += float(_kl(clean_logp, bad_logp, mask_d).sum())
+            totals.corrupt_kl += float(_kl(clean_p, clean_logp, bad_logp, mask_d).sum())
             source = {key: bad.acts[key][:, index] for key in keys}
             real = mask.bool()
             if probe is not None:
@@ -371,9 +379,8 @@ def run_patches(
                         capture=capture,
                     )
                     logp = torch.log_softmax(out.logits.float(), dim=-1).view(r, b, *out.logits.shape[1:])
-                    for g, i in enumerate(group):
-                        totals.logprob[i] += float(_logprob(logp[g], toks_d, mask_d).sum())
-                        totals.kl[i] += float(_kl(clean_logp, logp[g], mask_d).sum())
+                    totals.logprob[group] += _logprob(logp, toks_d, mask_d).sum(-1).cpu().numpy()
+                    totals.kl[group] += _kl(clean_p, clean_logp, logp, mask_d).sum(-1).cpu().numpy()
                     if probe is not None:
                         dec = probe.decode(out.acts[probe.key]).view(r, b, s)
                         for g, i in enumerate(group):

@@ -39,6 +39,7 @@ from posprobe.stats.patch_runs import (
     metric_rows,
     run_patches,
 )
+from posprobe.stats.subspace import subspace_patch
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -53,6 +54,7 @@ __all__ = [
     "fit_site_probe",
     "patch_positions",
     "shift_invariance",
+    "subspace_patch",
 ]
 
 # -- position-shift patching ------------------------------------------------------------------------

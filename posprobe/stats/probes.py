@@ -109,6 +109,8 @@ def _load(
     if site in ATTENTION_MAP_SITES:
         raise ValueError(f"site {site!r} holds attention maps, not per-token vectors; probe e.g. resid_post or z")
     wanted = [layers] if isinstance(layers, int) else None if layers is None else list(layers)
+    if site in LAYERLESS_SITES:
+        wanted = None  # embed / pos_embed have one "layer"; a layer list meant for other sites does not apply
     if isinstance(source, str | os.PathLike):
         source = ActivationStore(source)
     if isinstance(source, ActivationStore):
@@ -326,6 +328,10 @@ def probe_position(
         raise ValueError(f"unknown pair_features {pair_features!r}; accepted: {', '.join(PAIR_FEATURES)}")
     if not isinstance(n_splits, int) or n_splits < 2:
         raise ValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
+    if not isinstance(n_buckets, int) or n_buckets < 2:
+        raise ValueError(f"n_buckets must be an integer >= 2, got {n_buckets!r}")
+    if n_pairs is not None and (not isinstance(n_pairs, int) or n_pairs < 1):
+        raise ValueError(f"n_pairs must be a positive integer or None, got {n_pairs!r}")
     variants = {"both": (True, False), True: (False,), False: (True,)}[exclude_bos]
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     opts = {"alphas": alphas, "k": k, "C": C, "max_iter": max_iter, "dtype": torch.float64}

@@ -217,10 +217,16 @@ class RopeFrequencyUsage:
         return summed.rename(columns={"contribution": "logit"})
 
     def classify(
-        self, high_fraction: float = 0.25, share_threshold: float = 0.5, pattern_threshold: float = 0.5
+        self,
+        high_fraction: float = 0.25,
+        high_threshold: float = 0.25,
+        low_threshold: float = 0.5,
+        pattern_threshold: float = 0.5,
     ) -> pd.DataFrame:
         """``head_roles`` again with other thresholds (see ``classify_heads``)."""
-        return classify_heads(self.table, self.pattern_scores, high_fraction, share_threshold, pattern_threshold)
+        return classify_heads(
+            self.table, self.pattern_scores, high_fraction, high_threshold, low_threshold, pattern_threshold
+        )
 
     def figure(self, value: str = "share") -> go.Figure:
         """Heatmap of ``value`` with one row per layer.head and one column per plane."""
@@ -384,16 +390,18 @@ def _notes(
         f"{info.name}: {info.rope_pairing} pairing; contributions in logit units (q·k × {scale:.4g})",
         "norms and pairs over real tokens" + ("" if include_zero else ", excluding position 0"),
     ]
+    windowed: dict[tuple[int, int], list[int]] = {}
+    partial: dict[int, list[int]] = {}
     for layer, p in planes.items():
         if p.window is not None:
-            notes.append(
-                f"layer {layer} ({p.layer_type}): sliding window of {p.window} tokens applies; "
-                f"contributions computed only for Δ ≤ {reach[layer]}"
-            )
+            windowed.setdefault((p.window, reach[layer]), []).append(layer)
         if p.rotary_dims < info.d_head:
-            notes.append(
-                f"layer {layer}: partial rotary, {p.rotary_dims} of {info.d_head} dims rotate; the rest have θ = 0"
-            )
+            partial.setdefault(p.rotary_dims, []).append(layer)
+    for rot, layers in partial.items():
+        notes.append(f"layers {layers}: partial rotary, {rot} of {info.d_head} dims rotate; the rest have θ = 0")
+    for (window, last), layers in windowed.items():
+        limit = "it limits contributions to" if last == window - 1 else "wider than the distances computed,"
+        notes.append(f"layers {layers}: sliding window of {window} tokens applies; {limit} Δ ≤ {last}")
     softcap = getattr(getattr(getattr(model, "hf", None), "config", None), "attn_logit_softcapping", None)
     if softcap:
         notes.append(f"attention logits are soft-capped at {softcap}; contributions are before the cap")

@@ -29,12 +29,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
+import scipy.stats
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from posprobe.models.base import PositionModel
-from posprobe.stats.streaming import Batch, as_source, sem, spearman_rows
+from posprobe.stats.streaming import Batch, as_source, sem
 from posprobe.stats.variance import AttentionVariance
 from posprobe.store import ActivationStore
 
@@ -140,13 +143,13 @@ class _SimilaritySums:
         with0 = lower[rows, :, col0] & has0[:, None]  # [b s] pairs (i, key at position 0)
         c0 = cos[rows, :, col0]
         idx = delta.clamp(min=0).flatten()
-        part = torch.zeros(6, self.p, dtype=torch.float64, device=x.device)
+        part = torch.zeros(6, self.p, device=x.device)  # float32 per batch, float64 across batches
         for k, (weight, values) in enumerate(((lower, cos), (with0, c0))):
-            w = weight.double().flatten()
-            v = values.double().flatten() * w
+            w = weight.float().flatten()
+            v = values.flatten() * w
             ix = idx if values is cos else pos.flatten()
             part[3 * k].index_add_(0, ix, v)
-            part[3 * k + 1].index_add_(0, ix, v * values.double().flatten())
+            part[3 * k + 1].index_add_(0, ix, v * values.flatten())
             part[3 * k + 2].index_add_(0, ix, w)
         adjacency = torch.stack([_adjacency(cos, pair, delta, mask, is0, drop0) for drop0 in (False, True)])
         if layer not in self.acc:
@@ -155,14 +158,16 @@ class _SimilaritySums:
                 "adj": torch.zeros(2, 3, dtype=torch.float64),
             }
             self.rho[layer] = [[], []]
-        self.acc[layer]["dist"] += part.cpu()
-        self.acc[layer]["adj"] += adjacency.cpu()
-        for row in range(b):
-            for k, drop0 in enumerate((False, True)):
-                keep = mask[row] & ~(is0[row] & drop0)
-                rho = _spectral_rho(cos[row], pos[row], keep, self.max_spectral, self.n_neighbors)
-                if rho is not None:
-                    self.rho[layer][k].append(rho)
+        self.acc[layer]["dist"] += part.double().cpu()
+        self.acc[layer]["adj"] += adjacency.double().cpu()
+        # one BLAS thread: small LAPACK calls between torch's OpenMP regions otherwise fight for the cores (~20x slower)
+        with threadpool_limits(limits=1, user_api="blas"):
+            for row in range(b):
+                for k, drop0 in enumerate((False, True)):
+                    keep = mask[row] & ~(is0[row] & drop0)
+                    rho = _spectral_rho(cos[row], pos[row], keep, self.max_spectral, self.n_neighbors)
+                    if rho is not None:
+                        self.rho[layer][k].append(rho)
 
     def table(self, layer: int | None, include_pos0: bool) -> pd.DataFrame:
         d = self.acc[layer]["dist"]
@@ -209,24 +214,32 @@ def _adjacency(cos: Tensor, pair: Tensor, delta: Tensor, mask: Tensor, is0: Tens
     best = cos.masked_fill(~cand, float("-inf")).argmax(-1, keepdim=True)
     hit = delta.abs().gather(-1, best).squeeze(-1) == 1
     neighbours = (cand & (delta.abs() == 1)).sum(-1)
-    chance = neighbours.double() / n_cand.clamp(min=1).double()
-    q = queries.double()
-    return torch.stack([(hit.double() * q).sum(), (chance * q).sum(), q.sum()])
+    chance = neighbours.float() / n_cand.clamp(min=1).float()
+    q = queries.float()
+    return torch.stack([(hit.float() * q).sum(), (chance * q).sum(), q.sum()])
 
 
 def _spectral_rho(cos: Tensor, pos: Tensor, keep: Tensor, max_tokens: int, n_neighbors: int) -> float | None:
-    """|Spearman ρ| between the Fiedler vector of one sequence's self-tuning similarity graph and position."""
+    """|Spearman ρ| between the Fiedler vector of one sequence's self-tuning similarity graph and position.
+
+    Runs in numpy: these matrices are small, and torch's thread pool costs more than the work here.
+    """
     idx = torch.nonzero(keep).squeeze(1)
     if len(idx) < 3:
         return None
     if len(idx) > max_tokens:
         idx = idx[torch.linspace(0, len(idx) - 1, max_tokens).round().long().to(idx.device)]
-    dist = (1.0 - cos[idx][:, idx].double().cpu()).clamp(min=0.0)
+    dist = np.clip(1.0 - cos[idx][:, idx].cpu().double().numpy(), 0.0, None)
     k = min(n_neighbors, len(idx) - 1)
-    scale = dist.clone().fill_diagonal_(float("inf")).topk(k, dim=1, largest=False).values[:, -1].clamp(min=1e-12)
-    weights = torch.exp(-dist.square() / (scale[:, None] * scale[None, :])).fill_diagonal_(0.0)
-    _, vectors = torch.linalg.eigh(torch.diag(weights.sum(1)) - weights)
-    return abs(float(spearman_rows(vectors[:, 1:2], pos[idx].double().cpu()[:, None])[0]))
+    others = dist + np.diag(np.full(len(idx), np.inf))
+    scale = np.maximum(np.partition(others, k - 1, axis=1)[:, k - 1], 1e-12)
+    weights = np.exp(-np.square(dist) / np.outer(scale, scale))
+    np.fill_diagonal(weights, 0.0)
+    laplacian = np.diag(weights.sum(1)) - weights
+    # only the two smallest eigenpairs are needed; LAPACK's subset driver is ~10x faster than a full eigh
+    _, vectors = scipy.linalg.eigh(laplacian, subset_by_index=[0, 1], driver="evr")
+    rho = scipy.stats.spearmanr(vectors[:, 1], pos[idx].cpu().numpy()).statistic
+    return abs(float(rho))
 
 
 def compare_position_predictors(variance: AttentionVariance, similarity: EmbeddingSimilarity) -> pd.DataFrame:

@@ -123,10 +123,11 @@ class _VarianceSums:
         """Fold one batch of ``attn_out`` [b s d] or ``z`` [b s heads d_head] into the sums."""
         if act.ndim == 3:
             act = act.unsqueeze(2)
-        var = act.float().var(-1, unbiased=False)  # [b s heads]
+        # the per-token variances are small [b s heads]: sum them on the CPU in float64
+        var = act.float().var(-1, unbiased=False).cpu().double()
         b, s, n_heads = var.shape
-        mask = batch.attention_mask.bool()
-        pos = batch.position_ids.long().masked_fill(~mask, 0)
+        mask = batch.attention_mask.bool().cpu()
+        pos = batch.position_ids.long().cpu().masked_fill(~mask, 0)
         if layer not in self.acc:
             self.acc[layer] = {
                 "n": torch.zeros(self.p, dtype=torch.float64),
@@ -136,21 +137,16 @@ class _VarianceSums:
             self.rho[layer] = []
         acc = self.acc[layer]
         w = mask.double().flatten()
-        flat = var.double().reshape(b * s, n_heads) * w[:, None]
+        flat = var.reshape(b * s, n_heads) * w[:, None]
         idx = pos.flatten()
-        part = torch.zeros(3, n_heads, self.p, dtype=torch.float64, device=var.device)
-        part[0, 0].index_add_(0, idx, w)
-        part[1].index_add_(1, idx, flat.T)
-        part[2].index_add_(1, idx, (flat * flat).T)
-        part = part.cpu()
-        acc["n"] += part[0, 0]
-        acc["sum"] += part[1]
-        acc["sumsq"] += part[2]
+        acc["n"].index_add_(0, idx, w)
+        acc["sum"].index_add_(1, idx, flat.T)
+        acc["sumsq"].index_add_(1, idx, (flat * flat).T)
         for row in range(b):
             keep = mask[row] & (pos[row] >= self.min_position)
             if int(keep.sum()) >= 3:
                 y = pos[row, keep].double()[:, None].expand(-1, n_heads)
-                self.rho[layer].append(spearman_rows(var[row, keep].double(), y).cpu())
+                self.rho[layer].append(spearman_rows(var[row, keep], y))
 
     def table(self, layer: int, source: Source) -> pd.DataFrame:
         acc = self.acc[layer]
