@@ -346,10 +346,10 @@ BOUNDARY = ["embed", "resid_pre", "q", "k", "attn_out", "resid_mid", "mlp_post",
 @pytest.mark.parametrize("build", ["llama", "gemma3"])
 def test_remote_path_stores_what_posprobe_hooks_read(build, tokenizer, tmp_path):
     import conftest
-    from nnsight import LanguageModel
+    from nnsight import TransformersModel
 
     hf = getattr(conftest, f"tiny_{build}_hf")
-    lm = LanguageModel(hf(), tokenizer=tokenizer)
+    lm = TransformersModel(hf(), tokenizer=tokenizer)
     local = HFModel(hf(), tokenizer, name="tiny")
     padded = pp.data.from_texts(local, ["t1 t2 t3 t4 t5", "t5 t6", "t7"], padding_side="left", prepend_bos=True)
     for i, tokens in enumerate((random_ids(3, 12), padded)):
@@ -361,9 +361,9 @@ def test_remote_path_stores_what_posprobe_hooks_read(build, tokenizer, tmp_path)
 
 
 def test_remote_flag_reaches_nnsight_and_attention_sites_are_refused(tokenizer, tmp_path, monkeypatch):
-    from nnsight import LanguageModel
+    from nnsight import TransformersModel
 
-    lm = LanguageModel(tiny_llama_hf(), tokenizer=tokenizer)
+    lm = TransformersModel(tiny_llama_hf(), tokenizer=tokenizer)
     seen = []
     trace = type(lm).trace
 
@@ -374,11 +374,11 @@ def test_remote_flag_reaches_nnsight_and_attention_sites_are_refused(tokenizer, 
     monkeypatch.setattr(type(lm), "trace", spy)
     extract_remote(lm, random_ids(3, 8), "resid_post", layers=1, batch_size=2, out=tmp_path / "a", progress=False)
     assert seen == [True, True]
-    with pytest.raises(ValueError, match="site 'pattern' lies inside attention.*supports: embed, pos_embed"):
+    with pytest.raises(ValueError, match=r"site 'pattern' lies inside attention.*supports: embed, pos_embed"):
         extract_remote(lm, random_ids(2, 8), "pattern", out=tmp_path / "b", progress=False)
-    with pytest.raises(ValueError, match="needs a rotary model"):
+    with pytest.raises(ValueError, match="site 'pos_embed' does not exist"):
         extract_remote(
-            LanguageModel(tiny_llama_hf(), tokenizer=tokenizer),
+            TransformersModel(tiny_llama_hf(), tokenizer=tokenizer),
             random_ids(2, 8),
             "pos_embed",
             out=tmp_path / "c",
