@@ -2,7 +2,9 @@
 
 Only the requested sites are hooked; the forward stops after the last requested layer and
 skips the unembedding, so extraction costs at most one forward of the body (DESIGN.md).
-Shards are written by a background thread while the next batch runs.
+Shards are written by background threads while the next batch runs; on a GPU, activations go
+to pinned host memory with non-blocking copies and are checked for NaN/inf on the GPU.
+``extract_remote`` fills the same store from nnsight traces, for models run on a remote server.
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ def extract(
     """Extract ``sites`` × ``layers`` for every token into the store at ``out``; returns it.
 
     ``tokens`` is a TokenBatch (``pp.data.text_windows`` …), a [n seq] id tensor or a list of
-    texts. ``batch_size="auto"`` sizes batches to free GPU memory. ``dtype`` sets the compute
-    dtype of the model (bf16/fp16 on GPU), ``store_dtype`` that of the stored tensors.
+    texts. ``device="auto"`` means CUDA when present. ``batch_size="auto"`` sizes batches to the
+    free memory of the device (GPU memory, or host memory on CPU) and keeps a shard under 1 GiB
+    (``posprobe.devices``); an int overrides it. ``dtype`` sets the compute dtype of the model
+    (bf16/fp16 on GPU), ``store_dtype`` that of the stored tensors. A model split across devices
+    by a device map (``load_model(id, device_map="auto")``) stays where it is: inputs go to its
+    embedding's device.
     ``resume=True`` continues an interrupted run in ``out``, recomputing only missing or
     corrupt shards. Activations with NaN/inf raise ``NonFiniteActivationError``.
     """
@@ -187,8 +193,9 @@ def extract_remote(
 ) -> ActivationStore:
     """Extract a model no local machine holds through nnsight's remote execution (NDIF) into a local store.
 
-    ``model`` is an nnsight ``LanguageModel``: ``LanguageModel("meta-llama/Llama-3.1-405B")`` reads
-    only the config and tokenizer (weights stay on the meta device). Each batch runs as one
+    ``model`` is an nnsight ``TransformersModel`` (or the older ``LanguageModel``):
+    ``TransformersModel("meta-llama/Llama-3.1-405B", task="text-generation")`` reads only the config
+    and tokenizer (weights stay on the meta device). Each batch runs as one
     ``model.trace(..., remote=remote)``: ``True`` sends it to NDIF (needs ``NDIF_API_KEY``), a URL
     to another host, ``"local"`` runs the same serialised request in this process (nnsight's dry
     run), ``False`` a plain local trace. Sites are those at module boundaries: embed, pos_embed,
