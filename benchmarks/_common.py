@@ -8,8 +8,9 @@ Every benchmark prints one JSON object::
 Timings are medians over repeats run round-robin (every method once per round, after a warm-up
 round), so a load spike on a shared machine hits all methods alike. Peak memory is measured in a
 fresh child process per case: RSS is sampled every few milliseconds while the measured call runs
-and reported above the RSS just before it (model and inputs already loaded), together with the
-process's lifetime high-water mark; CUDA peaks come from ``torch.cuda.max_memory_allocated``.
+and reported above the RSS just before it (model and inputs already loaded, weights paged in), together
+with the process's own high-water mark (``VmHWM``); CUDA peaks come from ``torch.cuda.max_memory_allocated``.
+RSS includes memory the allocator keeps after freeing it, so it is an upper bound on what a call needs.
 """
 
 from __future__ import annotations
@@ -196,10 +197,17 @@ class PeakRSS:
         return self.peak - self.start
 
 
+def _high_water_bytes() -> int:
+    """This process's peak RSS since it started (``VmHWM``; unlike ``ru_maxrss`` it does not inherit the parent's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[str, Any]:
     """Run ``fn`` once; its peak RSS above the RSS before it and, on CUDA, its peak allocated GPU memory."""
-    import resource
-
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -213,7 +221,7 @@ def measure_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[st
         "seconds_cold": time.perf_counter() - start,
         "peak_rss_above_start_mb": rss.peak_above_start / 2**20,
         "rss_before_mb": rss.start / 2**20,
-        "max_rss_lifetime_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_high_water_mb": _high_water_bytes() / 2**20,
     }
     if dev.type == "cuda":
         out["peak_cuda_above_start_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -3,8 +3,10 @@
 Both sides get the same in-memory activations [L n_seq seq d], the same sequence folds and the
 same alpha grid, with features standardised inside each fold. The baseline is what one writes
 by hand: for each layer and each fold, ``make_pipeline(StandardScaler(), RidgeCV(alphas))``
-(exact leave-one-out alpha choice); posprobe chooses alpha by GCV from one eigendecomposition
-per layer and fold. R² is pooled over the held-out folds.
+(exact leave-one-out alpha choice). posprobe runs twice: its default GCV alpha choice
+(``posprobe_s``, ``max_r2_diff``) and exact leave-one-out like RidgeCV (``posprobe_loo_s``,
+``max_r2_diff_loo``), each from one eigendecomposition per layer and fold. R² is pooled over
+the held-out folds.
 
 Uses SmolLM2-135M residual streams (64 × 256 tokens of real text, 30 layers, d=576) when
 ``posprobe.load_model`` and ``posprobe.extract`` can provide them; otherwise, or with
@@ -107,12 +109,18 @@ def main() -> None:
         torch.cuda.synchronize()
     posprobe_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    loo = probe_position(acts, alpha_selection="loo", **kwargs)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    loo_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     probe_position(acts, device=args.device)
     full_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     r2_sklearn = sklearn_loop(acts, result.split)
     sklearn_s = time.perf_counter() - t0
     r2_posprobe = result.table.sort_values("layer")["r2"].to_numpy()
+    r2_loo = loo.table.sort_values("layer")["r2"].to_numpy()
 
     print(
         json.dumps(
@@ -132,10 +140,13 @@ def main() -> None:
                 "n_splits": len(result.split),
                 "n_alphas": len(DEFAULT_ALPHAS),
                 "posprobe_s": round(posprobe_s, 3),
+                "posprobe_loo_s": round(loo_s, 3),
                 "posprobe_with_controls_and_pos0_variants_s": round(full_s, 3),
                 "sklearn_s": round(sklearn_s, 3),
                 "speedup": round(sklearn_s / posprobe_s, 2),
+                "speedup_loo": round(sklearn_s / loo_s, 2),
                 "max_r2_diff": float(np.abs(r2_posprobe - r2_sklearn).max()),
+                "max_r2_diff_loo": float(np.abs(r2_loo - r2_sklearn).max()),
                 "r2_range": [round(float(r2_posprobe.min()), 4), round(float(r2_posprobe.max()), 4)],
             }
         )

@@ -25,7 +25,6 @@ import torch
 import posprobe as pp
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
 workdir = tempfile.TemporaryDirectory(prefix="posprobe-notebook-")  # stores land here, deleted at exit
 pd.set_option("display.width", 160)"""
 
@@ -109,11 +108,15 @@ cols = ["layer", "with_pos0", "r2", "mae", "mad", "mad_chance", "control_shuffle
 result.table[cols].round(3)
 """),
     md("""
-**What to look for.** R² near 1 means the residual stream carries a linear readout of absolute
-position although RoPE only ever rotates queries and keys: the model writes position into the
-stream itself (through the BOS sink and causal attention, RESEARCH.md §4 and §6). The
-shuffled-label control should sit near or below 0; the MAD (mean absolute distance, in
-positions) is far below the random-guess MAD `(N²−1)/(3N)`.
+**What to look for.** Where R² rises well above the controls (shuffled labels near or below 0,
+token identity near 0), the residual stream carries a linear readout of absolute position,
+although RoPE only ever rotates queries and keys: the model writes position into the stream
+itself (through causal attention and the first-token sink, RESEARCH.md §4 and §6). Compare the
+rows with and without position 0: SmolLM2 gets no BOS here, so position 0 is an ordinary word
+that becomes the attention sink, with outsized activations that a linear probe cannot fit
+alongside the rest. A large negative R² (worse than predicting the mean position) means the probe
+extrapolates wildly on held-out sequences; MAD, the mean absolute distance in positions, stays
+readable next to its random-guess value `(N²−1)/(3N)`.
 """),
     code("""
 fig = result.plot("r2")
@@ -294,23 +297,30 @@ pd.concat([u.head_roles.assign(model=name) for name, u in usage.items()]).groupb
     md("""
 ## 3. A p-RoPE ablation
 
-`pp.rope_ablation` removes the lowest (or the highest) fraction p of frequency planes from every
-head's queries and keys and reports the change in next-token loss, and in every head's
-previous-token attention. Barbero et al. predict that dropping the lowest frequencies costs far
-less than dropping the highest, whose heads carry the positional patterns.
+`pp.rope_ablation` switches off the lowest (or the highest) fraction p of every head's frequency
+planes in a trained model, in one of two ways: `unrotate` keeps the planes' values but stops
+their rotation (θ = 0: this is p-RoPE itself), `zero` removes the planes from q and k
+altogether. It reports the change in next-token loss (nats per token) and in every head's
+previous-token attention.
 """),
     code("""
 toks = pp.data.text_windows(smol, n=4, seq_len=64, seed=1)
-ablation = pp.rope_ablation(smol, toks, ps=(0.25,), which=("lowest", "highest"),
-                            layer_groups={"all": range(smol.info.n_layers)})
-ablation.loss[["group", "which", "p", "n_planes_ablated", "base_loss", "loss", "delta_loss"]].round(3)
+ablations = {mode: pp.rope_ablation(smol, toks, ps=(0.25,), which=("lowest", "highest"), mode=mode,
+                                    layer_groups={"all": range(smol.info.n_layers)})
+             for mode in ("unrotate", "zero")}
+pd.concat([a.loss for a in ablations.values()])[
+    ["mode", "which", "p", "n_planes_ablated", "base_loss", "loss", "delta_loss"]].round(3)
 """),
-    code("ablation.heads_figure(group='all', which='highest')"),
+    code("ablations['unrotate'].heads_figure(group='all', which='highest')"),
     md("""
-**What to look for.** `delta_loss` (nats per token) for `highest` should exceed that for
-`lowest`, and previous-token heads lose their pattern (points fall below the diagonal) when the
-highest frequencies go. These are 4 short windows: the numbers are a demonstration, not a
-measurement; use `n=64, seq_len=256` for one.
+**What to look for.** The two modes separate *position* from *content*, Barbero et al.'s point.
+Unrotating the lowest quarter (p-RoPE) should cost little: over a 64-token window those planes
+turn by a small fraction of a radian, so they were nearly position-free already. Unrotating the
+highest quarter takes away the fast clocks that previous-token and diagonal heads read (their
+points fall below the diagonal in the figure). Zeroing instead removes the planes' share of the
+q·k norm, and the lowest planes carry most of it (section 1), so zeroing them hurts far more than
+unrotating them. These are 4 short windows: a demonstration, not a measurement (use
+`n=64, seq_len=256` for one).
 """),
 ]
 

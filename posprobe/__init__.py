@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from posprobe import data
+from posprobe.extract import extract  # eager: importing the submodule would rebind pp.extract to the module
 from posprobe.models import DEFAULT_MODEL, ModelInfo, PositionModel, known_models, load_model
 from posprobe.sites import SITES, SiteKey
 from posprobe.store import ActivationStore, open_store
@@ -16,7 +17,6 @@ from posprobe.store import ActivationStore, open_store
 __version__ = "0.1.0"
 
 _LAZY = {
-    "extract": "posprobe.extract",
     "probe_position": "posprobe.stats.probes",
     "probe_model": "posprobe.stats.probes",
     "rope_frequency_usage": "posprobe.stats.rope",
@@ -42,7 +42,9 @@ def report(model: Any = DEFAULT_MODEL, out: str = "report", **kwargs: Any):
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # importing posprobe.train binds the module under its name; the function wins
+        return value
     raise AttributeError(f"module 'posprobe' has no attribute {name!r}")
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "PositionModel",
     "SiteKey",
     "data",
+    "extract",
     "known_models",
     "load_model",
     "open_store",

@@ -40,6 +40,11 @@ def _common(p: argparse.ArgumentParser, model: bool = True, default_out: str | N
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _figure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--formats", nargs="+", default=[], choices=["png", "svg", "pdf"],
+                   help="also write figures as static images (needs kaleido and Chromium; HTML is always written)")
+
+
 def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) -> None:
     p.add_argument("--n", type=int, default=n, help="number of text windows")
     p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
@@ -73,25 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", default="resid_post")
     p.add_argument("--target", default="absolute")
     p.add_argument("--kind", default="ridge")
+    _figure_args(p)
 
     p = add("rope", "RoPE frequency usage per layer and head")
     _common(p)
     _tokens_args(p, n=8)
+    _figure_args(p)
 
     p = add("neurons", "positional neurons in the MLPs")
     _common(p)
     _tokens_args(p)
+    _figure_args(p)
 
     p = add("attention", "attention sinks, head roles, variance and similarity")
     _common(p)
     _tokens_args(p, n=8)
+    _figure_args(p)
 
     p = add("patch", "position-shift patching and shift invariance")
     _common(p)
     _tokens_args(p, n=8, seq_len=64)
     p.add_argument("--shift", type=int, default=8)
     p.add_argument("--sites", nargs="+", default=["resid_pre"])
-    p.add_argument("--per-position", action="store_true", help="patch each position separately (n_layers × seq_len runs)")
+    p.add_argument("--per-position", action="store_true",
+                   help="patch each position separately (n_layers × seq_len runs)")
+    _figure_args(p)
 
     p = add("train", "train a zoo model (arguments passed to posprobe.train)")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -108,7 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     import posprobe as pp
 
+    if not args.debug:  # weight loading takes a second; its bar would bury a one-line error
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return pp.load_model(args.model, device=args.device)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Reject unknown sites, targets and probe kinds before a model is loaded."""
+    from posprobe.sites import check_site
+
+    for site in [getattr(args, "site", None), *(getattr(args, "sites", None) or [])]:
+        if site is not None:
+            check_site(site)
+    if args.command == "probe":
+        from posprobe.stats.probes import KINDS, TARGETS
+
+        for value, accepted, what in ((args.target, TARGETS, "target"), (args.kind, KINDS, "kind")):
+            if value not in accepted:
+                raise UsageError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
 
 
 def _windows(model, args: argparse.Namespace):
@@ -117,13 +147,15 @@ def _windows(model, args: argparse.Namespace):
     return pp.data.text_windows(model, n=args.n, seq_len=min(args.seq_len, model.info.n_ctx), seed=args.seed)
 
 
-def _save(out: str, tables: dict[str, Any], figures: dict[str, Any]) -> None:
+def _save(out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Sequence[str] = ()) -> None:
+    from posprobe.plots.export import save_figure
+
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_csv(folder / f"{name}.csv", index=False)
     for name, fig in figures.items():
-        fig.write_html(folder / f"{name}.html", include_plotlyjs=True)
+        save_figure(fig, folder / f"{name}.html", formats)
     logging.getLogger("posprobe").info("wrote %s", folder)
     print(f"wrote {', '.join(list(tables) + list(figures))} to {folder}")
 
@@ -153,7 +185,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
     model = _load(args)
     result = probe_model(model, _windows(model, args), args.site, seed=args.seed, target=args.target, kind=args.kind)
-    _save(args.out, {"probes": result.table}, {"probes": result.plot()})
+    _save(args.out, {"probes": result.table}, {"probes": result.plot()}, args.formats)
 
 
 def cmd_rope(args: argparse.Namespace) -> None:
@@ -162,7 +194,7 @@ def cmd_rope(args: argparse.Namespace) -> None:
     model = _load(args)
     usage = rope_frequency_usage(model, _windows(model, args), progress=True)
     _save(args.out, {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
-          {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()})
+          {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()}, args.formats)
 
 
 def cmd_neurons(args: argparse.Namespace) -> None:
@@ -174,8 +206,10 @@ def cmd_neurons(args: argparse.Namespace) -> None:
     model = _load(args)
     with tempfile.TemporaryDirectory() as tmp:
         result = positional_neurons(extract(model, _windows(model, args), "mlp_post", out=tmp))
-    _save(args.out, {"neurons": result.table, "layers": result.layer_summary},
-          {"neuron_counts": result.figure("counts"), "neuron_heatmap": result.figure("heatmap")})
+    figures = {"neuron_counts": result.figure("counts")}
+    if result.table["is_positional"].any():  # the heatmap draws positional neurons only
+        figures["neuron_heatmap"] = result.figure("heatmap")
+    _save(args.out, {"neurons": result.table, "layers": result.layer_summary}, figures, args.formats)
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
@@ -188,7 +222,7 @@ def cmd_attention(args: argparse.Namespace) -> None:
     variance = attention_variance(model, tokens, progress=True)
     _save(args.out, {"heads": stats.heads, "roles": stats.roles, "variance": variance.table,
                      "exponents": variance.exponents},
-          {"head_roles": stats.figure(), "variance": variance.figure()})
+          {"head_roles": stats.figure(), "variance": variance.figure()}, args.formats)
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
@@ -199,7 +233,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
     result = patch_positions(model, tokens, shift=args.shift, sites=tuple(args.sites), per_position=args.per_position)
     invariance = shift_invariance(model, tokens, shifts=(1, args.shift))
     _save(args.out, {"patching": result.table, "shift_invariance": invariance},
-          {"patching": result.figure()})
+          {"patching": result.figure()}, args.formats)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -233,14 +267,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``posprobe`` command."""
+    from posprobe.plots.export import ExportError
     from posprobe.store import StoreError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_args(args)
         COMMANDS[args.command](args)
-    except (ValueError, StoreError, FileNotFoundError, ModuleNotFoundError, NotImplementedError, KeyError) as err:
+    except (
+        ValueError, StoreError, ExportError, FileNotFoundError, ModuleNotFoundError, NotImplementedError, KeyError
+    ) as err:
         if getattr(args, "debug", False):
             raise
         print(f"posprobe {args.command}: error: {err}", file=sys.stderr)

@@ -314,14 +314,21 @@ def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int) -> dic
     """
     flags = {k: _nonfinite(k, v) for k, v in acts.items()}
     host: dict[SiteKey, Tensor] = {}
+    storages: set[int] = set()
     for key, x in acts.items():
         if x.device.type == "cuda":
             buf = torch.empty(x.shape, dtype=dtype, pin_memory=True)
             buf.copy_(x, non_blocking=True)
             host[key] = buf
-        else:
-            # a copy even when the dtype matches: the writer thread must not share memory with the model
-            host[key] = x.to(dtype=dtype, copy=x.dtype == dtype).contiguous()
+            continue
+        # no copy when the dtype matches: captured tensors are fresh outputs that the forward never modifies
+        # afterwards (``run(capture=...)`` relies on that too); but one tensor seen at two sites (resid_post.L is
+        # resid_pre.L+1) is copied, as a shard may not hold two tensors sharing memory
+        y = x.to(dtype=dtype).contiguous()
+        if y.untyped_storage().data_ptr() in storages:
+            y = y.clone()
+        storages.add(y.untyped_storage().data_ptr())
+        host[key] = y
     for cuda_device in {x.device for x in acts.values() if x.device.type == "cuda"}:
         torch.cuda.current_stream(cuda_device).synchronize()
     for key, flag in flags.items():

@@ -139,8 +139,17 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
         if best is not None
         else "no probe rows"
     )
+    figure = result.plot("r2")
+    clipped = sorted(table.loc[table["r2"] < R2_FLOOR, "layer"].dropna().astype(int).unique().tolist())
+    if clipped:  # one diverging layer would squash every other curve against the axis
+        figure.update_yaxes(range=[R2_FLOOR - 0.05, 1.05])
+        summary += f"; R² below {R2_FLOOR:g} (worse than predicting the mean) clipped in the figure at layers {clipped}"
     return Section("probes", "Where can position be read out? (linear probes, Haviv et al. 2022)", summary,
-                   figures=[result.plot("r2")], tables={"probes": table})
+                   figures=[figure], tables={"probes": table})
+
+
+#: the probe figure's R² axis stops here; the table keeps every value
+R2_FLOOR = -1.0
 
 
 def _probe_main_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -176,7 +185,7 @@ def _neurons(model: PositionModel, tokens) -> Section:
     positional = result.table[result.table["is_positional"]]
     summary = (
         f"{len(positional)} of {len(result.table)} MLP neurons are positional (MI > 0.05 bits); "
-        f"categories: {positional['category'].value_counts().to_dict()}"
+        "categories: " + ", ".join(f"{n} {c}" for c, n in positional["category"].value_counts().items())
     )
     figures = [result.figure("counts")]
     if len(positional):
@@ -217,7 +226,8 @@ def _shift(model: PositionModel, tokens) -> Section:
     summary = "output change when every position id is shifted: " + ", ".join(
         f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
     )
-    return Section("shift", "Relative or absolute? Shifting every position", summary, tables={"shift_invariance": table})
+    return Section("shift", "Relative or absolute? Shifting every position", summary,
+                   tables={"shift_invariance": table})
 
 
 # -- assembling the page -------------------------------------------------------------------------
@@ -261,11 +271,14 @@ def _write_tables(reports: list[ModelReport], out: Path) -> None:
     tables = out / "tables"
     tables.mkdir(exist_ok=True)
     for report in reports:
-        slug = report.model_name.replace("/", "_").replace(":", "_")
         for section in report.sections:
             for name, table in section.tables.items():
-                table.to_csv(tables / f"{slug}.{name}.csv", index=False)
-                table.to_parquet(tables / f"{slug}.{name}.parquet", index=False)
+                table.to_csv(tables / _table_file(report, name, "csv"), index=False)
+                table.to_parquet(tables / _table_file(report, name, "parquet"), index=False)
+
+
+def _table_file(report: ModelReport, name: str, ext: str) -> str:
+    return f"{report.model_name.replace('/', '_').replace(':', '_')}.{name}.{ext}"
 
 
 def _versions() -> dict[str, str]:
@@ -279,12 +292,24 @@ def _versions() -> dict[str, str]:
 
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;color:#222}
-h1{margin-bottom:.2em} .settings{color:#555;font-size:.9em}
-.row{display:flex;gap:1em} .col{flex:1;min-width:0}
-table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ddd;padding:2px 6px}
-.summary{background:#f4f6fa;padding:.5em 1em;border-left:4px solid #4a6fa5}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;padding:1.5em 2em;max-width:1500px;
+     color:#222;line-height:1.4}
+h1{margin:0 0 .3em;font-size:1.7em} h2{margin:1.6em 0 .4em;padding-bottom:.2em;border-bottom:1px solid #ddd}
+h3{margin:.6em 0 .3em;font-size:1.05em;color:#444}
+.settings{color:#555;font-size:.88em;margin:.2em 0} nav{margin:.8em 0;font-size:.92em}
+nav a{margin-right:1.2em;color:#2a5599;text-decoration:none} nav a:hover{text-decoration:underline}
+.row{display:grid;gap:1.5em;align-items:start} .col{min-width:0}
+.figure{margin:.8em 0;border:1px solid #eee;border-radius:4px}
+table{border-collapse:collapse;font-size:.85em;margin:.4em 0}
+td,th{border:1px solid #ddd;padding:2px 8px;text-align:left}
+th{background:#f4f6fa} .summary{background:#f4f6fa;padding:.5em 1em;border-left:4px solid #4a6fa5;margin:.4em 0}
+details{margin:.4em 0} summary{cursor:pointer;color:#2a5599} .files{font-size:.85em;color:#555}
+.files a{color:#2a5599;margin-right:.8em}
 """
+
+#: figures without an explicit height get this one (a percentage would collapse inside the flex layout)
+FIGURE_HEIGHT = "480px"
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 
 def _html(reports: list[ModelReport], meta: dict[str, Any]) -> str:
@@ -292,31 +317,63 @@ def _html(reports: list[ModelReport], meta: dict[str, Any]) -> str:
 
     names = " vs ".join(html.escape(r.model_name) for r in reports)
     settings = meta["settings"]
-    head = (
-        f"<h1>Where does position live in {names}?</h1><p class='settings'>{settings['n']} windows × "
-        f"{settings['seq_len']} tokens of held-out State of the Union text, seed {settings['seed']}, "
-        f"device {settings['device']}; versions {html.escape(json.dumps(meta['versions']))}; "
-        f"{meta['created']}, {meta['seconds']} s. Tables: <code>tables/</code>; summary: <code>summary.json</code>.</p>"
-    )
+    versions = " · ".join(f"{k} {html.escape(str(v))}" for k, v in meta["versions"].items())
     keys = list(dict.fromkeys(s.key for r in reports for s in r.sections))
-    body = []
-    for key in keys:
-        cols = []
-        title = ""
-        for report in reports:
-            section = next((s for s in report.sections if s.key == key), None)
-            if section is None:
-                cols.append(f"<div class='col'><p>not applicable to {html.escape(report.model_name)}</p></div>")
-                continue
-            title = section.title
-            parts = [f"<h3>{html.escape(report.model_name)}</h3>", f"<p class='summary'>{html.escape(section.summary)}</p>"]
-            parts += [f.to_html(full_html=False, include_plotlyjs=False) for f in section.figures]
-            if key == "model" or not section.figures:
-                parts += [t.to_html(index=False, border=0) for t in section.tables.values()]
-            cols.append("<div class='col'>" + "".join(parts) + "</div>")
-        body.append(f"<section id='{key}'><h2>{html.escape(title)}</h2><div class='row'>{''.join(cols)}</div></section>")
+    titles = {s.key: s.title for r in reports for s in r.sections}
+    nav = "".join(f"<a href='#{key}'>{html.escape(_short_title(titles[key]))}</a>" for key in keys)
+    head = (
+        f"<h1>Where does position live in {names}?</h1>"
+        f"<p class='settings'>{settings['n']} windows × {settings['seq_len']} tokens of held-out State of the Union "
+        f"text · seed {settings['seed']} · device {html.escape(str(settings['device']))}"
+        f"{' · quick run' if settings.get('quick') else ''} · {meta['seconds']} s · {html.escape(meta['created'])}</p>"
+        f"<p class='settings'>{versions} · every table: <code>tables/</code> (CSV and Parquet) · headline numbers: "
+        "<code>summary.json</code></p>"
+        f"<nav>{nav}</nav>"
+    )
+    body = [_section_html(key, titles[key], reports) for key in keys]
     return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>posprobe report</title>"
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>posprobe report: {names}</title>"
         f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
         + head + "".join(body) + "</body></html>"
     )
+
+
+def _short_title(title: str) -> str:
+    return title.split(" (")[0].split("?")[0]
+
+
+def _section_html(key: str, title: str, reports: list[ModelReport]) -> str:
+    cols = []
+    for report in reports:
+        section = next((s for s in report.sections if s.key == key), None)
+        name = html.escape(report.model_name)
+        parts = [f"<h3>{name}</h3>"] if len(reports) > 1 else []
+        if section is None:
+            cols.append("<div class='col'>" + "".join(parts) + f"<p>not applicable to {name}</p></div>")
+            continue
+        parts.append(f"<p class='summary'>{html.escape(section.summary)}</p>")
+        parts += [
+            "<div class='figure'>"
+            + f.to_html(full_html=False, include_plotlyjs=False, default_height=FIGURE_HEIGHT, config=PLOTLY_CONFIG)
+            + "</div>"
+            for f in section.figures
+        ]
+        tables = list(section.tables.items())
+        if key == "model" or not section.figures:
+            first, *rest = tables
+            parts.append(first[1].to_html(index=False, border=0))
+            parts += [
+                f"<details><summary>{html.escape(n)} ({len(t)} rows)</summary>{t.to_html(index=False, border=0)}"
+                "</details>"
+                for n, t in rest
+            ]
+        links = " ".join(
+            f"<a href='tables/{html.escape(_table_file(report, n, 'csv'))}'>{html.escape(n)}.csv</a>" for n, _ in tables
+        )
+        parts.append(f"<p class='files'>tables: {links}</p>")
+        cols.append("<div class='col'>" + "".join(parts) + "</div>")
+    # fixed column tracks: each figure is drawn while the page loads, before the columns after it exist
+    grid = f"grid-template-columns:repeat({len(reports)},minmax(0,1fr))"
+    row = f"<div class='row' style='{grid}'>{''.join(cols)}</div>"
+    return f"<section id='{key}'><h2>{html.escape(title)}</h2>{row}</section>"

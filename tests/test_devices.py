@@ -166,6 +166,14 @@ def test_attention_scores_with_masked_minus_inf_are_stored(tiny_llama, tmp_path)
     assert torch.isneginf(scores).any() and not torch.isnan(scores).any()
 
 
+def test_one_tensor_at_two_sites_is_stored_at_both(tiny_llama, tmp_path):
+    # resid_post.L is the very tensor resid_pre.L+1 reads (and embed is resid_pre.0): a shard may not share memory
+    sites = ["embed", "resid_pre", "resid_post"]
+    store = extract(tiny_llama, random_ids(2, 8), sites, out=tmp_path / "s", progress=False)
+    assert torch.equal(store.get("resid_pre", 1), store.get("resid_post", 0))
+    assert torch.equal(store.get("resid_pre", 0), store.get("embed"))
+
+
 def test_one_writer_thread_on_cpu():
     assert _writer_count(torch.device("cpu")) == 1
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import Ridge, RidgeCV
 from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -108,10 +108,15 @@ def test_zoo_sinusoidal_layer0_decodes(tmp_path, tokenizer):
     cfg = ZooConfig(d_model=64, n_layers=1, n_heads=2, d_head=32, d_mlp=64, n_ctx=64, d_vocab=256, pe="sinusoidal")
     model = ZooModel(ZooTransformer(cfg), tokenizer, name="tiny-sinusoidal")
     tokens = torch.randint(2, 256, (16, 32), generator=torch.Generator().manual_seed(0))
-    store = extract(model, tokens, sites=["resid_pre", "pos_embed"], layers=[0], out=tmp_path / "s", progress=False)
-    for site in ("resid_pre", "pos_embed"):
-        result = probe_position(store, site=site, device="cpu", n_splits=4)
-        assert result.table["r2"].min() > 0.99, site
+    sites = ["resid_pre", "pos_embed"]
+    store = extract(model, tokens, sites=sites, layers=[0], out=tmp_path / "random", progress=False)
+    assert probe_position(store, site="pos_embed", device="cpu", n_splits=4).table["r2"].min() > 0.99
+    # random token embeddings are as large as the position code at init: content noise, selectively above controls
+    mixed = probe_position(store, site="resid_pre", device="cpu", n_splits=4).table
+    assert (mixed["selectivity"] > 0.5).all()
+    # one repeated token: the residual is a constant plus the sinusoid, so position decodes exactly
+    same = extract(model, torch.full((16, 32), 7), sites=sites, layers=[0], out=tmp_path / "same", progress=False)
+    assert probe_position(same, site="resid_pre", device="cpu", n_splits=4).table["r2"].min() > 0.99
 
 
 def test_nope_random_init_shuffled_control_is_near_zero(tokenizer):
@@ -170,6 +175,26 @@ def test_ridge_equals_sklearn_on_the_same_split():
     np.testing.assert_allclose(probe.coef_, sk[-1].coef_ / sk[0].scale_, atol=1e-4)
 
 
+def test_loo_alpha_selection_equals_sklearn_ridgecv():
+    acts = planted_acts()
+    acts[1] += 3.0 * torch.randn(N_SEQ, SEQ, D, generator=torch.Generator().manual_seed(4))
+    acts[1, :, 0] *= 20  # high-leverage position-0 rows, where GCV and LOO part ways
+    grid = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    result = probe_position(acts, layers=[1], alphas=grid, alpha_selection="loo", controls=(), exclude_bos=False)
+    X = acts[1].reshape(-1, D).double().numpy()
+    y = np.tile(np.arange(SEQ), N_SEQ).astype(float)
+    seq = np.repeat(np.arange(N_SEQ), SEQ)
+    pred = np.empty_like(y)
+    for test_seqs in result.split:
+        test = np.isin(seq, test_seqs)
+        sk = make_pipeline(StandardScaler(), RidgeCV(alphas=grid)).fit(X[~test], y[~test])
+        pred[test] = sk.predict(X[test])
+        probe = RidgeProbe(grid, alpha_selection="loo").fit(X[~test], y[~test])
+        assert probe.alpha_ == sk[-1].alpha_
+    r2 = 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    assert result.table["r2"].item() == pytest.approx(r2, abs=1e-6)
+
+
 def test_estimators_compose_with_sklearn_cross_validation():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(120, 6))
@@ -222,7 +247,7 @@ def test_split_is_by_sequence_and_recorded():
 
 
 def test_fold_plan_never_trains_on_a_test_sequence():
-    from posprobe.stats.probe_estimators import FoldPlan
+    from posprobe.stats.probe_cv import FoldPlan
     from posprobe.stats.probes import _split
 
     seq = torch.arange(N_SEQ).repeat_interleave(SEQ)

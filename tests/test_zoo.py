@@ -361,9 +361,28 @@ def test_length_generalization_table_and_figure():
     rope, learned = df[df.model == "tiny-rope"], df[df.model == "tiny-learned"]
     assert rope["available"].all() and rope["loss"].between(7.0, 9.5).all()  # near log(4096) at init
     assert rope["n_tokens"].tolist() == [32] * 7 + [30]
+    assert (rope.loc[rope.bucket_end < 32, "gap"] == 0).all()
     assert learned["available"].tolist() == [True, True] + [False] * 6
     assert learned.loc[~learned["available"], "loss"].isna().all()
+    assert learned["window_loss"].notna().all()  # a sliding window never leaves the context
     assert learned["n_tokens"].tolist() == [32, 30] + [0] * 6
     assert (df["beyond_context"] == (df["bucket_start"] >= 32)).all()
     fig = length_generalization_figure(df)
-    assert [t.name for t in fig.data] == ["tiny-rope", "tiny-learned"]
+    assert [t.name for t in fig.data] == [
+        "tiny-rope",
+        "tiny-rope (sliding window)",
+        "tiny-learned",
+        "tiny-learned (sliding window)",
+    ]
+
+
+def test_sliding_window_scores_the_same_targets():
+    from posprobe.stats.length import length_generalization
+
+    model = tiny("rope")
+    for block in model.net.blocks:  # no attention: each prediction depends on its own token only
+        block.attn.W_O.data.zero_()
+    df = length_generalization(model, 2, bucket=8)
+    torch.testing.assert_close(
+        torch.tensor(df["loss"].to_numpy()), torch.tensor(df["window_loss"].to_numpy()), atol=1e-5, rtol=1e-6
+    )

@@ -1,7 +1,8 @@
 """Length generalisation: held-out next-token loss per position bucket, out to 4× the training context.
 
 Press et al. 2022 ("Train short, test long") and Kazemnejad et al. 2023 compare position schemes
-this way: a scheme that generalises keeps its loss flat past ``n_ctx``. Absolute schemes
+this way: a scheme that generalises keeps its loss flat past ``n_ctx``, or at least no worse than
+a sliding window of ``n_ctx`` tokens over the same text (``window_loss``). Absolute schemes
 (learned, sinusoidal) cannot run there; their rows beyond ``n_ctx`` are kept, marked
 ``available=False`` with NaN loss, so every model shares one table and one x-axis.
 """
@@ -24,6 +25,8 @@ COLUMNS = [
     "bucket_start",
     "bucket_end",
     "loss",
+    "window_loss",
+    "gap",
     "n_tokens",
     "available",
     "beyond_context",
@@ -60,14 +63,23 @@ def length_generalization(
     bucket: int | None = None,
     batch_size: int = 4,
     seed: int = 0,
+    sliding_window: bool = True,
 ) -> pd.DataFrame:
     """Held-out loss per position bucket for one or several models → tidy DataFrame.
 
     ``tokens_or_n`` is a token batch [n seq] or a count of held-out windows to draw
     (``max_len`` tokens each, default 4 × the largest ``n_ctx``). ``bucket`` (default n_ctx / 4)
-    groups positions; a loss sits at the position of the token predicting the next one. Columns:
-    model, position_bucket ("0-63"), bucket_start, bucket_end (exclusive), loss (mean nats),
-    n_tokens, available (the model could run there), beyond_context (bucket_start ≥ n_ctx), n_ctx.
+    groups positions; a loss sits at the position of the token predicting the next one.
+
+    Buckets hold different text, so their losses differ by content as well as by position. With
+    ``sliding_window`` each bucket is also scored with the model seeing only the ``n_ctx`` tokens
+    that end at the bucket (BOS first when the batch has one): the same targets, within the
+    training context. ``gap = loss − window_loss`` is then the price of the longer context alone
+    (zero inside the context; NaN where the model cannot run).
+
+    Columns: model, position_bucket ("0-63"), bucket_start, bucket_end (exclusive), loss (mean
+    nats), window_loss, gap, n_tokens, available (the model could run there), beyond_context
+    (bucket_start ≥ n_ctx), n_ctx.
     """
     models = _as_named(model)
     n_ctx = max(m.info.n_ctx for m in models.values())
@@ -79,34 +91,64 @@ def length_generalization(
         else:
             tokens = tokens_or_n.tokens if isinstance(tokens_or_n, TokenBatch) else torch.as_tensor(tokens_or_n)
             tokens = tokens[:, :max_len] if max_len else tokens
-        frames.append(_one_model(name, m, tokens, bucket, batch_size))
+        if sliding_window and bucket > m.info.n_ctx // 2:
+            raise ValueError(
+                f"bucket {bucket} > n_ctx/2 = {m.info.n_ctx // 2} leaves no context for the sliding window"
+            )
+        frames.append(_one_model(name, m, tokens, bucket, batch_size, sliding_window))
     return pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
-def _one_model(name: str, model: PositionModel, tokens: torch.Tensor, bucket: int, batch_size: int) -> pd.DataFrame:
-    seq_len = tokens.shape[1]
-    usable = seq_len if model.extrapolates else min(seq_len, model.info.n_ctx)
-    losses = torch.cat([model.loss(chunk[:, :usable]).cpu() for chunk in tokens.split(batch_size)])  # [n usable-1]
-    per_position = losses.double()
+def _losses(model: PositionModel, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per-token next-token loss [n seq-1] in float64 on the CPU."""
+    return torch.cat([model.loss(chunk).cpu() for chunk in tokens.split(batch_size)]).double()
+
+
+def _one_model(
+    name: str, model: PositionModel, tokens: torch.Tensor, bucket: int, batch_size: int, sliding_window: bool
+) -> pd.DataFrame:
+    seq_len, n_ctx = tokens.shape[1], model.info.n_ctx
+    usable = seq_len if model.extrapolates else min(seq_len, n_ctx)
+    full = _losses(model, tokens[:, :usable], batch_size)  # [n usable-1]
+    bos = model.info.bos_token_id
+    has_bos = bos is not None and bool((tokens[:, 0] == bos).all())
     rows = []
     for start in range(0, seq_len - 1, bucket):
         end = min(start + bucket, seq_len - 1)
-        part = per_position[:, start:end]
+        part = full[:, start:end]
         count = int(part.numel())
+        loss = part.mean().item() if count else float("nan")
+        window = float("nan")
+        if sliding_window:
+            window = loss if end < n_ctx else _window_loss(model, tokens, start, end, has_bos, batch_size)
         rows.append(
             {
                 "model": name,
                 "position_bucket": f"{start}-{end - 1}",
                 "bucket_start": start,
                 "bucket_end": end,
-                "loss": part.mean().item() if count else float("nan"),
+                "loss": loss,
+                "window_loss": window,
+                "gap": loss - window,
                 "n_tokens": count,
                 "available": count > 0,
-                "beyond_context": start >= model.info.n_ctx,
-                "n_ctx": model.info.n_ctx,
+                "beyond_context": start >= n_ctx,
+                "n_ctx": n_ctx,
             }
         )
     return pd.DataFrame(rows)
+
+
+def _window_loss(
+    model: PositionModel, tokens: torch.Tensor, start: int, end: int, has_bos: bool, batch_size: int
+) -> float:
+    """Mean loss of predictions made at positions [start, end) seeing only the n_ctx tokens ending at ``end``."""
+    lo = end + 1 - (model.info.n_ctx - int(has_bos))
+    window = tokens[:, lo : end + 1]
+    if has_bos:
+        window = torch.cat([tokens[:, :1], window], dim=1)
+    offset = int(has_bos) - lo  # original position t sits at t + offset in the window
+    return _losses(model, window, batch_size)[:, start + offset : end + offset].mean().item()
 
 
 def _as_named(model: PositionModel | Sequence[PositionModel] | Mapping[str, PositionModel]) -> dict[str, PositionModel]:

@@ -12,8 +12,10 @@ The ridge kernel solves many problems at once: per-block sufficient statistics (
 are accumulated in one pass, each training set's Gram is a sum of blocks, and one batched
 eigendecomposition per (layer, fold) prices the whole alpha grid. ``alpha`` is chosen by
 generalised cross-validation (GCV; Golub, Heath & Wahba 1979) on the training rows, which costs
-O(d) per alpha and target after the decomposition (scikit-learn's ``RidgeCV`` uses exact
-leave-one-out instead, at O(n d²) per alpha).
+O(d) per alpha and target after the decomposition. Exact leave-one-out, what scikit-learn's
+``RidgeCV`` does, is ``alpha_selection="loo"``: one more n×d×d product per training set, after
+which every alpha again costs O(n d). The two pick different alphas when a few rows have high
+leverage (the BOS token's massive activations), which moves held-out R² by up to ~3e-3.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from torch import Tensor
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in 10.0 ** np.arange(-2.0, 6.5, 0.5))
 
 _TINY_VAR = 1e-12
+
+#: how ``alpha`` is chosen from a grid: generalised CV (fast, default) or exact leave-one-out (scikit-learn's RidgeCV)
+ALPHA_SELECTIONS = ("gcv", "loo")
 
 
 @dataclass
@@ -114,21 +119,33 @@ def _train_moments(stats: BlockStats, train_blocks: Tensor) -> tuple[Tensor, ...
     return n, mu, ybar, yyc, xyc
 
 
-def _scale(var: Tensor) -> Tensor:
+def scale_of(var: Tensor) -> Tensor:
+    """Standard deviations [..., d] from variances, 1 where a feature is constant (as StandardScaler)."""
     scale = var.clamp(min=0).sqrt()
     return torch.where(var > _TINY_VAR * (1 + var.amax(-1, keepdim=True)), scale, torch.ones_like(scale))
 
 
-def solve_ridge(stats: BlockStats, train_blocks: Tensor, alphas: Sequence[float]) -> RidgeSolution:
+def solve_ridge(
+    stats: BlockStats,
+    train_blocks: Tensor,
+    alphas: Sequence[float],
+    selection: str = "gcv",
+    data: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> RidgeSolution:
     """Standardised ridge for every layer and every training set (a row of ``train_blocks`` [F B] bool).
 
     With one alpha it is used as is; with several, each (layer, training set, target) takes the
-    alpha of least GCV error. One eigendecomposition per (layer, training set) serves all alphas.
+    alpha of least ``selection`` error: ``"gcv"`` (from the spectrum alone) or ``"loo"`` (exact
+    leave-one-out, as scikit-learn's ``RidgeCV``; needs ``data`` = (X [L n d], Y [n T], block [n])
+    and costs one n×d×d product per training set). One eigendecomposition per (layer, training
+    set) serves all alphas.
     """
+    if selection not in ALPHA_SELECTIONS:
+        raise ValueError(f"unknown alpha selection {selection!r}; accepted: {', '.join(ALPHA_SELECTIONS)}")
     n, mu, ybar, yyc, xyc = _train_moments(stats, train_blocks)
     tb = train_blocks.to(stats.count)
     cov = torch.einsum("fb,lbde->lfde", tb, stats.gram) - n[:, None, None] * mu[..., :, None] * mu[..., None, :]
-    scale = _scale(torch.diagonal(cov, dim1=-2, dim2=-1) / n[:, None])
+    scale = scale_of(torch.diagonal(cov, dim1=-2, dim2=-1) / n[:, None])
     A = cov / (scale[..., :, None] * scale[..., None, :])
     b = xyc / scale[..., None]
     lam, V = _eigh(A)
@@ -137,17 +154,74 @@ def solve_ridge(stats: BlockStats, train_blocks: Tensor, alphas: Sequence[float]
     grid = torch.as_tensor(list(alphas), dtype=lam.dtype, device=lam.device)
     if grid.numel() == 1:
         alpha = grid.expand(*Q.shape[:2], Q.shape[-1])
-    else:
+    elif selection == "gcv":
         den = lam[..., None] + grid  # [L F d A]
         # training residual sum of squares and effective degrees of freedom, all from the spectrum
         rss = yyc[None, :, None, :] - torch.einsum("lfdt,lfda->lfat", Q**2, 2 / den - lam[..., None] / den**2)
         dof = (lam[..., None] / den).sum(-2) + 1  # +1: the intercept
         gcv = rss.clamp(min=0) / (1 - dof / n[:, None]).clamp(min=1e-6)[..., None] ** 2
         alpha = grid[gcv.argmin(-2)]  # [L F T]
+    else:
+        if data is None:
+            raise ValueError("alpha selection 'loo' needs the rows: pass data=(X, Y, block)")
+        X, Y, block = data
+        loo = torch.stack(
+            [
+                _loo_mse(
+                    X,
+                    Y,
+                    train_blocks[f][block],
+                    mu[:, f] + stats.center,
+                    scale[:, f],
+                    lam[:, f],
+                    V[:, f],
+                    Q[:, f],
+                    ybar[f],
+                    grid,
+                )
+                for f in range(train_blocks.shape[0])
+            ],
+            dim=1,
+        )  # [L F T A]
+        alpha = grid[loo.argmin(-1)]
     w = V @ (Q / (lam[..., None] + alpha[:, :, None, :]))
     coef = w / scale[..., None]
     intercept = ybar - torch.einsum("lfd,lfdt->lft", mu + stats.center[:, None], coef)
     return RidgeSolution(coef, intercept, alpha)
+
+
+def _loo_mse(
+    X: Tensor,
+    Y: Tensor,
+    train: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    lam: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    ybar: Tensor,
+    grid: Tensor,
+) -> Tensor:
+    """Exact leave-one-out MSE [L T A] of one training set's ridge fits, the intercept unpenalised.
+
+    LOO residual = r_i / (1 − h_i), h_i = 1/n + Σ_k P_ik² / (λ_k + α) with P = Z V (the hat
+    matrix's diagonal in the eigenbasis). Layers go in chunks to bound memory.
+    """
+    rows = train.nonzero().squeeze(1)
+    n = rows.numel()
+    yc = Y[rows].to(lam) - ybar  # [n T]
+    inv = 1 / (lam[..., None] + grid)  # [L d A]
+    L, d = lam.shape
+    out = []
+    step = max(1, 2**25 // max(1, n * d))
+    for lo in range(0, L, step):
+        sl = slice(lo, lo + step)
+        P = ((X[sl][:, rows].to(lam) - mean[sl, None]) / scale[sl, None]) @ V[sl]  # [l n d]
+        h = (P**2) @ inv[sl] + 1 / n  # [l n A]
+        coef = (Q[sl][..., None] * inv[sl][:, :, None, :]).flatten(2)  # [l d T*A]
+        resid = yc[None, :, :, None] - (P @ coef).unflatten(-1, (yc.shape[1], grid.numel()))
+        out.append(((resid / (1 - h[:, :, None, :])) ** 2).mean(1))
+    return torch.cat(out)
 
 
 def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,33 +300,38 @@ def _check_Xy(X: object, y: object) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def _ridge_fit(X: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> tuple[np.ndarray, float, float]:
+def _ridge_fit(
+    X: np.ndarray, y: np.ndarray, alphas: Sequence[float], selection: str
+) -> tuple[np.ndarray, float, float]:
     Xt = torch.as_tensor(X)[None]
     Yt = torch.as_tensor(y, dtype=torch.float64)[:, None]
-    stats = block_stats(Xt, Yt, torch.zeros(len(y), dtype=torch.long), 1, torch.float64)
-    sol = solve_ridge(stats, torch.ones(1, 1, dtype=torch.bool), alphas)
+    block = torch.zeros(len(y), dtype=torch.long)
+    stats = block_stats(Xt, Yt, block, 1, torch.float64)
+    sol = solve_ridge(stats, torch.ones(1, 1, dtype=torch.bool), alphas, selection, (Xt, Yt, block))
     return sol.coef[0, 0, :, 0].numpy(), float(sol.intercept[0, 0, 0]), float(sol.alpha[0, 0, 0])
 
 
 class RidgeProbe(RegressorMixin, BaseEstimator):
-    """Ridge regression of position on standardised activations; ``alpha`` a float or a grid chosen by GCV.
+    """Ridge regression of position on standardised activations; ``alpha`` a float or a grid.
 
     Closed form via the eigendecomposition of the standardised Gram matrix (Haviv et al. 2022
-    probe, ridge variant). Learned: ``coef_`` [n_features] (raw units), ``intercept_``,
-    ``alpha_``, ``mean_``, ``scale_``.
+    probe, ridge variant). From a grid, ``alpha_selection`` picks by ``"gcv"`` or exact
+    leave-one-out ``"loo"`` (what scikit-learn's ``RidgeCV`` does). Learned: ``coef_``
+    [n_features] (raw units), ``intercept_``, ``alpha_``, ``mean_``, ``scale_``.
     """
 
-    def __init__(self, alpha: float | Sequence[float] = 1.0):
+    def __init__(self, alpha: float | Sequence[float] = 1.0, alpha_selection: str = "gcv"):
         self.alpha = alpha
+        self.alpha_selection = alpha_selection
 
     def fit(self, X: object, y: object) -> RidgeProbe:
         X, y = _check_Xy(X, y)
         alphas = [float(self.alpha)] if np.isscalar(self.alpha) else [float(a) for a in self.alpha]
         if not alphas or min(alphas) < 0:
             raise ValueError(f"alpha must be a non-negative float or a non-empty grid of them, got {self.alpha!r}")
-        self.coef_, self.intercept_, self.alpha_ = _ridge_fit(X, y.astype(np.float64), alphas)
+        self.coef_, self.intercept_, self.alpha_ = _ridge_fit(X, y.astype(np.float64), alphas, self.alpha_selection)
         self.mean_ = X.mean(0)
-        self.scale_ = _scale(torch.as_tensor(X.var(0))).numpy()
+        self.scale_ = scale_of(torch.as_tensor(X.var(0))).numpy()
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -268,9 +347,10 @@ class SparseProbe(RegressorMixin, BaseEstimator):
     ``scores_`` [n_features], ``coef_`` [n_features] (zero outside ``selected_``), ``intercept_``, ``alpha_``.
     """
 
-    def __init__(self, k: int = 8, alpha: float | Sequence[float] = DEFAULT_ALPHAS):
+    def __init__(self, k: int = 8, alpha: float | Sequence[float] = DEFAULT_ALPHAS, alpha_selection: str = "gcv"):
         self.k = k
         self.alpha = alpha
+        self.alpha_selection = alpha_selection
 
     def fit(self, X: object, y: object) -> SparseProbe:
         X, y = _check_Xy(X, y)
@@ -280,7 +360,7 @@ class SparseProbe(RegressorMixin, BaseEstimator):
         den = np.sqrt((Xc**2).sum(0) * (yc**2).sum())
         self.scores_ = np.divide(np.abs(Xc.T @ yc), den, out=np.zeros(X.shape[1]), where=den > 0)
         self.selected_ = top_k(torch.as_tensor(self.scores_), int(self.k)).numpy()
-        ridge = RidgeProbe(self.alpha).fit(X[:, self.selected_], y)
+        ridge = RidgeProbe(self.alpha, self.alpha_selection).fit(X[:, self.selected_], y)
         self.coef_ = np.zeros(X.shape[1])
         self.coef_[self.selected_] = ridge.coef_
         self.intercept_, self.alpha_ = ridge.intercept_, ridge.alpha_
@@ -310,7 +390,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
             raise ValueError(f"C must be positive, got {self.C!r}")
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         mean = X.mean(0)
-        scale = _scale(torch.as_tensor(X.var(0))).numpy()
+        scale = scale_of(torch.as_tensor(X.var(0))).numpy()
         Z = torch.as_tensor((X - mean) / scale)[None]
         W, b = fit_logistic(Z, torch.as_tensor(y_idx)[:, None], len(self.classes_), self.C, self.max_iter, self.tol)
         self.coef_ = (W[0, :, 0] / torch.as_tensor(scale)[:, None]).T.numpy()
@@ -326,134 +406,3 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: object) -> np.ndarray:
         return self.classes_[self.decision_function(X).argmax(1)]
-
-
-# -- out-of-fold fits of every layer at once (used by probe_position) ----------------------------
-
-
-@dataclass
-class FoldPlan:
-    """Grouped cross-validation with variants: which rows train and test each fit.
-
-    Rows fall into blocks ``fold * 2 + at_pos0``. Fit ``i`` is (variant ``fits[i][0]``, fold
-    ``fits[i][1]``); variant ``with_pos0=False`` drops position-0 rows from training and testing.
-    """
-
-    block: Tensor  # [n]
-    n_folds: int
-    with_pos0: tuple[bool, ...]
-    fits: list[tuple[int, int, Tensor]]  # (variant, fold, test rows)
-    train_blocks: Tensor  # [n_fits 2F] bool
-    full_train: Tensor  # [n_variants 2F] bool: every row a variant uses
-
-    @classmethod
-    def build(cls, fold: Tensor, at_pos0: Tensor, n_folds: int, with_pos0: tuple[bool, ...]) -> FoldPlan:
-        block = fold * 2 + at_pos0.long()
-        b_fold = torch.arange(2 * n_folds) // 2
-        b_pos0 = torch.arange(2 * n_folds) % 2 == 1
-        fits, train_blocks, full_train = [], [], []
-        for v, keep0 in enumerate(with_pos0):
-            allowed = torch.ones_like(b_pos0) if keep0 else ~b_pos0
-            full_train.append(allowed)
-            for f in range(n_folds):
-                rows = ((fold == f) & (keep0 | ~at_pos0)).nonzero().squeeze(1)
-                fits.append((v, f, rows))
-                train_blocks.append(allowed & (b_fold != f))
-        return cls(block, n_folds, with_pos0, fits, torch.stack(train_blocks), torch.stack(full_train))
-
-    @property
-    def n_blocks(self) -> int:
-        return 2 * self.n_folds
-
-    def empty_predictions(self, L: int, T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.full((L, len(self.with_pos0), self.block.numel(), T), float("nan"), dtype=dtype, device=device)
-
-
-def ridge_oof(
-    X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T]."""
-    stats = block_stats(X, Y, plan.block.to(X.device), plan.n_blocks, dtype)
-    sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas)
-    pred = plan.empty_predictions(X.shape[0], Y.shape[1], dtype, X.device)
-    for i, (v, _, rows) in enumerate(plan.fits):
-        rows = rows.to(X.device)
-        pred[:, v, rows] = sol.predict(X[:, rows], i)
-    return pred, sol.alpha
-
-
-def sparse_oof(
-    X: Tensor, Y: Tensor, plan: FoldPlan, k: int, alphas: Sequence[float], dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Out-of-fold k-sparse predictions [L V n T]; alphas [L n_fits T]; neurons [L V k] chosen on all rows.
-
-    Neurons are re-selected on every training fold and for every target column (so the
-    shuffled-label control selects its own neurons); the reported ``neurons`` come from all the
-    rows a variant uses, for target column 0.
-    """
-    L, n, d = X.shape
-    if not 1 <= k <= d:
-        raise ValueError(f"k must be in 1..{d} (the number of features), got {k}")
-    block = plan.block.to(X.device)
-    diag = block_stats(X, Y, block, plan.n_blocks, dtype, full=False)
-    scores = correlation_scores(diag, plan.train_blocks.to(X.device))  # [L F d T]
-    neurons = top_k(correlation_scores(diag, plan.full_train.to(X.device))[..., 0], k)
-    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
-    alpha = torch.zeros(L, len(plan.fits), Y.shape[1], dtype=dtype, device=X.device)
-    for i, (v, _, rows) in enumerate(plan.fits):
-        rows = rows.to(X.device)
-        for t in range(Y.shape[1]):
-            sel = top_k(scores[:, i, :, t], k)  # [L k]
-            Xs = X.gather(2, sel[:, None, :].expand(L, n, k))
-            stats = block_stats(Xs, Y[:, t : t + 1], block, plan.n_blocks, dtype)
-            sol = solve_ridge(stats, plan.train_blocks[i : i + 1].to(X.device), alphas)
-            pred[:, v, rows, t] = sol.predict(Xs[:, rows], 0)[..., 0]
-            alpha[:, i, t] = sol.alpha[:, 0, 0]
-    return pred, alpha, neurons
-
-
-def logistic_oof(
-    X: Tensor, Y: Tensor, plan: FoldPlan, C: float, max_iter: int, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Out-of-fold multinomial predictions [L V n T] (the predicted class's target value); C as [L n_fits T]."""
-    L = X.shape[0]
-    block = plan.block.to(X.device)
-    # the control columns permute the same values, so one class list serves every column
-    classes, y_idx = torch.unique(Y.to(X.device), return_inverse=True)
-    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
-    for i, (v, _, rows) in enumerate(plan.fits):
-        rows = rows.to(X.device)
-        train = plan.train_blocks[i].to(X.device)[block].nonzero().squeeze(1)
-        Xtr = X[:, train].to(dtype)
-        mean = Xtr.mean(1, keepdim=True)
-        scale = _scale(Xtr.var(1, unbiased=False))[:, None, :]
-        Ztr, Zte = (Xtr - mean) / scale, (X[:, rows].to(dtype) - mean) / scale
-        W, b = fit_logistic(Ztr, y_idx[train], len(classes), C, max_iter, 1e-6)
-        pred[:, v, rows] = classes.to(dtype)[torch.einsum("lnd,ldtk->lntk", Zte, W).add(b[:, None]).argmax(-1)]
-    return pred, torch.full((L, len(plan.fits), Y.shape[1]), C, dtype=dtype, device=X.device)
-
-
-def token_baseline_oof(key: Tensor, y: Tensor, plan: FoldPlan, alphas: Sequence[float]) -> Tensor:
-    """Out-of-fold predictions [V n] from token identity alone: ridge on one-hot token ids.
-
-    The fit is the shrunken per-token mean ``ybar + sum(y - ybar) / (n_token + alpha)`` (ridge
-    on one-hot ids with an unpenalised mean); alpha is chosen by exact leave-one-out, which is
-    cheap here because the hat matrix is diagonal per token: h = 1 / (n_token + alpha).
-    Unseen tokens get ``ybar``.
-    """
-    _, key = torch.unique(key, return_inverse=True)
-    n_keys = int(key.max()) + 1
-    grid = torch.as_tensor(list(alphas), dtype=torch.float64)
-    y = y.double().cpu()
-    pred = torch.full((len(plan.with_pos0), y.numel()), float("nan"), dtype=torch.float64)
-    for i, (v, _, rows) in enumerate(plan.fits):
-        train = plan.train_blocks[i][plan.block].nonzero().squeeze(1)
-        ybar = y[train].mean()
-        counts = torch.bincount(key[train], minlength=n_keys).double()
-        sums = torch.bincount(key[train], weights=y[train] - ybar, minlength=n_keys)
-        c, s, r = counts[key[train]], sums[key[train]], y[train] - ybar
-        den = c[:, None] + grid  # [n_train A]
-        loo = (r[:, None] - s[:, None] / den) / (1 - 1 / den)
-        alpha = grid[(loo**2).mean(0).argmin()]
-        pred[v, rows] = ybar + sums[key[rows]] / (counts[key[rows]] + alpha)
-    return pred

@@ -22,16 +22,13 @@ from torch import Tensor
 
 from posprobe.models.base import positions_from_mask
 from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site
+from posprobe.stats.probe_cv import FoldPlan, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
 from posprobe.stats.probe_estimators import (
+    ALPHA_SELECTIONS,
     DEFAULT_ALPHAS,
-    FoldPlan,
     LogisticProbe,
     RidgeProbe,
     SparseProbe,
-    logistic_oof,
-    ridge_oof,
-    sparse_oof,
-    token_baseline_oof,
 )
 from posprobe.store import ActivationStore
 
@@ -251,10 +248,10 @@ def _chance_mad(target: str, cls: Tensor) -> float:
 
 def _fit(kind: str, X: Tensor, Y: Tensor, plan: FoldPlan, opts: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
     if kind == "ridge":
-        pred, alpha = ridge_oof(X, Y, plan, opts["alphas"], opts["dtype"])
+        pred, alpha = ridge_oof(X, Y, plan, opts["alphas"], opts["alpha_selection"], opts["dtype"])
         return pred, alpha, None
     if kind == "sparse":
-        return sparse_oof(X, Y, plan, opts["k"], opts["alphas"], opts["dtype"])
+        return sparse_oof(X, Y, plan, opts["k"], opts["alphas"], opts["alpha_selection"], opts["dtype"])
     pred, C = logistic_oof(X, Y, plan, opts["C"], opts["max_iter"], torch.float32)
     return pred.double(), C, None
 
@@ -284,6 +281,7 @@ def probe_position(
     attention_mask: Tensor | None = None,
     tokens: Tensor | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
+    alpha_selection: str = "gcv",
     k: int = 8,
     C: float = 1.0,
     max_iter: int = 100,
@@ -301,9 +299,11 @@ def probe_position(
     Targets: ``absolute`` position, ``log`` (log1p position), ``bucket`` (``n_buckets`` equal-width
     position bins) and ``relative`` (the offset i − j of a token pair drawn within one sequence,
     ``n_pairs`` per sequence, seeded; features the difference or concatenation of the two vectors).
-    Kinds: ``ridge`` (all layers and folds in one batched solve; alpha by GCV on each training
-    fold from ``alphas``), ``sparse`` (top-``k`` neurons by |correlation| with the target, then
-    ridge; ``neurons`` names them) and ``logistic`` (multinomial over the target's values, ``C``).
+    Kinds: ``ridge`` (all layers and folds in one batched solve; alpha chosen on each training
+    fold from ``alphas`` by ``alpha_selection``: ``"gcv"``, fast, or exact leave-one-out ``"loo"``
+    as scikit-learn's RidgeCV), ``sparse`` (top-``k`` neurons by |correlation| with the target,
+    then ridge; ``neurons`` names them) and ``logistic`` (multinomial over the target's values,
+    penalty ``C``, LBFGS in float32, so CPU and GPU may differ in a few predictions).
     Features are standardised inside every probe.
 
     Metrics (pooled out-of-fold predictions): ``r2`` and ``mae`` on the target; ``accuracy`` and
@@ -324,6 +324,8 @@ def probe_position(
     wanted_controls = set(_as_list(list(controls), CONTROLS, "control")) if controls else set()
     if exclude_bos not in ("both", True, False):
         raise ValueError(f"exclude_bos must be 'both', True or False, got {exclude_bos!r}")
+    if alpha_selection not in ALPHA_SELECTIONS:
+        raise ValueError(f"unknown alpha_selection {alpha_selection!r}; accepted: {', '.join(ALPHA_SELECTIONS)}")
     if pair_features not in PAIR_FEATURES:
         raise ValueError(f"unknown pair_features {pair_features!r}; accepted: {', '.join(PAIR_FEATURES)}")
     if not isinstance(n_splits, int) or n_splits < 2:
@@ -334,7 +336,14 @@ def probe_position(
         raise ValueError(f"n_pairs must be a positive integer or None, got {n_pairs!r}")
     variants = {"both": (True, False), True: (False,), False: (True,)}[exclude_bos]
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    opts = {"alphas": alphas, "k": k, "C": C, "max_iter": max_iter, "dtype": torch.float64}
+    opts = {
+        "alphas": alphas,
+        "alpha_selection": alpha_selection,
+        "k": k,
+        "C": C,
+        "max_iter": max_iter,
+        "dtype": torch.float64,
+    }
 
     inputs = _load(store_or_acts, site, layers, positions, attention_mask, tokens)
     random_inputs = None

@@ -1,0 +1,154 @@
+"""Grouped cross-validation for ``probe_position``: out-of-fold probe fits of every layer at once.
+
+A ``FoldPlan`` says which rows (tokens or token pairs) train and test each fit: whole sequences
+per fold, with and without position 0. The fitters return pooled out-of-fold predictions
+[L V n T] for L layers, V position-0 variants, n rows and T target columns (the target and its
+shuffled-label controls), so a layer's score, its controls and both variants come from one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posprobe.stats.probe_estimators import (
+    block_stats,
+    correlation_scores,
+    fit_logistic,
+    scale_of,
+    solve_ridge,
+    top_k,
+)
+
+
+@dataclass
+class FoldPlan:
+    """Grouped cross-validation with variants: which rows train and test each fit.
+
+    Rows fall into blocks ``fold * 2 + at_pos0``. Fit ``i`` is (variant ``fits[i][0]``, fold
+    ``fits[i][1]``); variant ``with_pos0=False`` drops position-0 rows from training and testing.
+    """
+
+    block: Tensor  # [n]
+    n_folds: int
+    with_pos0: tuple[bool, ...]
+    fits: list[tuple[int, int, Tensor]]  # (variant, fold, test rows)
+    train_blocks: Tensor  # [n_fits 2F] bool
+    full_train: Tensor  # [n_variants 2F] bool: every row a variant uses
+
+    @classmethod
+    def build(cls, fold: Tensor, at_pos0: Tensor, n_folds: int, with_pos0: tuple[bool, ...]) -> FoldPlan:
+        block = fold * 2 + at_pos0.long()
+        b_fold = torch.arange(2 * n_folds) // 2
+        b_pos0 = torch.arange(2 * n_folds) % 2 == 1
+        fits, train_blocks, full_train = [], [], []
+        for v, keep0 in enumerate(with_pos0):
+            allowed = torch.ones_like(b_pos0) if keep0 else ~b_pos0
+            full_train.append(allowed)
+            for f in range(n_folds):
+                rows = ((fold == f) & (keep0 | ~at_pos0)).nonzero().squeeze(1)
+                fits.append((v, f, rows))
+                train_blocks.append(allowed & (b_fold != f))
+        return cls(block, n_folds, with_pos0, fits, torch.stack(train_blocks), torch.stack(full_train))
+
+    @property
+    def n_blocks(self) -> int:
+        return 2 * self.n_folds
+
+    def empty_predictions(self, L: int, T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.full((L, len(self.with_pos0), self.block.numel(), T), float("nan"), dtype=dtype, device=device)
+
+
+def ridge_oof(
+    X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], selection: str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T]."""
+    block = plan.block.to(X.device)
+    stats = block_stats(X, Y, block, plan.n_blocks, dtype)
+    sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas, selection, (X, Y.to(X.device), block))
+    pred = plan.empty_predictions(X.shape[0], Y.shape[1], dtype, X.device)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        rows = rows.to(X.device)
+        pred[:, v, rows] = sol.predict(X[:, rows], i)
+    return pred, sol.alpha
+
+
+def sparse_oof(
+    X: Tensor, Y: Tensor, plan: FoldPlan, k: int, alphas: Sequence[float], selection: str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Out-of-fold k-sparse predictions [L V n T]; alphas [L n_fits T]; neurons [L V k] chosen on all rows.
+
+    Neurons are re-selected on every training fold and for every target column (so the
+    shuffled-label control selects its own neurons); the reported ``neurons`` come from all the
+    rows a variant uses, for target column 0.
+    """
+    L, n, d = X.shape
+    if not 1 <= k <= d:
+        raise ValueError(f"k must be in 1..{d} (the number of features), got {k}")
+    block = plan.block.to(X.device)
+    diag = block_stats(X, Y, block, plan.n_blocks, dtype, full=False)
+    scores = correlation_scores(diag, plan.train_blocks.to(X.device))  # [L F d T]
+    neurons = top_k(correlation_scores(diag, plan.full_train.to(X.device))[..., 0], k)
+    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    alpha = torch.zeros(L, len(plan.fits), Y.shape[1], dtype=dtype, device=X.device)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        rows = rows.to(X.device)
+        for t in range(Y.shape[1]):
+            sel = top_k(scores[:, i, :, t], k)  # [L k]
+            Xs = X.gather(2, sel[:, None, :].expand(L, n, k))
+            stats = block_stats(Xs, Y[:, t : t + 1], block, plan.n_blocks, dtype)
+            data = (Xs, Y[:, t : t + 1].to(X.device), block)
+            sol = solve_ridge(stats, plan.train_blocks[i : i + 1].to(X.device), alphas, selection, data)
+            pred[:, v, rows, t] = sol.predict(Xs[:, rows], 0)[..., 0]
+            alpha[:, i, t] = sol.alpha[:, 0, 0]
+    return pred, alpha, neurons
+
+
+def logistic_oof(
+    X: Tensor, Y: Tensor, plan: FoldPlan, C: float, max_iter: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Out-of-fold multinomial predictions [L V n T] (the predicted class's target value); C as [L n_fits T]."""
+    L = X.shape[0]
+    block = plan.block.to(X.device)
+    # the control columns permute the same values, so one class list serves every column
+    classes, y_idx = torch.unique(Y.to(X.device), return_inverse=True)
+    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        rows = rows.to(X.device)
+        train = plan.train_blocks[i].to(X.device)[block].nonzero().squeeze(1)
+        Xtr = X[:, train].to(dtype)
+        mean = Xtr.mean(1, keepdim=True)
+        scale = scale_of(Xtr.var(1, unbiased=False))[:, None, :]
+        Ztr, Zte = (Xtr - mean) / scale, (X[:, rows].to(dtype) - mean) / scale
+        W, b = fit_logistic(Ztr, y_idx[train], len(classes), C, max_iter, 1e-6)
+        pred[:, v, rows] = classes.to(dtype)[torch.einsum("lnd,ldtk->lntk", Zte, W).add(b[:, None]).argmax(-1)]
+    return pred, torch.full((L, len(plan.fits), Y.shape[1]), C, dtype=dtype, device=X.device)
+
+
+def token_baseline_oof(key: Tensor, y: Tensor, plan: FoldPlan, alphas: Sequence[float]) -> Tensor:
+    """Out-of-fold predictions [V n] from token identity alone: ridge on one-hot token ids.
+
+    The fit is the shrunken per-token mean ``ybar + sum(y - ybar) / (n_token + alpha)`` (ridge
+    on one-hot ids with an unpenalised mean); alpha is chosen by exact leave-one-out, which is
+    cheap here because the hat matrix is diagonal per token: h = 1 / (n_token + alpha).
+    Unseen tokens get ``ybar``.
+    """
+    _, key = torch.unique(key, return_inverse=True)
+    n_keys = int(key.max()) + 1
+    grid = torch.as_tensor(list(alphas), dtype=torch.float64)
+    y = y.double().cpu()
+    pred = torch.full((len(plan.with_pos0), y.numel()), float("nan"), dtype=torch.float64)
+    for i, (v, _, rows) in enumerate(plan.fits):
+        train = plan.train_blocks[i][plan.block].nonzero().squeeze(1)
+        ybar = y[train].mean()
+        counts = torch.bincount(key[train], minlength=n_keys).double()
+        sums = torch.bincount(key[train], weights=y[train] - ybar, minlength=n_keys)
+        c, s, r = counts[key[train]], sums[key[train]], y[train] - ybar
+        den = c[:, None] + grid  # [n_train A]
+        loo = (r[:, None] - s[:, None] / den) / (1 - 1 / den)
+        alpha = grid[(loo**2).mean(0).argmin()]
+        pred[v, rows] = ybar + sums[key[rows]] / (counts[key[rows]] + alpha)
+    return pred

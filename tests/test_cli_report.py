@@ -1,0 +1,248 @@
+"""The ``posprobe`` command line, the HTML report and figure export.
+
+CLI contract: every subcommand's ``--help`` shows an example; bad input exits 2 with one line on
+stderr and no traceback (``--debug`` shows it). The report end to end runs ``posprobe report
+--quick`` in a subprocess and renders the page in headless Chromium, as a reader would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+
+from posprobe.cli import COMMANDS, EXAMPLES, build_parser, main
+from posprobe.plots.export import ExportError, image_export_problem, save_figure
+
+ZOO_NONE = Path(__file__).resolve().parents[1] / "data" / "zoo" / "none"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "posprobe", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, command: str, *fragments: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert lines[0].startswith(f"posprobe {command}: error: "), lines[0]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# -- help and model list ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_help_shows_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out
+    assert EXAMPLES[command].splitlines()[0] in out
+    assert f"posprobe {command}" in EXAMPLES[command]
+
+
+def test_top_level_help_lists_every_subcommand():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in COMMANDS:
+        assert command in proc.stdout
+
+
+def test_models_lists_packaged_and_zoo_names():
+    proc = run_cli("models")
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    for name in ("smollm2-135m", "gemma-3-270m", "minilm-l6", "zoo:none", "zoo:learned", "zoo:sinusoidal",
+                 "zoo:rope", "zoo:alibi"):
+        assert name in names, proc.stdout
+
+
+# -- bad input: exit 2, one line, no traceback -------------------------------------------------------
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    proc = run_cli("probe", "--model", "no-such-model", "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "probe", "unknown model 'no-such-model'", "smollm2-135m", "zoo:none")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_site_is_one_line_before_any_model_loads(tmp_path):
+    proc = run_cli("probe", "--model", "smollm2-135m", "--site", "resid", "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "probe", "unknown site 'resid'", "resid_post")
+
+
+def test_layer_out_of_range_is_one_line(tmp_path):
+    assert (ZOO_NONE / "config.json").exists(), f"the zoo checkpoint {ZOO_NONE} is missing (shipped in data/zoo)"
+    proc = run_cli("extract", "--model", "zoo:none", "--layers", "99", "--n", "2", "--seq-len", "16",
+                   "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "extract", "layer 99", "0..3")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["probe", "--target", "middle"], "unknown target 'middle'"),
+        (["probe", "--kind", "mlp"], "unknown kind 'mlp'"),
+        (["patch", "--sites", "resid_pre", "atn_out"], "unknown site 'atn_out'"),
+    ],
+)
+def test_bad_flags_exit_2_in_process(argv, fragment, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_cli("probe", "--model", "no-such-model", "--out", str(tmp_path / "out"), "--debug")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "unknown model 'no-such-model'" in proc.stderr
+
+
+# -- figure export -------------------------------------------------------------------------------------
+
+
+def small_figure() -> go.Figure:
+    return go.Figure(go.Scatter(x=[0, 1, 2], y=[2.0, 0.5, 1.0], name="probe R²"), layout={"title": "export check"})
+
+
+def test_save_figure_writes_self_contained_html(tmp_path):
+    written = save_figure(small_figure(), tmp_path / "sub" / "fig.html")
+    assert written == [tmp_path / "sub" / "fig.html"]
+    page = written[0].read_text()
+    assert "export check" in page and page.count("plotly.js v") == 1 and not re.search(r"<script[^>]+src=", page)
+
+
+def test_save_figure_rejects_unknown_formats(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown figure format '\.jpg'.*\.png"):
+        save_figure(small_figure(), tmp_path / "fig.jpg")
+    with pytest.raises(ValueError, match="unknown static format 'eps'"):
+        save_figure(small_figure(), tmp_path / "fig", formats=["eps"])
+
+
+def test_save_figure_without_kaleido_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido now raises ImportError
+    assert "kaleido is not installed" in image_export_problem()
+    with pytest.raises(ExportError, match=r"pip install kaleido.*apt-get install chromium"):
+        save_figure(small_figure(), tmp_path / "fig.png")
+    assert (tmp_path / "fig.html").exists() and not (tmp_path / "fig.png").exists()
+
+
+def test_save_figure_without_chromium_says_what_to_install(tmp_path, monkeypatch):
+    pytest.importorskip("kaleido", reason="the no-Chromium branch is reached only with kaleido installed")
+    from choreographer.browsers.chromium import Chromium
+
+    monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **kwargs: None))  # as if none installed
+    assert "no Chrome/Chromium" in image_export_problem()
+    with pytest.raises(ExportError, match=r"no Chrome/Chromium.*apt-get install chromium"):
+        save_figure(small_figure(), tmp_path / "fig.svg")
+    assert (tmp_path / "fig.html").exists() and not (tmp_path / "fig.svg").exists()
+
+
+@pytest.mark.slow
+def test_save_figure_writes_png_and_svg(tmp_path):
+    problem = image_export_problem()
+    if problem is not None:
+        pytest.fail(f"static export is part of posprobe[export] and CI installs it: {problem}")
+    written = save_figure(small_figure(), tmp_path / "fig.png", formats=["svg"], width=400, height=300)
+    assert [p.name for p in written] == ["fig.html", "fig.png", "fig.svg"]
+    assert (tmp_path / "fig.png").read_bytes().startswith(b"\x89PNG")
+    assert "<svg" in (tmp_path / "fig.svg").read_text()[:2000]
+
+
+# -- the report -----------------------------------------------------------------------------------------
+
+
+def test_report_composes_a_page_for_two_tiny_models(tmp_path):
+    """Composition only, fast: tiny random zoo models, a two-column page, tables and summary beside it."""
+    from posprobe.models.zoo import ZooConfig, ZooModel, ZooTransformer
+    from posprobe.report import ReportSettings, build_report
+
+    tiny = dict(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64)
+    rope = ZooModel(ZooTransformer(ZooConfig(pe="rope", **tiny)), name="tiny-rope")
+    nope = ZooModel(ZooTransformer(ZooConfig(pe="none", **tiny)), name="tiny-none")
+    settings = ReportSettings(n=10, seq_len=24, seed=0, device="cpu")
+    page = build_report(rope, tmp_path, compare=nope, settings=settings, progress=False)
+    text = page.read_text()
+    assert text.count("plotly.js v") == 1, "plotly.js must be inlined exactly once"
+    for key in ("model", "probes", "rope", "neurons", "attention", "shift"):
+        assert f"<section id='{key}'>" in text
+    assert "not applicable to tiny-none" in text  # no RoPE section for NoPE
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["models"]) == {"tiny-rope", "tiny-none"}
+    assert summary["meta"]["settings"]["n"] == 10
+    for name in ("tiny-rope.probes", "tiny-none.probes", "tiny-rope.rope_usage"):
+        assert (tmp_path / "tables" / f"{name}.csv").stat().st_size > 0
+        assert (tmp_path / "tables" / f"{name}.parquet").exists()
+        assert f"tables/{name}.csv" in text
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail(
+            "headless Chromium is needed to check that the report renders: install Debian's chromium "
+            "(apt-get install chromium); CI's .ci/run installs it"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    proc = run_cli("report", "--quick", "--out", str(out), timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report written to" in proc.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_quick_report_writes_page_tables_and_summary(quick_report):
+    page = (quick_report / "index.html").read_text()
+    assert page.count("plotly.js v") == 1 and not re.search(r"<script[^>]+src=", page)  # opens offline
+    summary = json.loads((quick_report / "summary.json").read_text())
+    assert summary["meta"]["settings"]["quick"] is True
+    assert set(summary["models"]["smollm2-135m"]) >= {"model", "probes", "rope", "neurons", "attention", "shift"}
+    csvs = sorted((quick_report / "tables").glob("*.csv"))
+    assert {p.name for p in csvs} >= {"smollm2-135m.probes.csv", "smollm2-135m.rope_usage.csv",
+                                       "smollm2-135m.neurons.csv", "smollm2-135m.shift_invariance.csv"}
+    assert all(p.stat().st_size > 0 for p in csvs)
+
+
+@pytest.mark.slow
+def test_quick_report_renders_in_headless_chromium(quick_report, tmp_path):
+    browser = chromium()
+    url = (quick_report / "index.html").resolve().as_uri()
+    base = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    n_figures = dom.count('class="plotly-graph-div')
+    assert n_figures >= 6, "the report should hold at least six figures"
+    assert dom.count('class="main-svg"') >= n_figures, "plotly did not draw every figure"
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,3000", url], capture_output=True,
+                   timeout=180, check=True)
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 50_000
