@@ -8,7 +8,7 @@ sinusoidal 0.008 at layer 0; ALiBi best ≈52.7 (layer 11). Here: ridge probes (
 models and SmolLM2, with shuffled-label, random-init and token-identity controls, split by
 sequence, without position 0 (the BOS). MAD is compared with the random-guess (N²−1)/(3N).
 
-Usage: ``python analyses/haviv_probes.py [--quick] [--out DIR] [--zoo-root DIR] [--logistic]``
+Usage: ``python analyses/haviv_probes.py [--quick] [--out DIR] [--zoo-root DIR]``
 """
 
 from __future__ import annotations
@@ -28,33 +28,79 @@ from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row  
 NAME = "haviv_probes"
 
 
-def settings(quick: bool) -> dict[str, dict[str, int]]:
-    """Windows × tokens per model family; quick mode is sized for 2 CPU cores."""
+def settings(quick: bool) -> dict[str, dict]:
+    """Windows × tokens per model family; quick mode is sized for 2 CPU cores.
+
+    ``layers``: the resid_post layers probed (None: all); ``logistic``: depths that also get Haviv's
+    classifier (``"first"`` = depth 0 only), fitted on the first ``logistic_windows`` windows.
+    """
     if quick:
-        return {"zoo": {"n": 32, "seq_len": 128}, "smollm2-135m": {"n": 16, "seq_len": 128}}
-    return {"zoo": {"n": 256, "seq_len": 256}, "smollm2-135m": {"n": 64, "seq_len": 512}}
+        return {
+            "zoo": {"n": 32, "seq_len": 128, "layers": None, "exclude_bos": "both",
+                    "logistic": "first", "logistic_windows": 32},
+            "smollm2-135m": {"n": 16, "seq_len": 128, "layers": [*range(0, 30, 3), 29], "exclude_bos": True,
+                             "logistic": None, "logistic_windows": 0},
+        }
+    return {
+        "zoo": {"n": 256, "seq_len": 128, "layers": None, "exclude_bos": "both",
+                "logistic": "all", "logistic_windows": 64},
+        "smollm2-135m": {"n": 64, "seq_len": 256, "layers": None, "exclude_bos": "both",
+                         "logistic": None, "logistic_windows": 0},
+    }
 
 
-def probe_depths(model, n: int, seq_len: int, seed: int, kinds: Sequence[str], tmp: str) -> pd.DataFrame:
-    """Probe the embedding output and every block output of ``model`` (and its random-init twin) for position."""
+def probe_depths(
+    model,
+    n: int,
+    seq_len: int,
+    seed: int,
+    tmp: str,
+    layers: Sequence[int] | None = None,
+    exclude_bos: bool | str = "both",
+    logistic: str | None = None,
+    logistic_windows: int = 0,
+) -> pd.DataFrame:
+    """Ridge-probe the embedding output and block outputs of ``model`` for position (controls: its random-init twin).
+
+    With ``logistic`` ("first": depth 0 only; "all"), Haviv's multinomial classifier is fitted too, on the
+    first ``logistic_windows`` windows and without controls (it costs ~100x a ridge fit).
+    """
     import posprobe as pp
     from posprobe.extract import extract
 
     batch = pp.data.text_windows(model, n=n, seq_len=seq_len, seed=seed)
     sites = ["resid_pre", "resid_post"]
-    real = extract(model, batch, sites, layers=None, out=f"{tmp}/real", batch_size=8, progress=False)
+    post_layers = list(range(model.info.n_layers)) if layers is None else list(layers)
+    keys = {"resid_pre": [0], "resid_post": post_layers}
+    real = extract(model, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/real", batch_size=8,
+                   progress=False)
     twin = model.random_init_copy(seed)
-    rand = extract(twin, batch, sites, layers=None, out=f"{tmp}/random", batch_size=8, progress=False)
-    common = {"random_init_store": rand, "seed": seed, "kind": list(kinds), "exclude_bos": "both"}
-    emb = pp.probe_position(real, "resid_pre", layers=[0], **common).table.assign(depth=0, depth_site="resid_pre.0")
-    post = pp.probe_position(real, "resid_post", **common).table
-    post = post.assign(depth=post["layer"].astype(int) + 1, depth_site="resid_post." + post["layer"].astype(str))
-    table = pd.concat([emb, post], ignore_index=True)
+    rand = extract(twin, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/random", batch_size=8,
+                   progress=False)
+    common = {"random_init_store": rand, "seed": seed, "exclude_bos": exclude_bos}
+    parts = [pp.probe_position(real, site, layers=ls, **common).table.assign(site=site) for site, ls in keys.items()]
+    if logistic:
+        k = min(logistic_windows, n)
+        mask, toks, pos = real.attention_mask[:k], real.tokens[:k], real.position_ids[:k]
+        for site, ls in keys.items():
+            ls = ls if logistic == "all" else ([0] if site == "resid_pre" else [])
+            if not ls:
+                continue
+            acts = {layer: real.get(site, layer)[:k] for layer in ls}
+            res = pp.probe_position(acts, site, kind="logistic", controls=(), seed=seed, exclude_bos=exclude_bos,
+                                    attention_mask=mask, tokens=toks, positions=pos)
+            parts.append(res.table.assign(site=site, n_windows_fit=k))
+    table = pd.concat(parts, ignore_index=True)
+    is_pre = table["site"] == "resid_pre"
+    table["depth"] = table["layer"].astype(int) + (~is_pre).astype(int)
+    table["depth_site"] = table["site"] + "." + table["layer"].astype(str)
     table["model"] = model.info.name
     table["position_scheme"] = model.info.position_scheme
     table["n_windows"], table["seq_len"], table["n_layers"] = n, seq_len, model.info.n_layers
     table["mad_over_chance"] = table["mad"] / table["mad_chance"]
-    return table.drop(columns=["neurons"])
+    # what always predicting the middle position scores: the floor a regression reaches with no signal
+    table["mad_median_guess"] = table["n_positions"].map(lambda m: (m * m - (m % 2)) / (4 * m))
+    return table.drop(columns=["neurons"]).sort_values(["kind", "with_pos0", "depth"], ignore_index=True)
 
 
 def figure(table: pd.DataFrame) -> go.Figure:
@@ -64,6 +110,8 @@ def figure(table: pd.DataFrame) -> go.Figure:
     )
     rows = table[(table["kind"] == "ridge") & (~table["with_pos0"].astype(bool))]
     for i, (model, g) in enumerate(rows.groupby("model", sort=False)):
+        if g["r2"].isna().all():
+            continue
         color = f"hsl({(i * 57) % 360},65%,45%)"
         hover = "depth %{x}<br>MAD %{customdata[0]:.2f} of chance %{customdata[1]:.1f}<extra>" + model + "</extra>"
         fig.add_trace(
@@ -84,7 +132,18 @@ def figure(table: pd.DataFrame) -> go.Figure:
             ),
             row=1, col=2,
         )
+    logistic = table[(table["kind"] == "logistic") & (~table["with_pos0"].astype(bool))]
+    for model, g in logistic.groupby("model", sort=False):
+        fig.add_trace(
+            go.Scatter(
+                x=g["depth"], y=g["mad_over_chance"], mode="markers", marker={"symbol": "x", "size": 9},
+                name=f"{model} classifier (Haviv)", customdata=g[["mad", "accuracy"]].to_numpy(),
+                hovertemplate="depth %{x}<br>MAD %{customdata[0]:.3f}<br>accuracy %{customdata[1]:.3f}<extra></extra>",
+            ),
+            row=1, col=1,
+        )
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey", row=1, col=1, annotation_text="random guess")
+    fig.add_hline(y=0.75, line_dash="dot", line_color="grey", row=1, col=1, annotation_text="always the middle")
     fig.update_xaxes(title_text="depth (0 = embedding output, l+1 = after block l)")
     fig.update_yaxes(title_text="MAD / ((N²−1)/(3N))", row=1, col=1)
     fig.update_yaxes(title_text="R²", row=1, col=2)
@@ -111,6 +170,13 @@ def headline(table: pd.DataFrame) -> dict[str, dict[str, float | int | str]]:
             "token_r2": round(float(g["control_token"].iloc[0]), 4),
             "best_selectivity": round(float(g["selectivity"].max()), 4),
             "n_layers": int(g["n_layers"].iloc[0]),
+            "mad_median_guess": round(float(g["mad_median_guess"].iloc[0]), 2),
+        }
+    logistic = table[(table["kind"] == "logistic") & (~table["with_pos0"].astype(bool))]
+    for model, g in logistic.groupby("model", sort=False):
+        out[model]["classifier"] = {
+            f"depth{int(r.depth)}": {"accuracy": round(float(r.accuracy), 4), "mad": round(float(r.mad), 3)}
+            for r in g.itertuples()
         }
     return out
 
@@ -120,14 +186,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from posprobe.plots.probes import plot_probe_position
 
-    def logistic_flag(parser) -> None:
-        parser.add_argument("--logistic", action="store_true", help="also fit Haviv's classifier (slow: minutes)")
-
-    args = parse_args(argv, __doc__.splitlines()[0], logistic_flag)
+    args = parse_args(argv, __doc__.splitlines()[0])
     out = Output(args.out, NAME, args)
     sizes = settings(args.quick)
-    kinds = ["ridge", "logistic"] if args.logistic else ["ridge"]
-    out.settings.update(sizes=sizes, kinds=kinds)
+    out.settings.update(sizes=sizes)
     parts = []
     for variant in ZOO_ORDER:
         model, note = load_zoo_model(variant, args.zoo_root)
@@ -135,11 +197,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parts.append(skipped_row(f"zoo:{variant}", note, position_scheme=variant))
             continue
         with tempfile.TemporaryDirectory(prefix="haviv-") as tmp:
-            parts.append(probe_depths(model, **sizes["zoo"], seed=args.seed, kinds=kinds, tmp=tmp))
+            parts.append(probe_depths(model, **sizes["zoo"], seed=args.seed, tmp=tmp))
         print(f"[{NAME}] zoo:{variant} probed")
     smol = pp.load_model("smollm2-135m")
     with tempfile.TemporaryDirectory(prefix="haviv-") as tmp:
-        parts.append(probe_depths(smol, **sizes["smollm2-135m"], seed=args.seed, kinds=kinds, tmp=tmp))
+        parts.append(probe_depths(smol, **sizes["smollm2-135m"], seed=args.seed, tmp=tmp))
     table = pd.concat(parts, ignore_index=True)
     if "note" not in table:
         table["note"] = None

