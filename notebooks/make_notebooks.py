@@ -191,12 +191,14 @@ fig.update_layout(template="plotly_white")
 fig
 """),
     md("""
-**What to look for.** The learned and sinusoidal models expose position almost perfectly from
-layer 0 (their embeddings add it); NoPE starts lower and climbs through the layers, as Haviv et
-al. found at 1.3B scale (their NoPE MAD: 337 at layer 0 → ≈16.5 in layers 4–7). The dotted
-random-init controls are not zero: an untrained causal stack already leaks position. Our zoo
-models are tiny (4 layers, 128-token windows here), so the numbers are smaller than the
-paper's; the shape is what to compare.
+**What to look for.** Three things. (1) How R² moves with depth for each scheme: Haviv et al.
+found NoPE at chance in the embeddings, best in early-middle layers (their MAD: 337 at layer 0,
+≈16.5 in layers 4–7, for 1,024 positions), then fading, while learned and sinusoidal APEs are
+readable right at the input. (2) The dotted random-init controls. They are not zero: an untrained
+causal stack already leaks position, and an untrained absolute scheme's position vectors are
+trivially decodable. `selectivity` (R² minus the best control) is what training added, and it
+can be negative when trained token content drowns the position signal. (3) Scale: our zoo models
+are tiny (4 layers, d_model 128) and briefly trained, so compare shapes, not the paper's numbers.
 """),
     md("""
 ## 2. Attention-output variance falls with position (Chi et al. 2023)
@@ -216,9 +218,11 @@ pd.concat([v.exponents.assign(model=name) for name, v in variance.items()])[
     code("variance['random init'].figure()"),
     code("variance['trained'].figure()"),
     md("""
-**What to look for.** At random init every layer's exponent sits near 1 and the curves are
-straight lines on log-log axes; after training the first layers keep the trend (it is what the
-model reads position from), while deeper layers may bend.
+**What to look for.** At random initialisation the variance falls as a clean power law
+(straight lines on log-log axes, `r2` of the fit near 1, Spearman with position strongly
+negative); Chi et al.'s idealised analysis predicts an exponent of 1 for uncorrelated values,
+and correlated values or a BOS sink make it shallower. After training the fall persists but is
+shallower and noisier: compare `exponent` and `spearman` between the two tables.
 
 ## 3. Nearby tokens have similar hidden states (Zuo et al. 2025)
 
@@ -231,9 +235,10 @@ similarity.summary[~similarity.summary["include_pos0"]].round(3)
 """),
     code("similarity.figure()"),
     md("""
-**What to look for.** Similarity decays with distance from the first layer on, and adjacency is
-far above `adjacency_chance`: position is recoverable from *which tokens look alike*, without
-any positional encoding.
+**What to look for.** Whether similarity decays with distance already after the first layer,
+and how far `adjacency` rises above `adjacency_chance`: Zuo et al. argue that this similarity of
+neighbours, created by the first causal attention layer, is what lets a NoPE model recover
+order without any positional encoding.
 """),
 ]
 
@@ -419,14 +424,15 @@ shift = pd.concat([pp.shift_invariance(m, tokens, shifts=(1, 8, 64)) for m in zo
 shift[["model", "shift", "with_bos", "kl", "max_abs_logit_diff"]]
 """),
     md("""
-**What to look for.** KL ≈ 0 (float noise) for `none` and `rope`: their outputs depend only on
-relative positions. The learned and sinusoidal models change, more so for larger shifts.
+**What to look for.** KL ≈ 0 (float noise, ~1e-9) for `none` and `rope`: their outputs depend
+only on relative positions. The learned and sinusoidal models change: their embeddings are
+absolute, so shifted ids give different inputs.
 
 ## Position-shift patching in the learned-embedding model
 
 We shift every position by 8 and patch the residual stream entering each layer (`resid_pre`),
-one position at a time, and a probe fitted on the clean run reads the decoded position at the
-last layer's input.
+one position at a time. A ridge probe fitted on the clean run at the last layer's input reads
+the decoded position of the patched token.
 """),
     code("""
 from posprobe.stats.patching import fit_site_probe
@@ -435,15 +441,21 @@ learned = zoo["learned"]
 last = learned.info.n_layers - 1
 probe = fit_site_probe(learned, tokens, site="resid_pre", layer=last)
 patch = pp.patch_positions(learned, tokens[:4], shift=8, sites=("resid_pre",), per_position=True, probe=probe)
-patch.table.groupby(["layer", "metric"])["normalized"].mean().unstack().round(3)
+by_layer = {m: rows.groupby("layer")["normalized"] for m, rows in patch.table.groupby("metric")}
+pd.DataFrame({"kl, summed over positions": by_layer["kl"].sum(),
+              "logprob, summed over positions": by_layer["logprob"].sum(),
+              "probe_position, mean over positions": by_layer["probe_position"].mean()}).round(3)
 """),
     code("patch.figure(metric='kl')"),
-    code("patch.figure(metric='probe_position', value='effect')"),
+    code("patch.figure(metric='probe_position', value='normalized')"),
     md("""
-**What to look for.** For a model that adds learned position embeddings at the input, patching
-`resid_pre` at layer 0 carries the whole shift (normalized ≈ 1 at every position); later layers
-carry it only at positions whose later computation still reads it. The probe row shows the
-decoded position moving by about the shift where the patched site feeds it.
+**How to read it.** `kl` and `logprob` average over every token of the window, so one position's
+patch moves them by a small share of the full change, and a layer's per-position values sum to
+about its whole-sequence effect (the sums: 1 = the full change). `probe_position` is read at the
+patched token itself, so its mean over positions is the telling number: 1 means the token now
+decodes as shifted. At the probe's own
+site (the last layer) that is 1 by construction; at layer 0 it shows how much of the decoded
+position a token takes from its own embedding rather than rebuilding it from its context.
 
 ## Whole-layer patches across sites
 
@@ -454,6 +466,12 @@ Without `per_position` each site is patched at every position at once: one numbe
 whole = pp.patch_positions(learned, tokens[:4], shift=8, sites=("resid_pre", "attn_out", "mlp_out"),
                            per_position=False)
 whole.table[whole.table["metric"] == "kl"][["site", "layer", "clean", "corrupt", "value", "normalized"]].round(4)
+"""),
+    md("""
+**What to look for.** Every `resid_pre` carries the whole change: position enters once, at the
+input, and the residual stream carries it up. The attention and MLP outputs say which component
+writes a *position-dependent* signal into the stream, and how much of the output change each
+one alone explains; components far below 1 pass position on without re-encoding it.
 """),
 ]
 
