@@ -4,8 +4,9 @@ Published: decoder-only ~107M models trained on algorithmic tasks of length ≤ 
 40; NoPE generalises best, then T5's relative bias; ALiBi and RoPE degrade; absolute sinusoidal
 fails. Here: posprobe's ``length_generalization``, held-out sotu loss per 64-token position
 bucket up to 4× the training context (256 → 1,024 tokens) for the five zoo models (language
-modelling, not algorithmic tasks). Learned and sinusoidal absolute positions cannot run past
-their table and are reported unavailable there.
+modelling, not algorithmic tasks), with each bucket also scored through a sliding window of the
+last 256 tokens: ``gap`` = loss − window loss is the cost of the longer context alone. Learned
+and sinusoidal absolute positions cannot run past their table and are reported unavailable there.
 
 Usage: ``python analyses/kazemnejad_length.py [--quick] [--out DIR] [--zoo-root DIR]``
 """
@@ -29,25 +30,44 @@ def settings(quick: bool) -> dict:
 
 
 def headline(table: pd.DataFrame) -> dict:
-    """Per model: mean loss inside the training context, and in each further context-length span."""
+    """Per model and context-length span: mean loss, and the mean gap to a sliding window of n_ctx tokens.
+
+    Buckets hold different text, so loss alone mixes content with position; ``gap`` (the whole
+    sequence's loss minus the loss of the same targets seen through the last n_ctx tokens) is the
+    cost of the longer context alone. Learned / sinusoidal report only the sliding-window loss there.
+    """
     out = {}
-    for model, g in table.dropna(subset=["loss"]).groupby("model", sort=False):
+    for model, g in table.dropna(subset=["n_ctx"]).groupby("model", sort=False):
         n_ctx = int(g["n_ctx"].iloc[0])
         spans = {}
         for k in range(4):
             part = g[(g["bucket_start"] >= k * n_ctx) & (g["bucket_start"] < (k + 1) * n_ctx)]
-            if len(part):
-                spans[f"{k * n_ctx}-{(k + 1) * n_ctx - 1}"] = round(
-                    float((part["loss"] * part["n_tokens"]).sum() / part["n_tokens"].sum()), 4
-                )
-        inside = spans.get(f"0-{n_ctx - 1}")
-        beyond = [v for k, v in spans.items() if not k.startswith("0-")]
-        out[model] = {
-            "loss_by_span": spans,
-            "degradation_beyond_context": round(max(beyond) - inside, 4) if beyond and inside else None,
-            "runs_past_context": bool(beyond),
-        }
+            if not len(part):
+                continue
+            w = part["n_tokens"]
+            spans[f"{k * n_ctx}-{(k + 1) * n_ctx - 1}"] = {
+                "loss": round(float((part["loss"] * w).sum() / w.sum()), 4) if part["available"].all() else None,
+                "window_loss": round(float((part["window_loss"] * w).sum() / w.sum()), 4),
+                "gap": round(float((part["gap"] * w).sum() / w.sum()), 4) if part["available"].all() else None,
+            }
+        out[model] = {"by_span": spans, "runs_past_context": bool(g[g["beyond_context"]]["available"].any())}
     return out
+
+
+def gap_figure(table: pd.DataFrame):
+    """gap = loss − sliding-window loss per bucket: the cost of context beyond the training length."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for model, g in table[table["available"].astype(bool)].groupby("model", sort=False):
+        mid = (g["bucket_start"] + g["bucket_end"] - 1) / 2
+        fig.add_scatter(x=mid, y=g["gap"], mode="lines+markers", name=model)
+    fig.add_vline(x=float(table["n_ctx"].max()), line_dash="dash", line_color="grey", annotation_text="training context")
+    fig.update_layout(
+        title="Loss with the whole sequence minus loss through a sliding window of n_ctx tokens",
+        xaxis_title="position", yaxis_title="gap (nats)", template="plotly_white",
+    )
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -76,10 +96,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "note" not in table:
         table["note"] = None
     out.table("loss_by_position", table)
-    done = table.dropna(subset=["loss"])
+    done = table.dropna(subset=["n_ctx"])
     if len(done):
         title = "Kazemnejad et al. 2023 on the zoo: held-out loss by position, trained on 256 tokens"
         out.figure("loss_by_position", length_generalization_figure(done, title=title))
+        out.figure("gap_by_position", gap_figure(done))
     out.summary = headline(table)
     out.summary["skipped"] = {r.model: r.note for r in table[table["note"].notna()].drop_duplicates("model").itertuples()}
     return out.finish()

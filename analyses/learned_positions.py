@@ -5,7 +5,8 @@ principal components are smooth, low-frequency, cosine-like functions of positio
 position is linearly decodable from learned-APE models almost perfectly at layer 0. Here, for
 MiniLM-L6 (BERT, 512 learned positions) and the learned zoo model (256): W_pos read through the
 ``pos_embed`` hook, PCA (explained variance; PC1-3 in 3-D coloured by position; each PC's best
-fit by a cosine cos(π k t / N), k = 1..8, and its R²), cosine similarity of neighbouring rows;
+dominant period and how pure it is; whether PC1-PC2 turn at a constant rate — a helix), cosine
+similarity of neighbouring rows;
 and ridge probes of absolute position per layer (``probe_position``, split by sequence, with
 shuffled / random-init / token controls), as in ``haviv_probes.py``.
 
@@ -31,7 +32,6 @@ from haviv_probes import probe_depths  # noqa: E402
 
 NAME = "learned_positions"
 N_COMPONENTS = 6
-MAX_K = 8
 
 
 def settings(quick: bool) -> dict:
@@ -52,26 +52,39 @@ def position_matrix(model) -> np.ndarray:
 
 
 def pca(w_pos: np.ndarray, model_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-position coordinates on the top PCs, per-PC explained variance and best cosine fit)."""
+    """(per-position coordinates on the top PCs, per-PC explained variance, dominant period and its power share).
+
+    A PC's dominant period is N / k* for the peak bin k* ≥ 1 of its power spectrum over positions;
+    ``period_power`` is the share of the spectral power in bins k*−1..k*+1 (1 = a pure sinusoid).
+    """
     n = w_pos.shape[0]
     centred = w_pos - w_pos.mean(0)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     scores = u[:, :N_COMPONENTS] * s[:N_COMPONENTS]
     explained = s**2 / (s**2).sum()
     t = np.arange(n)
-    basis = np.stack([np.cos(np.pi * k * (t + 0.5) / n) for k in range(1, MAX_K + 1)], 1)  # DCT-II columns
     rows = []
     for c in range(N_COMPONENTS):
-        y = scores[:, c] - scores[:, c].mean()
-        r2 = [(basis[:, k] @ y) ** 2 / ((basis[:, k] @ basis[:, k]) * (y @ y)) for k in range(MAX_K)]
-        best = int(np.argmax(r2))
+        power = np.abs(np.fft.rfft(scores[:, c] - scores[:, c].mean())) ** 2
+        power[0] = 0.0
+        k = int(power.argmax())
         rows.append({
             "model": model_name, "component": c + 1, "explained_variance": float(explained[c]),
-            "best_cosine_k": best + 1, "best_cosine_r2": float(r2[best]),
+            "period": n / k, "period_power": float(power[max(k - 1, 1) : k + 2].sum() / power.sum()),
             "spearman_with_position": float(pd.Series(scores[:, c]).corr(pd.Series(t), method="spearman")),
         })
     coords = pd.DataFrame(scores, columns=[f"pc{c + 1}" for c in range(N_COMPONENTS)]).assign(position=t, model=model_name)
     return coords, pd.DataFrame(rows)
+
+
+def helix_turn(coords: pd.DataFrame) -> dict[str, float]:
+    """Does W_pos turn around a circle in the PC1-PC2 plane? Linear fit of the unwrapped angle against position."""
+    angle = np.unwrap(np.arctan2(coords["pc2"].to_numpy(), coords["pc1"].to_numpy()))
+    t = coords["position"].to_numpy(dtype=float)
+    slope, intercept = np.polyfit(t, angle, 1)
+    resid = angle - (slope * t + intercept)
+    r2 = 1 - (resid**2).sum() / ((angle - angle.mean()) ** 2).sum()
+    return {"pc12_turn_period": float(2 * np.pi / abs(slope)), "pc12_angle_linear_r2": float(r2)}
 
 
 def neighbour_similarity(w_pos: np.ndarray, model_name: str) -> pd.DataFrame:
@@ -114,7 +127,7 @@ def components_figure(coords: pd.DataFrame) -> go.Figure:
             fig.add_scatter(x=g["position"], y=g[f"pc{c}"], mode="lines", name=f"{model} PC{c}", row=i + 1, col=1)
     fig.update_xaxes(title_text="position")
     fig.update_yaxes(title_text="PC score")
-    fig.update_layout(title="Top principal components of W_pos against position (a helix: low-frequency cosines)")
+    fig.update_layout(title="Top principal components of W_pos against position (a helix: a fast circle + a slow drift)")
     return fig
 
 
@@ -132,16 +145,20 @@ def decodability_figure(probes: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def headline(components: pd.DataFrame, neighbours: pd.DataFrame, probes: pd.DataFrame) -> dict:
+def headline(components: pd.DataFrame, coords: pd.DataFrame, neighbours: pd.DataFrame, probes: pd.DataFrame) -> dict:
     out = {}
     for model, g in components.groupby("model", sort=False):
         nb = neighbours[neighbours["model"] == model].set_index("distance")["cos_sim"]
         p = probes[(probes["model"] == model) & (probes["kind"] == "ridge") & (~probes["with_pos0"].astype(bool))]
         out[model] = {
             "explained_variance_pc1_3": [round(float(v), 3) for v in g["explained_variance"].head(3)],
-            "best_cosine_k_pc1_3": g["best_cosine_k"].head(3).astype(int).tolist(),
-            "best_cosine_r2_pc1_3": [round(float(v), 3) for v in g["best_cosine_r2"].head(3)],
+            "period_pc1_3": [round(float(v), 2) for v in g["period"].head(3)],
+            "period_power_pc1_3": [round(float(v), 3) for v in g["period_power"].head(3)],
+            **{k: round(v, 4) for k, v in helix_turn(coords[coords["model"] == model]).items()},
             "neighbour_cos_d1": round(float(nb.loc[1]), 3),
+            "random_init_neighbour_cos_d1": round(
+                float(neighbours[neighbours["model"] == f"{model} (random init)"]["cos_sim"].iloc[0]), 3
+            ),
             f"neighbour_cos_d{int(nb.index.max())}": round(float(nb.iloc[-1]), 3),
             "probe_r2_by_depth": [round(float(v), 4) for v in p["r2"]],
             "probe_mad_by_depth": [round(float(v), 3) for v in p["mad"]],
@@ -173,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         coords.append(c)
         comps.append(comp)
         neigh.append(neighbour_similarity(w_pos, name))
+        twin_pos = position_matrix(model.random_init_copy(args.seed))
+        neigh.append(neighbour_similarity(twin_pos, f"{name} (random init)"))
         with tempfile.TemporaryDirectory(prefix="learned-") as tmp:
             probes.append(probe_depths(model, **cfg[name], seed=args.seed, tmp=tmp).assign(model=name))
         print(f"[{NAME}] {name} done")
@@ -187,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.figure("w_pos_helix_3d", helix_figure(coords_t))
     out.figure("w_pos_components", components_figure(coords_t))
     out.figure("decodability_by_layer", decodability_figure(probes_t))
-    out.summary = headline(comps_t.dropna(subset=["component"]), neigh_t, probes_t)
+    out.summary = headline(comps_t.dropna(subset=["component"]), coords_t, neigh_t, probes_t)
     out.summary["skipped"] = skipped
     return out.finish()
 

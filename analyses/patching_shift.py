@@ -31,14 +31,16 @@ PATCH_PLAN = {"learned": ("offset", "filler"), "rope": ("filler",), "none": ("fi
 def settings(quick: bool) -> dict:
     if quick:
         return {
-            "shift": {"n": 8, "seq_len": 128, "shifts": [1, 8, 64]},
-            "patch_zoo": {"n": 8, "seq_len": 48, "shift": 8},
-            "patch_smol": {"n": 2, "seq_len": 32, "shift": 8},
+            "shift_zoo": {"n": 8, "seq_len": 128, "shifts": [1, 8, 64]},
+            "shift_smol": {"n": 2, "seq_len": 64, "shifts": [1, 8, 64]},
+            "patch_zoo": {"n": 4, "seq_len": 32, "shift": 8},
+            "patch_smol": {"n": 2, "seq_len": 32, "shift": 8, "layers": [*range(0, 30, 3), 29]},
         }
     return {
-        "shift": {"n": 32, "seq_len": 128, "shifts": [1, 8, 64, 128]},
-        "patch_zoo": {"n": 32, "seq_len": 96, "shift": 16},
-        "patch_smol": {"n": 8, "seq_len": 64, "shift": 16},
+        "shift_zoo": {"n": 32, "seq_len": 128, "shifts": [1, 8, 64, 128]},
+        "shift_smol": {"n": 8, "seq_len": 128, "shifts": [1, 8, 64, 128]},
+        "patch_zoo": {"n": 32, "seq_len": 64, "shift": 16},
+        "patch_smol": {"n": 8, "seq_len": 64, "shift": 16, "layers": None},
     }
 
 
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             skipped[f"zoo:{variant}"] = note
             shifts.append(skipped_row(f"zoo:{variant}", note, position_scheme=variant))
             continue
-        shifts.append(shift_table(model, f"zoo:{variant}", cfg["shift"], args.seed))
+        shifts.append(shift_table(model, f"zoo:{variant}", cfg["shift_zoo"], args.seed))
         pc = cfg["patch_zoo"]
         batch = pp.data.text_windows(model, n=pc["n"], seq_len=pc["seq_len"], seed=args.seed)
         for mode in PATCH_PLAN.get(variant, ()):
@@ -124,10 +126,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 model=f"zoo:{variant}", mode=mode, shift=pc["shift"])))
         print(f"[{NAME}] zoo:{variant} done")
     smol = pp.load_model("smollm2-135m")
-    shifts.append(shift_table(smol, "smollm2-135m", cfg["shift"], args.seed))
+    shifts.append(shift_table(smol, "smollm2-135m", cfg["shift_smol"], args.seed))
     ps = cfg["patch_smol"]
     batch = pp.data.text_windows(smol, n=ps["n"], seq_len=ps["seq_len"], seed=args.seed)
-    res = pp.patch_positions(smol, batch, shift=ps["shift"], mode="filler", sites="resid_pre", per_position=False)
+    res = pp.patch_positions(
+        smol, batch, shift=ps["shift"], mode="filler", sites="resid_pre", layers=ps["layers"], per_position=False
+    )
     smol_table = res.table.assign(model="smollm2-135m", mode="filler")
     patches.append(smol_table)
     out.figure("patch_by_layer_smollm2_filler", patching_heatmap(smol_table.assign(shift=ps["shift"])))

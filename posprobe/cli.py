@@ -36,6 +36,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True, default_out: str | N
         p.add_argument("--model", default="smollm2-135m", help="packaged name, zoo:<variant>, HF id or path")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)")
     p.add_argument("--out", default=default_out, required=default_out is None, help="output folder")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -275,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_args(args)
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         COMMANDS[args.command](args)
     except (
         ValueError, StoreError, ExportError, FileNotFoundError, ModuleNotFoundError, NotImplementedError, KeyError

@@ -109,6 +109,7 @@ def test_layer_out_of_range_is_one_line(tmp_path):
         (["probe", "--target", "middle"], "unknown target 'middle'"),
         (["probe", "--kind", "mlp"], "unknown kind 'mlp'"),
         (["patch", "--sites", "resid_pre", "atn_out"], "unknown site 'atn_out'"),
+        (["report", "--threads", "0"], "--threads must be at least 1"),
     ],
 )
 def test_bad_flags_exit_2_in_process(argv, fragment, tmp_path, capsys):

@@ -335,3 +335,11 @@ def test_estimator_bad_input():
         RidgeProbe().fit(np.full((5, 2), np.nan), np.arange(5))
     with pytest.raises(ValueError, match="one value per row"):
         RidgeProbe().fit(np.ones((5, 2)), np.arange(4))
+
+
+def test_gcv_never_picks_an_interpolating_alpha():
+    """Fewer training tokens than features: GCV must not choose the alpha that fits noise exactly."""
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(1, 10, 16, 512, generator=gen)  # [L n_seq seq d], no positional signal at all
+    result = probe_position(acts, controls=("shuffled",), exclude_bos=False, device="cpu")
+    assert result.table["r2"].min() > -0.5, result.table[["r2", "alpha"]]

@@ -159,7 +159,10 @@ def solve_ridge(
         # training residual sum of squares and effective degrees of freedom, all from the spectrum
         rss = yyc[None, :, None, :] - torch.einsum("lfdt,lfda->lfat", Q**2, 2 / den - lam[..., None] / den**2)
         dof = (lam[..., None] / den).sum(-2) + 1  # +1: the intercept
-        gcv = rss.clamp(min=0) / (1 - dof / n[:, None]).clamp(min=1e-6)[..., None] ** 2
+        slack = (1 - dof / n[:, None])[..., None]
+        # an alpha that (nearly) interpolates the training rows has rss ≈ 0 and slack ≈ 0: its GCV score
+        # is numerically meaningless, not small, so it must never win (fewer tokens than features)
+        gcv = torch.where(slack > 1e-3, rss.clamp(min=0) / slack.clamp(min=1e-3) ** 2, torch.inf)
         alpha = grid[gcv.argmin(-2)]  # [L F T]
     else:
         if data is None:
