@@ -108,6 +108,7 @@ def time_interleaved(
     log: Callable[[str], None] | None = None,
     errors: dict[str, str] | None = None,
     cuda_peaks: dict[str, float] | None = None,
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each method: ``warmup`` untimed rounds, then ``repeats`` timed round-robin rounds.
 
@@ -115,7 +116,9 @@ def time_interleaved(
     With ``errors`` given, a method that raises (a comparison library failing, CUDA running out of
     memory) is recorded there with its message and dropped from later rounds instead of ending the run.
     On CUDA, ``cuda_peaks[name]`` gets each method's peak allocated GPU memory above what was
-    allocated before its call, in MiB (the largest over its calls).
+    allocated before its call, in MiB (the largest over its calls). ``cpu_times[name]`` gets the
+    process CPU seconds of each timed call (all threads): on a loaded machine with one torch thread
+    it varies far less than wall time, but it leaves out time spent waiting for the disk.
     """
     cuda = torch.device(device).type == "cuda"
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -126,7 +129,7 @@ def time_interleaved(
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 result = fn()
                 synchronize(device)
@@ -138,7 +141,9 @@ def time_interleaved(
                 if cuda:
                     torch.cuda.empty_cache()
                 continue
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            if round_ >= warmup and cpu_times is not None:
+                cpu_times.setdefault(name, []).append(cpu_seconds)
             if cuda and cuda_peaks is not None:
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 cuda_peaks[name] = max(cuda_peaks.get(name, 0.0), peak)

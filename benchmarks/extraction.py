@@ -2,9 +2,10 @@
 
 All methods see the same token batch (``--n-seq`` × ``--seq-len`` windows of State of the Union
 text, default 16 × 256 on SmolLM2-135M) in chunks of ``--batch-size`` and run in one process,
-round-robin after a warm-up round; the median of ``--repeats`` rounds is reported, with its ratio
-to the plain Hugging Face forward (``model.hf(input_ids=…)``, no hooks, logits included) and to
-the body-only forward (``model.hf.model(…)``: no unembedding). Methods:
+round-robin after a warm-up round; the median of ``--repeats`` rounds is reported (wall time, and
+process CPU time, steadier on a loaded machine), with its ratio to the plain Hugging Face forward
+(``model.hf(input_ids=…)``, no hooks, logits included) and to the body-only forward
+(``model.hf.model(…)``: no unembedding). Methods:
 
 - ``hf_forward``, ``hf_body``: the two baselines.
 - ``posprobe_resid_post``: ``extract`` of resid_post at every layer, shards written to disk.
@@ -33,6 +34,7 @@ import argparse
 import copy
 import logging
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -237,14 +239,23 @@ def main() -> None:
             except (ImportError, RuntimeError, ValueError, OSError) as err:  # a missing or broken comparison library
                 errors[name] = f"{type(err).__name__}: {err}"
         cuda_peaks: dict[str, float] = {}
+        cpu_times: dict[str, list[float]] = {}
         times = time_interleaved(
-            callables, args.repeats, device, cleanup=bench.cleanup, log=log.info, errors=errors, cuda_peaks=cuda_peaks
+            callables,
+            args.repeats,
+            device,
+            cleanup=bench.cleanup,
+            log=log.info,
+            errors=errors,
+            cuda_peaks=cuda_peaks,
+            cpu_times=cpu_times,
         )
     shutil.rmtree(bench.workdir, ignore_errors=True)
 
     n_tokens = int(bench.tokens.attention_mask.sum())
     base = summary(times["hf_forward"])["median_s"]
     body = summary(times["hf_body"])["median_s"] if "hf_body" in times else None
+    cpu_base = statistics.median(cpu_times["hf_forward"])
     results = []
     for name in methods:
         row: dict[str, Any] = {"method": name}
@@ -258,6 +269,8 @@ def main() -> None:
         row["ratio_to_forward"] = stats["median_s"] / base
         if body:
             row["ratio_to_body"] = stats["median_s"] / body
+        row["median_cpu_s"] = statistics.median(cpu_times[name])
+        row["cpu_ratio_to_forward"] = row["median_cpu_s"] / cpu_base
         if name in cuda_peaks:
             row["peak_cuda_above_start_mb"] = cuda_peaks[name]
         if name in bench.stored:
@@ -266,6 +279,9 @@ def main() -> None:
             row["memory"] = run_child(__file__, [*_child_args(args), "--child", name])
         results.append(row)
     ratios = {f"{r['method']}/hf_forward": round(r["ratio_to_forward"], 4) for r in results if "ratio_to_forward" in r}
+    ratios.update(
+        {f"{r['method']}/hf_forward cpu time": round(r["cpu_ratio_to_forward"], 4) for r in results if "median_s" in r}
+    )
     target = TARGETS.get(device.type)
     resid = next((r for r in results if r["method"] == "posprobe_resid_post" and "ratio_to_forward" in r), None)
     doc = envelope(

