@@ -24,21 +24,26 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "barbero_rope"
 MODELS = ("smollm2-135m", "gemma-3-270m", "zoo:rope")
 
 
 def settings(quick: bool) -> dict:
+    """``ablations``: (mode, layer groups) pairs; "all" = every layer at once, "default" = all, thirds, local/global."""
     if quick:
         return {
-            "usage": {"n": 4, "seq_len": 128}, "ablation": {"n": 4, "seq_len": 128},
-            "ps": [0.25, 0.5], "modes": ["unrotate"], "all_groups": False,
+            "usage": {"n": 4, "seq_len": 128},
+            "ablation": {"n": 4, "seq_len": 128},
+            "ps": [0.25, 0.5],
+            "ablations": [["unrotate", "all"]],
         }
     return {
-        "usage": {"n": 16, "seq_len": 256}, "ablation": {"n": 16, "seq_len": 256},
-        "ps": [0.25, 0.5, 0.75], "modes": ["unrotate", "zero"], "all_groups": True,
+        "usage": {"n": 16, "seq_len": 256},
+        "ablation": {"n": 8, "seq_len": 256},
+        "ps": [0.25, 0.5],
+        "ablations": [["unrotate", "default"], ["zero", "all"]],
     }
 
 
@@ -63,8 +68,10 @@ def band_figure(bands: pd.DataFrame) -> go.Figure:
     fig.add_hline(y=0.25, line_dash="dash", line_color="grey", annotation_text="uniform use")
     fig.update_layout(
         title="Share of the q·k norm product per quarter of RoPE frequencies (mean over heads)",
-        xaxis_title="frequency band (rotary planes sorted by θ)", yaxis_title="share of Σ_planes |q||k|",
-        barmode="group", template="plotly_white",
+        xaxis_title="frequency band (rotary planes sorted by θ)",
+        yaxis_title="share of Σ_planes |q||k|",
+        barmode="group",
+        template="plotly_white",
     )
     return fig
 
@@ -124,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out.figure(f"usage_heatmap_{stem}", usage.figure())
         out.figure(f"head_roles_{stem}", usage.roles_figure())
         abl_batch = pp.data.text_windows(model, **cfg["ablation"], seed=args.seed + 1)
-        groups = None if cfg["all_groups"] else {"all": tuple(range(model.info.n_layers))}
-        for mode in cfg["modes"]:
+        for mode, which_groups in cfg["ablations"]:
+            groups = None if which_groups == "default" else {"all": tuple(range(model.info.n_layers))}
             abl = pp.rope_ablation(model, abl_batch, ps=cfg["ps"], layer_groups=groups, mode=mode, batch_size=2)
             losses.append(abl.loss.assign(model=name))
             heads.append(abl.heads.assign(model=name))

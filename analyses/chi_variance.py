@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "chi_variance"
 
@@ -47,9 +47,14 @@ def exponent_figure(exps: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     rows = exps[exps["exponent"].notna()]
     for (model, state, tokens), g in rows.groupby(["model", "state", "tokens"], sort=False):
-        g = g.groupby("layer", as_index=False).agg(exponent=("exponent", "mean"), sd=("exponent", "std"), r2=("r2", "mean"))
+        g = g.groupby("layer", as_index=False).agg(
+            exponent=("exponent", "mean"), sd=("exponent", "std"), r2=("r2", "mean")
+        )
         fig.add_scatter(
-            x=g["layer"], y=g["exponent"], mode="lines+markers", name=f"{model} · {state} · {tokens} tokens",
+            x=g["layer"],
+            y=g["exponent"],
+            mode="lines+markers",
+            name=f"{model} · {state} · {tokens} tokens",
             error_y={"type": "data", "array": g["sd"].fillna(0), "visible": True},
             customdata=g[["r2"]].to_numpy(),
             hovertemplate="layer %{x}<br>exponent %{y:.3f}<br>fit R² %{customdata[0]:.3f}<extra></extra>",
@@ -57,7 +62,10 @@ def exponent_figure(exps: pd.DataFrame) -> go.Figure:
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey", annotation_text="Chi et al.: 1/(t+1)")
     fig.update_layout(
         title="Attention-output variance ∝ (keys)^−a: fitted exponent a per layer",
-        xaxis_title="layer", yaxis_title="exponent a", template="plotly_white", legend_title="model · state",
+        xaxis_title="layer",
+        yaxis_title="exponent a",
+        template="plotly_white",
+        legend_title="model · state",
     )
     return fig
 

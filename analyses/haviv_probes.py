@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "haviv_probes"
 
@@ -36,16 +36,40 @@ def settings(quick: bool) -> dict[str, dict]:
     """
     if quick:
         return {
-            "zoo": {"n": 32, "seq_len": 128, "layers": None, "exclude_bos": True,
-                    "logistic": "first", "logistic_windows": 32},
-            "smollm2-135m": {"n": 16, "seq_len": 128, "layers": [*range(0, 30, 3), 29], "exclude_bos": True,
-                             "logistic": None, "logistic_windows": 0},
+            "zoo": {
+                "n": 32,
+                "seq_len": 128,
+                "layers": None,
+                "exclude_bos": True,
+                "logistic": "first",
+                "logistic_windows": 32,
+            },
+            "smollm2-135m": {
+                "n": 16,
+                "seq_len": 128,
+                "layers": [*range(0, 30, 3), 29],
+                "exclude_bos": True,
+                "logistic": None,
+                "logistic_windows": 0,
+            },
         }
     return {
-        "zoo": {"n": 256, "seq_len": 128, "layers": None, "exclude_bos": "both",
-                "logistic": "all", "logistic_windows": 64},
-        "smollm2-135m": {"n": 64, "seq_len": 256, "layers": None, "exclude_bos": "both",
-                         "logistic": None, "logistic_windows": 0},
+        "zoo": {
+            "n": 256,
+            "seq_len": 128,
+            "layers": None,
+            "exclude_bos": "both",
+            "logistic": "all",
+            "logistic_windows": 64,
+        },
+        "smollm2-135m": {
+            "n": 64,
+            "seq_len": 256,
+            "layers": None,
+            "exclude_bos": "both",
+            "logistic": None,
+            "logistic_windows": 0,
+        },
     }
 
 
@@ -73,11 +97,13 @@ def probe_depths(
     sites = ["resid_pre", "resid_post"]
     post_layers = list(range(model.info.n_layers)) if layers is None else list(layers)
     keys = {"resid_pre": [0], "resid_post": post_layers}
-    real = extract(model, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/real", batch_size=8,
-                   progress=False)
+    real = extract(
+        model, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/real", batch_size=8, progress=False
+    )
     twin = model.random_init_copy(seed)
-    rand = extract(twin, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/random", batch_size=8,
-                   progress=False)
+    rand = extract(
+        twin, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/random", batch_size=8, progress=False
+    )
     common = {"random_init_store": rand, "seed": seed, "exclude_bos": exclude_bos, "controls": tuple(controls)}
     parts = [pp.probe_position(real, site, layers=ls, **common).table.assign(site=site) for site, ls in keys.items()]
     if logistic:
@@ -88,8 +114,17 @@ def probe_depths(
             if not ls:
                 continue
             acts = {layer: real.get(site, layer)[:k] for layer in ls}
-            res = pp.probe_position(acts, site, kind="logistic", controls=(), seed=seed, exclude_bos=exclude_bos,
-                                    attention_mask=mask, tokens=toks, positions=pos)
+            res = pp.probe_position(
+                acts,
+                site,
+                kind="logistic",
+                controls=(),
+                seed=seed,
+                exclude_bos=exclude_bos,
+                attention_mask=mask,
+                tokens=toks,
+                positions=pos,
+            )
             parts.append(res.table.assign(site=site, n_windows_fit=k))
     table = pd.concat(parts, ignore_index=True)
     is_pre = table["site"] == "resid_pre"
@@ -117,31 +152,48 @@ def figure(table: pd.DataFrame) -> go.Figure:
         hover = "depth %{x}<br>MAD %{customdata[0]:.2f} of chance %{customdata[1]:.1f}<extra>" + model + "</extra>"
         fig.add_trace(
             go.Scatter(
-                x=g["depth"], y=g["mad_over_chance"], name=model, legendgroup=model, line={"color": color},
-                customdata=g[["mad", "mad_chance"]].to_numpy(), hovertemplate=hover,
+                x=g["depth"],
+                y=g["mad_over_chance"],
+                name=model,
+                legendgroup=model,
+                line={"color": color},
+                customdata=g[["mad", "mad_chance"]].to_numpy(),
+                hovertemplate=hover,
             ),
-            row=1, col=1,
+            row=1,
+            col=1,
         )
         fig.add_trace(
             go.Scatter(x=g["depth"], y=g["r2"], name=model, legendgroup=model, showlegend=False, line={"color": color}),
-            row=1, col=2,
+            row=1,
+            col=2,
         )
         fig.add_trace(
             go.Scatter(
-                x=g["depth"], y=g["control_random_init"], name=f"{model} random-init control", legendgroup=model,
-                showlegend=False, line={"color": color, "dash": "dot", "width": 1},
+                x=g["depth"],
+                y=g["control_random_init"],
+                name=f"{model} random-init control",
+                legendgroup=model,
+                showlegend=False,
+                line={"color": color, "dash": "dot", "width": 1},
             ),
-            row=1, col=2,
+            row=1,
+            col=2,
         )
     logistic = table[(table["kind"] == "logistic") & (~table["with_pos0"].astype(bool))]
     for model, g in logistic.groupby("model", sort=False):
         fig.add_trace(
             go.Scatter(
-                x=g["depth"], y=g["mad_over_chance"], mode="markers", marker={"symbol": "x", "size": 9},
-                name=f"{model} classifier (Haviv)", customdata=g[["mad", "accuracy"]].to_numpy(),
+                x=g["depth"],
+                y=g["mad_over_chance"],
+                mode="markers",
+                marker={"symbol": "x", "size": 9},
+                name=f"{model} classifier (Haviv)",
+                customdata=g[["mad", "accuracy"]].to_numpy(),
                 hovertemplate="depth %{x}<br>MAD %{customdata[0]:.3f}<br>accuracy %{customdata[1]:.3f}<extra></extra>",
             ),
-            row=1, col=1,
+            row=1,
+            col=1,
         )
     fig.add_hline(y=1.0, line_dash="dash", line_color="grey", row=1, col=1, annotation_text="random guess")
     fig.add_hline(y=0.75, line_dash="dot", line_color="grey", row=1, col=1, annotation_text="always the middle")
@@ -184,7 +236,6 @@ def headline(table: pd.DataFrame) -> dict[str, dict[str, float | int | str]]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
-
     from posprobe.plots.probes import plot_probe_position
 
     args = parse_args(argv, __doc__.splitlines()[0])

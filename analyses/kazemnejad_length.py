@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "kazemnejad_length"
 
@@ -62,10 +62,14 @@ def gap_figure(table: pd.DataFrame):
     for model, g in table[table["available"].astype(bool)].groupby("model", sort=False):
         mid = (g["bucket_start"] + g["bucket_end"] - 1) / 2
         fig.add_scatter(x=mid, y=g["gap"], mode="lines+markers", name=model)
-    fig.add_vline(x=float(table["n_ctx"].max()), line_dash="dash", line_color="grey", annotation_text="training context")
+    fig.add_vline(
+        x=float(table["n_ctx"].max()), line_dash="dash", line_color="grey", annotation_text="training context"
+    )
     fig.update_layout(
         title="Loss with the whole sequence minus loss through a sliding window of n_ctx tokens",
-        xaxis_title="position", yaxis_title="gap (nats)", template="plotly_white",
+        xaxis_title="position",
+        yaxis_title="gap (nats)",
+        template="plotly_white",
     )
     return fig
 
@@ -102,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out.figure("loss_by_position", length_generalization_figure(done, title=title))
         out.figure("gap_by_position", gap_figure(done))
     out.summary = headline(table)
-    out.summary["skipped"] = {r.model: r.note for r in table[table["note"].notna()].drop_duplicates("model").itertuples()}
+    out.summary["skipped"] = {
+        r.model: r.note for r in table[table["note"].notna()].drop_duplicates("model").itertuples()
+    }
     return out.finish()
 
 

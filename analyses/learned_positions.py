@@ -27,8 +27,8 @@ import torch
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
-from haviv_probes import probe_depths  # noqa: E402
+from _common import Output, load_zoo_model, parse_args, skipped_row
+from haviv_probes import probe_depths
 
 NAME = "learned_positions"
 N_COMPONENTS = 6
@@ -68,12 +68,19 @@ def pca(w_pos: np.ndarray, model_name: str) -> tuple[pd.DataFrame, pd.DataFrame]
         power = np.abs(np.fft.rfft(scores[:, c] - scores[:, c].mean())) ** 2
         power[0] = 0.0
         k = int(power.argmax())
-        rows.append({
-            "model": model_name, "component": c + 1, "explained_variance": float(explained[c]),
-            "period": n / k, "period_power": float(power[max(k - 1, 1) : k + 2].sum() / power.sum()),
-            "spearman_with_position": float(pd.Series(scores[:, c]).corr(pd.Series(t), method="spearman")),
-        })
-    coords = pd.DataFrame(scores, columns=[f"pc{c + 1}" for c in range(N_COMPONENTS)]).assign(position=t, model=model_name)
+        rows.append(
+            {
+                "model": model_name,
+                "component": c + 1,
+                "explained_variance": float(explained[c]),
+                "period": n / k,
+                "period_power": float(power[max(k - 1, 1) : k + 2].sum() / power.sum()),
+                "spearman_with_position": float(pd.Series(scores[:, c]).corr(pd.Series(t), method="spearman")),
+            }
+        )
+    coords = pd.DataFrame(scores, columns=[f"pc{c + 1}" for c in range(N_COMPONENTS)]).assign(
+        position=t, model=model_name
+    )
     return coords, pd.DataFrame(rows)
 
 
@@ -93,7 +100,10 @@ def neighbour_similarity(w_pos: np.ndarray, model_name: str) -> pd.DataFrame:
     cos = unit @ unit.T
     n = len(unit)
     return pd.DataFrame(
-        [{"model": model_name, "distance": d, "cos_sim": float(np.diagonal(cos, d).mean())} for d in range(1, n // 2 + 1)]
+        [
+            {"model": model_name, "distance": d, "cos_sim": float(np.diagonal(cos, d).mean())}
+            for d in range(1, n // 2 + 1)
+        ]
     )
 
 
@@ -104,14 +114,25 @@ def helix_figure(coords: pd.DataFrame) -> go.Figure:
         g = coords[coords["model"] == model]
         fig.add_trace(
             go.Scatter3d(
-                x=g["pc1"], y=g["pc2"], z=g["pc3"], mode="markers+lines", name=model,
-                marker={"size": 3, "color": g["position"], "colorscale": "Viridis", "showscale": i == 0,
-                        "colorbar": {"title": "position"}},
+                x=g["pc1"],
+                y=g["pc2"],
+                z=g["pc3"],
+                mode="markers+lines",
+                name=model,
+                marker={
+                    "size": 3,
+                    "color": g["position"],
+                    "colorscale": "Viridis",
+                    "showscale": i == 0,
+                    "colorbar": {"title": "position"},
+                },
                 line={"color": "rgba(120,120,120,0.4)", "width": 1},
                 customdata=g[["position"]].to_numpy(),
-                hovertemplate="position %{customdata[0]}<br>PC1 %{x:.3f}<br>PC2 %{y:.3f}<br>PC3 %{z:.3f}<extra></extra>",
+                hovertemplate="position %{customdata[0]}<br>PC1 %{x:.3f}<br>PC2 %{y:.3f}<br>PC3 %{z:.3f}"
+                "<extra></extra>",
             ),
-            row=1, col=i + 1,
+            row=1,
+            col=i + 1,
         )
     fig.update_scenes(xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3")
     fig.update_layout(title="Learned position embeddings W_pos on their top 3 principal components", showlegend=False)
@@ -127,7 +148,9 @@ def components_figure(coords: pd.DataFrame) -> go.Figure:
             fig.add_scatter(x=g["position"], y=g[f"pc{c}"], mode="lines", name=f"{model} PC{c}", row=i + 1, col=1)
     fig.update_xaxes(title_text="position")
     fig.update_yaxes(title_text="PC score")
-    fig.update_layout(title="Top principal components of W_pos against position (a helix: a fast circle + a slow drift)")
+    fig.update_layout(
+        title="Top principal components of W_pos against position (a helix: a fast circle + a slow drift)"
+    )
     return fig
 
 
@@ -136,11 +159,18 @@ def decodability_figure(probes: pd.DataFrame) -> go.Figure:
     rows = probes[(probes["kind"] == "ridge") & (~probes["with_pos0"].astype(bool))]
     for model, g in rows.groupby("model", sort=False):
         fig.add_scatter(x=g["depth"], y=g["r2"], mode="lines+markers", name=f"{model} R²")
-        fig.add_scatter(x=g["depth"], y=g["control_random_init"], mode="lines", line={"dash": "dot"},
-                        name=f"{model} random-init control")
+        fig.add_scatter(
+            x=g["depth"],
+            y=g["control_random_init"],
+            mode="lines",
+            line={"dash": "dot"},
+            name=f"{model} random-init control",
+        )
     fig.update_layout(
         title="Linear decodability of absolute position per layer (ridge, held-out sequences)",
-        xaxis_title="depth (0 = embedding output, l+1 = after block l)", yaxis_title="R²", template="plotly_white",
+        xaxis_title="depth (0 = embedding output, l+1 = after block l)",
+        yaxis_title="R²",
+        template="plotly_white",
     )
     return fig
 

@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "patching_shift"
 PATCH_PLAN = {"learned": ("offset", "filler"), "rope": ("filler",), "none": ("filler",)}
@@ -31,7 +31,7 @@ PATCH_PLAN = {"learned": ("offset", "filler"), "rope": ("filler",), "none": ("fi
 def settings(quick: bool) -> dict:
     if quick:
         return {
-            "shift_zoo": {"n": 8, "seq_len": 128, "shifts": [1, 8, 64]},
+            "shift_zoo": {"n": 4, "seq_len": 128, "shifts": [1, 8, 64]},
             "shift_smol": {"n": 2, "seq_len": 64, "shifts": [1, 8, 64]},
             "patch_zoo": {"n": 4, "seq_len": 32, "shift": 8},
             "patch_smol": {"n": 2, "seq_len": 32, "shift": 8, "layers": [*range(0, 30, 3), 29]},
@@ -58,13 +58,17 @@ def shift_figure(table: pd.DataFrame) -> go.Figure:
     rows = table.dropna(subset=["kl"])
     for (model, bos), g in rows.groupby(["model", "with_bos"], sort=False):
         fig.add_scatter(
-            x=g["shift"], y=g["kl"].clip(lower=1e-16), mode="lines+markers", name=f"{model} ({'BOS' if bos else 'no BOS'})",
+            x=g["shift"],
+            y=g["kl"].clip(lower=1e-16),
+            mode="lines+markers",
+            name=f"{model} ({'BOS' if bos else 'no BOS'})",
             customdata=g[["max_abs_logit_diff"]].to_numpy(),
             hovertemplate="shift %{x}<br>KL %{y:.3g} nats<br>max |Δlogit| %{customdata[0]:.3g}<extra></extra>",
         )
     fig.update_layout(
         title="Shift invariance: KL(original ‖ all position ids + k) per token (floor 1e-16)",
-        xaxis={"title": "shift k (positions)", "type": "log"}, yaxis={"title": "KL (nats)", "type": "log"},
+        xaxis={"title": "shift k (positions)", "type": "log"},
+        yaxis={"title": "KL (nats)", "type": "log"},
         template="plotly_white",
     )
     return fig
@@ -89,8 +93,10 @@ def headline(shifts: pd.DataFrame, patches: pd.DataFrame) -> dict:
         if len(per_pos):
             top = per_pos.loc[per_pos["effect"].abs().idxmax()]
             entry["largest_single_token_patch"] = {
-                "layer": int(top["layer"]), "position": int(top["position"]),
-                "effect": round(float(top["effect"]), 5), "normalized": round(float(top["normalized"]), 4),
+                "layer": int(top["layer"]),
+                "position": int(top["position"]),
+                "effect": round(float(top["effect"]), 5),
+                "normalized": round(float(top["normalized"]), 4),
             }
             by_layer = per_pos.groupby("layer")["effect"].sum()
             entry["sum_of_per_token_effects_by_layer"] = [round(float(v), 4) for v in by_layer]
@@ -119,11 +125,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for mode in PATCH_PLAN.get(variant, ()):
             res = pp.patch_positions(model, batch, shift=pc["shift"], mode=mode, sites="resid_pre", per_position=True)
             # the whole-sequence patch of each layer too, so per-token effects can be set against it
-            whole = pp.patch_positions(model, batch, shift=pc["shift"], mode=mode, sites="resid_pre", per_position=False)
+            whole = pp.patch_positions(
+                model, batch, shift=pc["shift"], mode=mode, sites="resid_pre", per_position=False
+            )
             table = pd.concat([res.table, whole.table], ignore_index=True).assign(model=f"zoo:{variant}", mode=mode)
             patches.append(table)
-            out.figure(f"patch_heatmap_zoo_{variant}_{mode}", patching_heatmap(res.table.assign(
-                model=f"zoo:{variant}", mode=mode, shift=pc["shift"])))
+            out.figure(
+                f"patch_heatmap_zoo_{variant}_{mode}",
+                patching_heatmap(res.table.assign(model=f"zoo:{variant}", mode=mode, shift=pc["shift"])),
+            )
         print(f"[{NAME}] zoo:{variant} done")
     smol = pp.load_model("smollm2-135m")
     shifts.append(shift_table(smol, "smollm2-135m", cfg["shift_smol"], args.seed))

@@ -64,12 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wall_s": round(time.time() - wall, 1),
             "cpu_s": round(_children_cpu() - cpu, 1),
         }
-        print(f"=== {name}: rc {proc.returncode}, {runs[name]['wall_s']} s wall, {runs[name]['cpu_s']} s CPU", flush=True)
+        print(
+            f"=== {name}: rc {proc.returncode}, {runs[name]['wall_s']} s wall, {runs[name]['cpu_s']} s CPU", flush=True
+        )
         listed = out / name / "manifest.json"
         if proc.returncode == 0 and listed.exists():
             manifest[name] = [f"{name}/{f}" for f in json.loads(listed.read_text())["files"]]
-    total = {"wall_s": round(sum(r["wall_s"] for r in runs.values()), 1),
-             "cpu_s": round(sum(r["cpu_s"] for r in runs.values()), 1)}
+    total = {
+        "wall_s": round(sum(r["wall_s"] for r in runs.values()), 1),
+        "cpu_s": round(sum(r["cpu_s"] for r in runs.values()), 1),
+    }
     (out / "run_all.json").write_text(json.dumps({"quick": args.quick, "runs": runs, "total": total}, indent=2))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     failed = [n for n, r in runs.items() if r["returncode"] != 0]

@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "voita_neurons"
 CATEGORIES = ("oscillatory", "both-extremes", "one-extreme", "other-strong", "other-weak")
@@ -74,7 +74,10 @@ def counts_figure(summary: pd.DataFrame) -> go.Figure:
         fig.add_bar(x=x, y=rows[cat], name=cat, hovertemplate="%{x}<br>" + cat + ": %{y}<extra></extra>")
     fig.update_layout(
         title="Positional neurons (I(active; position) − bias > 0.05 bits) per layer and category",
-        barmode="stack", xaxis_title="model · layer", yaxis_title="neurons", template="plotly_white",
+        barmode="stack",
+        xaxis_title="model · layer",
+        yaxis_title="neurons",
+        template="plotly_white",
     )
     return fig
 
@@ -133,8 +136,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     eta = eta2_summary(neurons)
     out.table("layer_summary", summary)
     out.table("eta2_summary", eta)
-    out.table("top_neurons", neurons[neurons["is_positional"]].sort_values("mi", ascending=False).groupby(
-        ["model", "state"], sort=False).head(25))
+    out.table(
+        "top_neurons",
+        neurons[neurons["is_positional"]]
+        .sort_values("mi", ascending=False)
+        .groupby(["model", "state"], sort=False)
+        .head(25),
+    )
     out.figure("positional_counts", counts_figure(summary))
     for stem, res in heat_sources.items():
         if res.table["is_positional"].any():

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row  # noqa: E402
+from _common import Output, load_zoo_model, parse_args, skipped_row
 
 NAME = "zuo_similarity"
 
@@ -54,7 +54,11 @@ def analyse(model, batch, state: str) -> dict[str, pd.DataFrame]:
         ignore_index=True,
     )
     summary = pd.concat(
-        [with_depth(emb.summary, "embed"), with_depth(post.summary, "resid_post"), with_depth(attn.summary, "attn_out")],
+        [
+            with_depth(emb.summary, "embed"),
+            with_depth(post.summary, "resid_post"),
+            with_depth(attn.summary, "attn_out"),
+        ],
         ignore_index=True,
     )
     compare = pd.concat(
@@ -74,21 +78,33 @@ def figure(similarity: pd.DataFrame, summary: pd.DataFrame) -> go.Figure:
     for (state, depth), g in rows.groupby(["state", "depth"], sort=True):
         color = f"hsl({(int(depth) * 70) % 360},65%,45%)"
         fig.add_scatter(
-            x=g["distance"], y=g["cos_sim"], mode="lines", name=f"{state} · depth {depth}",
-            line={"dash": "dash" if state == "init" else "solid", "color": color}, row=1, col=1,
+            x=g["distance"],
+            y=g["cos_sim"],
+            mode="lines",
+            name=f"{state} · depth {depth}",
+            line={"dash": "dash" if state == "init" else "solid", "color": color},
+            row=1,
+            col=1,
         )
     summ = summary[(~summary["include_pos0"].astype(bool)) & summary["site"].isin(["embed", "resid_post"])]
     for state, g in summ.groupby("state", sort=False):
         fig.add_bar(x=g["depth"].astype(str), y=g["adjacency"], name=f"adjacency · {state}", row=1, col=2)
     fig.add_scatter(
-        x=summ["depth"].astype(str), y=summ["adjacency_chance"], mode="markers", name="chance",
-        marker={"symbol": "line-ew-open", "size": 18, "color": "black"}, row=1, col=2,
+        x=summ["depth"].astype(str),
+        y=summ["adjacency_chance"],
+        mode="markers",
+        name="chance",
+        marker={"symbol": "line-ew-open", "size": 18, "color": "black"},
+        row=1,
+        col=2,
     )
     fig.update_xaxes(title_text="distance |i − j| (tokens)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="depth (0 = token embedding, l+1 = after block l)", row=1, col=2)
     fig.update_yaxes(title_text="mean cosine similarity", row=1, col=1)
     fig.update_yaxes(title_text="share of tokens whose nearest neighbour is adjacent", row=1, col=2)
-    fig.update_layout(title="Zuo et al. 2025 reproduced on the NoPE zoo model", template="plotly_white", barmode="group")
+    fig.update_layout(
+        title="Zuo et al. 2025 reproduced on the NoPE zoo model", template="plotly_white", barmode="group"
+    )
     return fig
 
 
