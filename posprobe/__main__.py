@@ -1,1 +1,3 @@
-from posprobe.cli import main; raise SystemExit(main())
+from posprobe.cli import main
+
+raise SystemExit(main())

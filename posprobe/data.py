@@ -188,7 +188,9 @@ def random_tokens(
     tokens = torch.randint(low, model.info.d_vocab, (n, seq_len - int(prepend_bos)), generator=gen)
     if prepend_bos:
         tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)
-    return TokenBatch(tokens, torch.ones_like(tokens), prepend_bos, "random", _str_tokens(model.tokenizer, tokens), {"seed": seed})
+    return TokenBatch(
+        tokens, torch.ones_like(tokens), prepend_bos, "random", _str_tokens(model.tokenizer, tokens), {"seed": seed}
+    )
 
 
 def repeated_tokens(
@@ -201,7 +203,9 @@ def repeated_tokens(
     tokens = torch.cat([block, block], dim=1)
     if prepend_bos:
         tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)
-    return TokenBatch(tokens, torch.ones_like(tokens), prepend_bos, "repeated", _str_tokens(model.tokenizer, tokens), {"seed": seed})
+    return TokenBatch(
+        tokens, torch.ones_like(tokens), prepend_bos, "repeated", _str_tokens(model.tokenizer, tokens), {"seed": seed}
+    )
 
 
 def from_texts(
@@ -226,7 +230,9 @@ def from_texts(
         sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
         tokens[i, sl] = torch.tensor(r)
         mask[i, sl] = 1
-    return TokenBatch(tokens, mask, prepend_bos, "texts", _str_tokens(model.tokenizer, tokens), {"padding_side": padding_side})
+    return TokenBatch(
+        tokens, mask, prepend_bos, "texts", _str_tokens(model.tokenizer, tokens), {"padding_side": padding_side}
+    )
 
 
 def as_token_batch(model: PositionModel, tokens: TokenBatch | Tensor | Sequence[str]) -> TokenBatch:

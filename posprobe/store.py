@@ -142,9 +142,7 @@ class ActivationStore:
         for key in keys:
             key = SiteKey.parse(key) if isinstance(key, str) else key
             if key not in stored:
-                raise StoreError(
-                    f"{key.name!r} is not in this store; stored: {', '.join(k.name for k in self.keys)}"
-                )
+                raise StoreError(f"{key.name!r} is not in this store; stored: {', '.join(k.name for k in self.keys)}")
             out.append(key)
         return out
 
@@ -163,7 +161,9 @@ class ActivationStore:
                 with safe_open(path, framework="pt") as f:
                     acts = {k: f.get_tensor(k.name) for k in keys}
             except Exception as err:  # safetensors raises several types for damaged files
-                raise StoreError(f"shard {path} is corrupt ({err}); delete it and rerun extract(..., resume=True)") from err
+                raise StoreError(
+                    f"shard {path} is corrupt ({err}); delete it and rerun extract(..., resume=True)"
+                ) from err
             yield Shard(
                 index,
                 start,
@@ -236,7 +236,9 @@ def prepare_store(
         shutil.rmtree(path)
     elif path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise StoreError(f"{path} exists and is not an empty posprobe store; choose another folder or overwrite=True")
+            raise StoreError(
+                f"{path} exists and is not an empty posprobe store; choose another folder or overwrite=True"
+            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path).free
@@ -244,7 +246,11 @@ def prepare_store(
     if bytes_needed > free:
         raise StoreError(f"the run needs {bytes_needed / 1e9:.2f} GB but {path} has only {free / 1e9:.2f} GB free")
     _atomic_save(
-        {"tokens": tokens.contiguous(), "attention_mask": attention_mask.contiguous(), "position_ids": position_ids.contiguous()},
+        {
+            "tokens": tokens.contiguous(),
+            "attention_mask": attention_mask.contiguous(),
+            "position_ids": position_ids.contiguous(),
+        },
         path / TOKENS_FILE,
     )
     _atomic_write_json(manifest, path / MANIFEST)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_ids, tiny_llama_hf
 
 import posprobe as pp
-from conftest import random_ids, tiny_llama_hf
 from posprobe.extract import NonFiniteActivationError, extract
 from posprobe.sites import SiteKey
 from posprobe.store import StoreError, open_store, write_store
@@ -23,8 +23,15 @@ from posprobe.store import StoreError, open_store, write_store
 
 def test_store_holds_exactly_what_the_model_computes(tiny_llama, tmp_path):
     tokens = random_ids(10, 16)
-    store = extract(tiny_llama, tokens, ["resid_post", "rot_q", "mlp_post", "pattern"], layers=[0, 2],
-                    batch_size=4, out=tmp_path / "s", progress=False)
+    store = extract(
+        tiny_llama,
+        tokens,
+        ["resid_post", "rot_q", "mlp_post", "pattern"],
+        layers=[0, 2],
+        batch_size=4,
+        out=tmp_path / "s",
+        progress=False,
+    )
     assert store.complete and len(store.shard_bounds()) == 3
     keys = [SiteKey(s, layer) for s in ("resid_post", "rot_q", "mlp_post", "pattern") for layer in (0, 2)]
     direct = tiny_llama.run(tokens, capture=keys).acts
@@ -48,7 +55,9 @@ def test_store_records_padding_and_positions(tiny_llama, tmp_path):
 
 
 def test_streaming_shards_cover_the_run(tiny_llama, tmp_path):
-    store = extract(tiny_llama, random_ids(7, 8), "resid_pre", layers=0, batch_size=3, out=tmp_path / "s", progress=False)
+    store = extract(
+        tiny_llama, random_ids(7, 8), "resid_pre", layers=0, batch_size=3, out=tmp_path / "s", progress=False
+    )
     shards = list(store.iter_shards(["resid_pre.0"]))
     assert [(s.start, s.stop) for s in shards] == [(0, 3), (3, 6), (6, 7)]
     assert torch.equal(torch.cat([s["resid_pre.0"] for s in shards]), store.get("resid_pre", 0))
@@ -87,7 +96,9 @@ def test_bad_requests_are_refused_before_any_work(tiny_llama, tiny_bert, tmp_pat
 
 
 def test_incomplete_or_corrupt_stores_say_what_to_do(tiny_llama, tmp_path):
-    store = extract(tiny_llama, random_ids(6, 8), "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False)
+    store = extract(
+        tiny_llama, random_ids(6, 8), "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False
+    )
     store.shard_path(1).write_bytes(store.shard_path(1).read_bytes()[:50])
     with pytest.raises(StoreError, match="corrupt.*resume=True"):
         store.get("resid_post", 0)

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_ids
+
 from posprobe.sites import SiteKey
 
-NON_MAP_SITES = ["embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post", "q", "k", "rot_q", "rot_k", "z"]
+NON_MAP_SITES = [
+    "embed",
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "mlp_post",
+    "q",
+    "k",
+    "rot_q",
+    "rot_k",
+    "z",
+]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])

@@ -95,7 +95,9 @@ def test_smollm2_padding_invariance(smollm2, side):
 
 def test_smollm2_extraction_reads_back(smollm2, tmp_path):
     batch = pp.data.text_windows(smollm2, n=8, seq_len=256, seed=0)
-    store = extract(smollm2, batch, ["resid_post", "rot_q", "mlp_post"], batch_size=4, out=tmp_path / "smol", progress=False)
+    store = extract(
+        smollm2, batch, ["resid_post", "rot_q", "mlp_post"], batch_size=4, out=tmp_path / "smol", progress=False
+    )
     assert store.stack("resid_post").shape == (30, 8, 256, 576)
     assert store.get("rot_q", 29).shape == (8, 256, 9, 64)
     direct = smollm2.run(batch.tokens[:4], capture=[SiteKey("mlp_post", 7)])

@@ -14,7 +14,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 
-__all__ = ["DEFAULT_MODEL", "ModelInfo", "PositionModel", "RunOutput", "known_models", "load_model", "positions_from_mask"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelInfo",
+    "PositionModel",
+    "RunOutput",
+    "known_models",
+    "load_model",
+    "positions_from_mask",
+]
 
 
 def known_models() -> dict[str, str]:
@@ -82,7 +90,9 @@ def _wrap(model: Any, *, dtype: torch.dtype, trust_remote_code: bool, seed: int,
     if isinstance(model, PreTrainedModel):
         return HFModel(model, tokenizer or _tokenizer_for(model), source="object")
     if type(model).__name__ == "TransformerBridge":
-        return HFModel(model.original_model, tokenizer or model.tokenizer, name=model.cfg.model_name, source="transformer-lens")
+        return HFModel(
+            model.original_model, tokenizer or model.tokenizer, name=model.cfg.model_name, source="transformer-lens"
+        )
     if type(model).__module__.startswith("nnsight"):
         inner = model._module
         tok = tokenizer or getattr(model, "tokenizer", None) or _tokenizer_for(inner)
@@ -112,7 +122,9 @@ def _from_hub(name: str, *, dtype: torch.dtype, trust_remote_code: bool, **hf_kw
 
     local = Path(name).exists()
     if not local and "/" not in name:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_models())}, or a Hugging Face id / path")
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(known_models())}, or a Hugging Face id / path"
+        )
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -249,7 +249,9 @@ class PositionModel(ABC):
             if key.layer is not None:
                 raise ValueError(f"site {key.site!r} has no layers; got layer {key.layer}")
         elif key.layer is None or not 0 <= key.layer < self.info.n_layers:
-            raise ValueError(f"layer {key.layer} out of range for {key.site!r}; this model has layers 0..{self.info.n_layers - 1}")
+            raise ValueError(
+                f"layer {key.layer} out of range for {key.site!r}; this model has layers 0..{self.info.n_layers - 1}"
+            )
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:

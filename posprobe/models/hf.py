@@ -14,7 +14,7 @@ import contextlib
 import copy
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +152,9 @@ def posprobe_attention(
 
     hooks = _active_hooks(module)
     if not hooks:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if "rot_q" in hooks:
         query = _apply(hooks["rot_q"], query.transpose(1, 2)).transpose(1, 2)
     if "rot_k" in hooks:
@@ -175,7 +177,9 @@ def posprobe_attention(
         weights = _apply(hooks.get("pattern"), weights)
         out = torch.matmul(weights, v).transpose(1, 2).contiguous()
     else:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     out = _apply(hooks.get("z"), out)
     return out, weights
 

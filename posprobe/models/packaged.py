@@ -107,7 +107,9 @@ def load_packaged(name: str, dtype: torch.dtype = torch.float32):
         return auto.from_pretrained(cached, dtype=dtype, use_safetensors=True), tok
     directory, gguf = spec.locate()
     if gguf is None:  # already safetensors inside the package
-        return auto.from_pretrained(directory, dtype=dtype, use_safetensors=True), AutoTokenizer.from_pretrained(directory)
+        return auto.from_pretrained(directory, dtype=dtype, use_safetensors=True), AutoTokenizer.from_pretrained(
+            directory
+        )
     log.info("dequantising %s from %s (once; cached under %s)", name, gguf, cached)
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
     hf = auto.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
