@@ -84,6 +84,7 @@ def probe_depths(
     logistic: str | None = None,
     logistic_windows: int = 0,
     controls: Sequence[str] = ("shuffled", "random_init", "token"),
+    prepend_bos: bool | None = None,
 ) -> pd.DataFrame:
     """Ridge-probe the embedding output and block outputs of ``model`` for position (controls: its random-init twin).
 
@@ -93,7 +94,7 @@ def probe_depths(
     import posprobe as pp
     from posprobe.extract import extract
 
-    batch = pp.data.text_windows(model, n=n, seq_len=seq_len, seed=seed)
+    batch = pp.data.text_windows(model, n=n, seq_len=seq_len, seed=seed, prepend_bos=prepend_bos)
     sites = ["resid_pre", "resid_post"]
     post_layers = list(range(model.info.n_layers)) if layers is None else list(layers)
     keys = {"resid_pre": [0], "resid_post": post_layers}
@@ -130,8 +131,9 @@ def probe_depths(
     is_pre = table["site"] == "resid_pre"
     table["depth"] = table["layer"].astype(int) + (~is_pre).astype(int)
     table["depth_site"] = table["site"] + "." + table["layer"].astype(str)
-    table["model"] = model.info.name
+    table["model"] = model.info.name + ("" if prepend_bos is None else f" ({'with' if prepend_bos else 'no'} BOS)")
     table["position_scheme"] = model.info.position_scheme
+    table["prepend_bos"] = batch.prepend_bos
     table["n_windows"], table["seq_len"], table["n_layers"] = n, seq_len, model.info.n_layers
     table["mad_over_chance"] = table["mad"] / table["mad_chance"]
     # what always predicting the middle position scores: the floor a regression reaches with no signal
@@ -255,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="haviv-") as tmp:
             parts.append(probe_depths(model, **sizes["zoo"], seed=args.seed, tmp=tmp, controls=controls))
         token_done = True
+        if variant == "none":
+            # a NoPE model's position signal may ride on the constant BOS (an attention sink): probe without it
+            with tempfile.TemporaryDirectory(prefix="haviv-") as tmp:
+                no_bos = {**sizes["zoo"], "logistic": None}
+                parts.append(
+                    probe_depths(model, **no_bos, seed=args.seed, tmp=tmp, controls=controls, prepend_bos=False)
+                )
         print(f"[{NAME}] zoo:{variant} probed")
     smol = pp.load_model("smollm2-135m")
     with tempfile.TemporaryDirectory(prefix="haviv-") as tmp:

@@ -64,8 +64,8 @@ step "unpack"
 rm -rf /tmp/gpubench && mkdir -p /tmp/gpubench
 for f in site transformers cache; do tar -C /tmp/gpubench -xJf "$PACK/$f.tar.xz"; done
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpubench/site "$PACK"/wheels/*.whl
-# a .pth that puts the repo and the carried packages first on sys.path of every python3 process, so that
-# subprocesses started with their own PYTHONPATH (tests/test_extract.py's kill test) see them too
+# a .pth that puts the repo and the carried packages first on sys.path of every python3 process
+# (the benchmarks' child processes and anything started with its own PYTHONPATH included)
 SITE=$($PY -c "import site; print(site.getsitepackages()[0])")
 echo "import sys; sys.path[:0] = ['$ROOT', '/tmp/gpubench/site']" > "$SITE/00-posprobe-gpubench.pth"
 export POSPROBE_CACHE=/tmp/gpubench/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
@@ -104,10 +104,10 @@ step "extraction: Gemma 3 270M fp32 on the GPU, 64 x 256 tokens in batches of 16
 timeout 70 $B --model gemma-3-270m --device cuda --n-seq 64 --batch-size 16 --repeats 3 --skip tl_full \
     --out "$OUTDIR/extraction-gemma3-cuda-fp32.json" > /dev/null
 step "extraction: SmolLM2-135M bf16 compute, bf16 store, 256 x 256 tokens in batches of 64"
-timeout 50 $B --model smollm2-135m --device cuda --dtype bf16 --store-dtype bf16 --n-seq 256 --batch-size 64 \
+timeout 60 $B --model smollm2-135m --device cuda --dtype bf16 --store-dtype bf16 --n-seq 256 --batch-size 64 \
     --repeats 3 --skip tl_full --out "$OUTDIR/extraction-smollm2-cuda-bf16.json" > /dev/null
 step "scaling: SmolLM2-135M on the GPU"
-timeout 90 $PY benchmarks/scaling.py --weights random --device cuda --base-seq 16 --batch-size 16 \
+timeout 80 $PY benchmarks/scaling.py --weights random --device cuda --base-seq 16 --batch-size 16 \
     --lengths 256 2048 --length-tokens 32768 --batch-tokens 16384 --out "$OUTDIR/scaling-smollm2-cuda.json" \
     > /dev/null
 

@@ -311,16 +311,19 @@ def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int) -> dic
 
     GPU tensors go to pinned buffers with non-blocking copies, all queued before one wait, so
     the copies of one batch overlap each other and the finiteness reductions run on the GPU.
+    Host tensors are taken out of ``acts`` as they are converted, so a view (rot_q) stops holding
+    its base tensor alive once its contiguous copy exists.
     """
     flags = {k: _nonfinite(k, v) for k, v in acts.items()}
     host: dict[SiteKey, Tensor] = {}
     storages: set[int] = set()
-    for key, x in acts.items():
-        if x.device.type == "cuda":
-            buf = torch.empty(x.shape, dtype=dtype, pin_memory=True)
-            buf.copy_(x, non_blocking=True)
+    for key in list(acts):
+        if acts[key].device.type == "cuda":
+            buf = torch.empty(acts[key].shape, dtype=dtype, pin_memory=True)
+            buf.copy_(acts[key], non_blocking=True)
             host[key] = buf
             continue
+        x = acts.pop(key)
         # no copy when the dtype matches: captured tensors are fresh outputs that the forward never modifies
         # afterwards (``run(capture=...)`` relies on that too); but one tensor seen at two sites (resid_post.L is
         # resid_pre.L+1) is copied, as a shard may not hold two tensors sharing memory
@@ -333,7 +336,7 @@ def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int) -> dic
         torch.cuda.current_stream(cuda_device).synchronize()
     for key, flag in flags.items():
         if bool(flag):
-            _raise_nonfinite(key, acts[key], start)
+            _raise_nonfinite(key, acts.get(key, host[key]), start)
     return host
 
 

@@ -126,7 +126,7 @@ KILL_SCRIPT = textwrap.dedent(
     def slow_write(*args):  # a slow disk, so the parent can kill us mid-run
         write(*args)
         time.sleep(0.3)
-    import posprobe.extract as ex
+    ex = sys.modules["posprobe.extract"]  # the module: the attribute posprobe.extract is the function
     ex.write_shard = slow_write
     model = load_model(sys.argv[1])
     tokens = torch.load(sys.argv[2], weights_only=True)
