@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from posprobe.plots._common import require_columns
 from posprobe.stats.attention import ROLES
 
 _ROLE_COLORS = {
@@ -20,14 +21,6 @@ _ROLE_COLORS = {
 }
 
 
-def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}; got {list(df.columns)}")
-    if df.empty:
-        raise ValueError(f"{what} got an empty table")
-
-
 def attention_pattern_viewer(patterns: pd.DataFrame, title: str = "Attention pattern") -> go.Figure:
     """Interactive heatmap of one sequence's attention (``attention_patterns``), a dropdown picks layer and head.
 
@@ -35,7 +28,7 @@ def attention_pattern_viewer(patterns: pd.DataFrame, title: str = "Attention pat
     (a few layers, ≤ ~128 tokens): every head becomes one heatmap in the HTML.
     """
     columns = ["layer", "head", "query_pos", "key_pos", "query_token", "key_token", "weight"]
-    _require(patterns, columns, "attention_pattern_viewer")
+    require_columns(patterns, columns, "attention_pattern_viewer", nonempty=True)
     n = int(max(patterns["query_pos"].max(), patterns["key_pos"].max())) + 1
     words = [""] * n
     for col, tok in (("query_pos", "query_token"), ("key_pos", "key_token")):
@@ -100,7 +93,9 @@ def variance_curves(
 
     Chi et al. 2023 predict slope −1 for a causal NoPE model at initialisation.
     """
-    _require(table, ["layer", "position", "n_keys", "variance", "sem", "n_tokens"], "variance_curves")
+    require_columns(
+        table, ["layer", "position", "n_keys", "variance", "sem", "n_tokens"], "variance_curves", nonempty=True
+    )
     by = ["layer", "head"] if "head" in table.columns else ["layer"]
     fig = go.Figure()
     for key, part in table[table["variance"] > 0].groupby(by):
@@ -147,7 +142,12 @@ def similarity_curves(
     table: pd.DataFrame, include_pos0: bool = False, title: str = "Similarity of nearby embeddings"
 ) -> go.Figure:
     """Mean cosine similarity vs token distance, a curve per layer (``EmbeddingSimilarity.table``, Zuo et al. 2025)."""
-    _require(table, ["layer", "distance", "include_pos0", "cos_sim", "cos_sim_std", "n_pairs"], "similarity_curves")
+    require_columns(
+        table,
+        ["layer", "distance", "include_pos0", "cos_sim", "cos_sim_std", "n_pairs"],
+        "similarity_curves",
+        nonempty=True,
+    )
     rows = table[table["include_pos0"] == include_pos0]
     fig = go.Figure()
     for layer, part in rows.groupby("layer", dropna=False):
@@ -172,7 +172,7 @@ def similarity_curves(
 def head_role_map(roles: pd.DataFrame, title: str = "Head roles") -> go.Figure:
     """Layer × head heatmap colored by role (``AttentionStats.roles``), hover with the scores behind it."""
     scores = ["first_token_mass", "previous_token", "local_mass", "normalized_entropy", "mean_distance"]
-    _require(roles, ["layer", "head", "role", *scores], "head_role_map")
+    require_columns(roles, ["layer", "head", "role", *scores], "head_role_map", nonempty=True)
     layers = sorted(roles["layer"].unique())
     heads = sorted(roles["head"].unique())
     code = {r: i for i, r in enumerate(ROLES)}
@@ -211,7 +211,7 @@ def head_role_map(roles: pd.DataFrame, title: str = "Head roles") -> go.Figure:
 
 def attention_by_distance(table: pd.DataFrame, title: str = "Attention mass by distance") -> go.Figure:
     """Share of a query's attention at each distance Δ, one curve per (layer, head) (``AttentionStats.by_distance``)."""
-    _require(table, ["layer", "head", "distance", "mass", "n_pairs"], "attention_by_distance")
+    require_columns(table, ["layer", "head", "distance", "mass", "n_pairs"], "attention_by_distance", nonempty=True)
     fig = go.Figure()
     for (layer, head), part in table.groupby(["layer", "head"]):
         fig.add_scatter(
@@ -234,7 +234,9 @@ def attention_by_distance(table: pd.DataFrame, title: str = "Attention mass by d
 
 def position_predictor_comparison(table: pd.DataFrame, title: str = "Which signal orders tokens?") -> go.Figure:
     """Grouped bars per layer: |Spearman ρ| of each position predictor (``compare_position_predictors``)."""
-    _require(table, ["layer", "predictor", "abs_spearman", "sem", "n_seqs"], "position_predictor_comparison")
+    require_columns(
+        table, ["layer", "predictor", "abs_spearman", "sem", "n_seqs"], "position_predictor_comparison", nonempty=True
+    )
     fig = go.Figure()
     for predictor, part in table.groupby("predictor"):
         fig.add_bar(

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from posprobe.plots._common import require_columns
 from posprobe.stats.neurons import CATEGORIES
 
 _COLORS = {
@@ -20,15 +21,9 @@ _COLORS = {
 }
 
 
-def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}; got {list(df.columns)}")
-
-
 def positional_neuron_counts(layer_summary: pd.DataFrame) -> go.Figure:
     """Stacked bars: positional neurons per layer by category (``PositionalNeurons.layer_summary``)."""
-    _require(layer_summary, ["layer", "n_neurons", "dead", "always_on", *CATEGORIES], "positional_neuron_counts")
+    require_columns(layer_summary, ["layer", "n_neurons", "dead", "always_on", *CATEGORIES], "positional_neuron_counts")
     layers = layer_summary["layer"].astype(str)
     fig = go.Figure()
     for category in CATEGORIES:
@@ -56,7 +51,7 @@ def positional_neuron_counts(layer_summary: pd.DataFrame) -> go.Figure:
 def neuron_position_profile(profile: pd.DataFrame) -> go.Figure:
     """One neuron's mean activation ± 1 std over position, with its firing rate on a second axis."""
     columns = ["layer", "neuron", "position", "mean", "std", "firing_rate", "n_tokens"]
-    _require(profile, columns, "neuron_position_profile")
+    require_columns(profile, columns, "neuron_position_profile")
     if profile[["layer", "neuron"]].drop_duplicates().shape[0] != 1:
         raise ValueError("neuron_position_profile draws one neuron; filter the table to a single (layer, neuron)")
     layer, neuron = profile["layer"].iloc[0], profile["neuron"].iloc[0]
@@ -102,7 +97,7 @@ def neuron_position_profile(profile: pd.DataFrame) -> go.Figure:
 
 def positional_neuron_heatmap(profiles: pd.DataFrame, value: str = "mean_z") -> go.Figure:
     """Neuron × position heatmap of ``value`` (``mean_z``, ``mean`` or ``firing_rate``) from ``stats.profiles``."""
-    _require(profiles, ["layer", "neuron", "position", value], "positional_neuron_heatmap")
+    require_columns(profiles, ["layer", "neuron", "position", value], "positional_neuron_heatmap")
     labels = "L" + profiles["layer"].astype(str) + " n" + profiles["neuron"].astype(str)
     order = list(dict.fromkeys(labels))
     grid = profiles.assign(label=labels).pivot(index="label", columns="position", values=value).reindex(order)

@@ -11,6 +11,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from posprobe.plots._common import require_columns
+
 METRIC_TITLES = {
     "logprob": "next-token log-prob",
     "kl": "KL(clean ‖ patched), nats",
@@ -21,12 +23,6 @@ VALUE_TITLES = {
     "effect": "patched − clean",
     "value": "patched value",
 }
-
-
-def _require(table: pd.DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}; got {list(table.columns)}")
 
 
 def _row_label(df: pd.DataFrame) -> pd.Series:
@@ -48,7 +44,7 @@ def patching_heatmap(table: pd.DataFrame, metric: str = "logprob", value: str = 
         raise ValueError(f"unknown metric {metric!r}; accepted: {', '.join(METRIC_TITLES)}")
     if value not in VALUE_TITLES:
         raise ValueError(f"unknown value {value!r}; accepted: {', '.join(VALUE_TITLES)}")
-    _require(
+    require_columns(
         table, ["site", "layer", "head", "position", "metric", "effect", "normalized", "value"], "patching_heatmap"
     )
     data = table[table["metric"] == metric]
@@ -98,7 +94,7 @@ def subspace_bars(table: pd.DataFrame, metric: str = "kl") -> go.Figure:
     """Grouped bars: effect of the full, subspace, row-space and null-space patches, one group per split."""
     if metric not in ("kl", "logprob"):
         raise ValueError(f"unknown metric {metric!r}; accepted: kl, logprob")
-    _require(table, ["split", "patch", "weight", "metric", "effect", "normalized"], "subspace_bars")
+    require_columns(table, ["split", "patch", "weight", "metric", "effect", "normalized"], "subspace_bars")
     data = table[table["metric"] == metric]
     if data.empty:
         raise ValueError(f"no rows for metric {metric!r}")

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from posprobe.plots._common import require_columns
+
 _ROLE_COLORS = {"positional": "#d62728", "semantic": "#1f77b4", "mixed": "#7f7f7f"}
 _VALUE_TITLES = {
     "share": "share of the head's q·k norm product",
@@ -17,12 +19,6 @@ _VALUE_TITLES = {
     "q_norm": "mean query plane norm",
     "k_norm": "mean key plane norm",
 }
-
-
-def _require(df: pd.DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}; got {list(df.columns)}")
 
 
 def _head_label(df: pd.DataFrame) -> pd.Series:
@@ -33,7 +29,7 @@ def frequency_usage_heatmap(table: pd.DataFrame, value: str = "share") -> go.Fig
     """Layer.head × plane heatmap of ``value`` (``share``, ``q_share``, ``q_norm``, ``k_norm``) from the usage table."""
     if value not in _VALUE_TITLES:
         raise ValueError(f"unknown value {value!r}; choose one of {', '.join(_VALUE_TITLES)}")
-    _require(table, ["layer", "head", "plane", "theta", "wavelength", "base", value], "frequency_usage_heatmap")
+    require_columns(table, ["layer", "head", "plane", "theta", "wavelength", "base", value], "frequency_usage_heatmap")
     ordered = table.sort_values(["layer", "head", "plane"]).assign(label=lambda d: _head_label(d))
     rows = list(dict.fromkeys(ordered["label"]))
     grid = lambda column: ordered.pivot(index="label", columns="plane", values=column).reindex(rows)  # noqa: E731
@@ -66,7 +62,7 @@ def frequency_usage_heatmap(table: pd.DataFrame, value: str = "share") -> go.Fig
 
 def frequency_spectra(table: pd.DataFrame, layer: int | None = None) -> go.Figure:
     """Each head's ``share`` per rotary plane against wavelength (log axis); ``layer`` picks one layer."""
-    _require(table, ["layer", "head", "plane", "rotary", "theta", "wavelength", "share"], "frequency_spectra")
+    require_columns(table, ["layer", "head", "plane", "rotary", "theta", "wavelength", "share"], "frequency_spectra")
     rows = table[table["rotary"]]
     if layer is not None:
         if layer not in set(rows["layer"]):
@@ -101,8 +97,8 @@ def distance_contributions(
     contributions: pd.DataFrame, table: pd.DataFrame, layer: int, head: int, top: int = 8
 ) -> go.Figure:
     """One head's per-plane logit contribution against distance Δ: the ``top`` planes by peak |value|, and the sum."""
-    _require(contributions, ["layer", "head", "plane", "delta", "contribution"], "distance_contributions")
-    _require(table, ["layer", "head", "plane", "theta", "wavelength"], "distance_contributions")
+    require_columns(contributions, ["layer", "head", "plane", "delta", "contribution"], "distance_contributions")
+    require_columns(table, ["layer", "head", "plane", "theta", "wavelength"], "distance_contributions")
     rows = contributions[(contributions["layer"] == layer) & (contributions["head"] == head)]
     if rows.empty:
         raise ValueError(f"no contributions for layer {layer} head {head}")
@@ -144,7 +140,7 @@ def distance_contributions(
 
 def head_roles_scatter(head_roles: pd.DataFrame) -> go.Figure:
     """High-frequency share against the sharper of previous-token / diagonal attention, coloured by role."""
-    _require(
+    require_columns(
         head_roles,
         ["layer", "head", "high_freq_share", "low_freq_share", "prev_token_score", "diag_score", "role", "rule"],
         "head_roles_scatter",
@@ -177,7 +173,9 @@ def head_roles_scatter(head_roles: pd.DataFrame) -> go.Figure:
 
 def ablation_loss(loss: pd.DataFrame) -> go.Figure:
     """Loss change (nats/token) against the ablated fraction p: one line per layer group and direction."""
-    _require(loss, ["group", "which", "p", "delta_loss", "loss", "base_loss", "n_planes_ablated"], "ablation_loss")
+    require_columns(
+        loss, ["group", "which", "p", "delta_loss", "loss", "base_loss", "n_planes_ablated"], "ablation_loss"
+    )
     fig = go.Figure()
     for (group, which), g in loss.sort_values("p").groupby(["group", "which"], sort=False):
         fig.add_scatter(
@@ -203,7 +201,7 @@ def ablation_loss(loss: pd.DataFrame) -> go.Figure:
 
 def ablation_prev_token(heads: pd.DataFrame, group: str = "all", which: str = "lowest") -> go.Figure:
     """Each head's previous-token score before (x) and after (y) an ablation, one colour per p."""
-    _require(
+    require_columns(
         heads, ["group", "which", "p", "layer", "head", "prev_token_before", "prev_token_after"], "ablation_prev_token"
     )
     rows = heads[(heads["group"] == group) & (heads["which"] == which)]
