@@ -36,15 +36,24 @@ def _common(p: argparse.ArgumentParser, model: bool = True, default_out: str | N
         p.add_argument("--model", default="smollm2-135m", help="packaged name, zoo:<variant>, HF id or path")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)",
+    )
     p.add_argument("--out", default=default_out, required=default_out is None, help="output folder")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _figure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--formats", nargs="+", default=[], choices=["png", "svg", "pdf"],
-                   help="also write figures as static images (needs kaleido and Chromium; HTML is always written)")
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=[],
+        choices=["png", "svg", "pdf"],
+        help="also write figures as static images (needs kaleido and Chromium; HTML is always written)",
+    )
 
 
 def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) -> None:
@@ -57,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog="example:\n  " + EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     p = add("models", "list the models posprobe loads offline, or describe one")
     p.add_argument("--model", default=None)
@@ -102,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tokens_args(p, n=8, seq_len=64)
     p.add_argument("--shift", type=int, default=8)
     p.add_argument("--sites", nargs="+", default=["resid_pre"])
-    p.add_argument("--per-position", action="store_true",
-                   help="patch each position separately (n_layers × seq_len runs)")
+    p.add_argument(
+        "--per-position", action="store_true", help="patch each position separately (n_layers × seq_len runs)"
+    )
     _figure_args(p)
 
     p = add("train", "train a zoo model (arguments passed to posprobe.train)")
@@ -177,8 +192,18 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
     model = _load(args)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    store = extract(model, _windows(model, args), args.sites, args.layers, batch_size=batch_size, device=args.device,
-                    dtype=args.dtype, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    store = extract(
+        model,
+        _windows(model, args),
+        args.sites,
+        args.layers,
+        batch_size=batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
     print(store)
 
 
@@ -195,8 +220,12 @@ def cmd_rope(args: argparse.Namespace) -> None:
 
     model = _load(args)
     usage = rope_frequency_usage(model, _windows(model, args), progress=True)
-    _save(args.out, {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
-          {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()}, args.formats)
+    _save(
+        args.out,
+        {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
+        {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()},
+        args.formats,
+    )
 
 
 def cmd_neurons(args: argparse.Namespace) -> None:
@@ -222,9 +251,12 @@ def cmd_attention(args: argparse.Namespace) -> None:
     tokens = _windows(model, args)
     stats = attention_stats(model, tokens, progress=True)
     variance = attention_variance(model, tokens, progress=True)
-    _save(args.out, {"heads": stats.heads, "roles": stats.roles, "variance": variance.table,
-                     "exponents": variance.exponents},
-          {"head_roles": stats.figure(), "variance": variance.figure()}, args.formats)
+    _save(
+        args.out,
+        {"heads": stats.heads, "roles": stats.roles, "variance": variance.table, "exponents": variance.exponents},
+        {"head_roles": stats.figure(), "variance": variance.figure()},
+        args.formats,
+    )
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
@@ -234,8 +266,12 @@ def cmd_patch(args: argparse.Namespace) -> None:
     tokens = _windows(model, args)
     result = patch_positions(model, tokens, shift=args.shift, sites=tuple(args.sites), per_position=args.per_position)
     invariance = shift_invariance(model, tokens, shifts=(1, args.shift))
-    _save(args.out, {"patching": result.table, "shift_invariance": invariance},
-          {"patching": result.figure()}, args.formats)
+    _save(
+        args.out,
+        {"patching": result.table, "shift_invariance": invariance},
+        {"patching": result.figure()},
+        args.formats,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -273,8 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from posprobe.store import StoreError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         _check_args(args)
         if getattr(args, "threads", None) is not None:
@@ -285,7 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         COMMANDS[args.command](args)
     except (
-        ValueError, StoreError, ExportError, FileNotFoundError, ModuleNotFoundError, NotImplementedError, KeyError
+        ValueError,
+        StoreError,
+        ExportError,
+        FileNotFoundError,
+        ModuleNotFoundError,
+        NotImplementedError,
+        KeyError,
     ) as err:
         if getattr(args, "debug", False):
             raise

@@ -144,8 +144,13 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
     if clipped:  # one diverging layer would squash every other curve against the axis
         figure.update_yaxes(range=[R2_FLOOR - 0.05, 1.05])
         summary += f"; R² below {R2_FLOOR:g} (worse than predicting the mean) clipped in the figure at layers {clipped}"
-    return Section("probes", "Where can position be read out? (linear probes, Haviv et al. 2022)", summary,
-                   figures=[figure], tables={"probes": table})
+    return Section(
+        "probes",
+        "Where can position be read out? (linear probes, Haviv et al. 2022)",
+        summary,
+        figures=[figure],
+        tables={"probes": table},
+    )
 
 
 #: the probe figure's R² axis stops here; the table keeps every value
@@ -169,9 +174,13 @@ def _rope(model: PositionModel, tokens) -> Section:
     roles = usage.head_roles
     counts = roles["role"].value_counts().to_dict() if "role" in roles else {}
     summary = "head roles from frequency use: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-    return Section("rope", "Which rotation frequencies does each head use? (Barbero et al. 2024)", summary,
-                   figures=[usage.figure(), usage.spectrum_figure()],
-                   tables={"rope_usage": usage.table, "rope_head_roles": roles})
+    return Section(
+        "rope",
+        "Which rotation frequencies does each head use? (Barbero et al. 2024)",
+        summary,
+        figures=[usage.figure(), usage.spectrum_figure()],
+        tables={"rope_usage": usage.table, "rope_head_roles": roles},
+    )
 
 
 def _neurons(model: PositionModel, tokens) -> Section:
@@ -190,8 +199,13 @@ def _neurons(model: PositionModel, tokens) -> Section:
     figures = [result.figure("counts")]
     if len(positional):
         figures.append(result.figure("heatmap", top=20))
-    return Section("neurons", "Positional neurons (Voita et al. 2023)", summary, figures=figures,
-                   tables={"neurons": result.table, "neuron_layers": summary_table})
+    return Section(
+        "neurons",
+        "Positional neurons (Voita et al. 2023)",
+        summary,
+        figures=figures,
+        tables={"neurons": result.table, "neuron_layers": summary_table},
+    )
 
 
 def _attention(model: PositionModel, tokens) -> Section:
@@ -206,16 +220,26 @@ def _attention(model: PositionModel, tokens) -> Section:
     counts = roles["role"].value_counts().to_dict() if "role" in roles else {}
     exps = variance.exponents
     summary = (
-        "head roles: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        "head roles: "
+        + ", ".join(f"{v} {k}" for k, v in counts.items())
         + f"; attention-output variance ∝ position^-a with median a = {exps['exponent'].median():.2f}"
         if "exponent" in exps
         else ""
     )
-    return Section("attention", "Attention: sinks, head roles, variance and similarity (Chi 2023, Zuo 2025)", summary,
-                   figures=[stats.figure(), variance.figure(), similarity.figure()],
-                   tables={"attention_heads": stats.heads, "head_roles": roles, "attention_variance": variance.table,
-                           "variance_exponents": exps, "similarity": similarity.table,
-                           "similarity_summary": similarity.summary})
+    return Section(
+        "attention",
+        "Attention: sinks, head roles, variance and similarity (Chi 2023, Zuo 2025)",
+        summary,
+        figures=[stats.figure(), variance.figure(), similarity.figure()],
+        tables={
+            "attention_heads": stats.heads,
+            "head_roles": roles,
+            "attention_variance": variance.table,
+            "variance_exponents": exps,
+            "similarity": similarity.table,
+            "similarity_summary": similarity.summary,
+        },
+    )
 
 
 def _shift(model: PositionModel, tokens) -> Section:
@@ -226,8 +250,9 @@ def _shift(model: PositionModel, tokens) -> Section:
     summary = "output change when every position id is shifted: " + ", ".join(
         f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
     )
-    return Section("shift", "Relative or absolute? Shifting every position", summary,
-                   tables={"shift_invariance": table})
+    return Section(
+        "shift", "Relative or absolute? Shifting every position", summary, tables={"shift_invariance": table}
+    )
 
 
 # -- assembling the page -------------------------------------------------------------------------
@@ -260,8 +285,9 @@ def build_report(
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     _write_tables(reports, out)
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "models": {r.model_name: r.headline for r in reports}},
-                                                 indent=1, default=str))
+    (out / "summary.json").write_text(
+        json.dumps({"meta": meta, "models": {r.model_name: r.headline for r in reports}}, indent=1, default=str)
+    )
     page = out / "index.html"
     page.write_text(_html(reports, meta))
     return page
@@ -287,8 +313,13 @@ def _versions() -> dict[str, str]:
 
     import posprobe
 
-    return {"posprobe": posprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "plotly": plotly.__version__, "python": platform.python_version()}
+    return {
+        "posprobe": posprobe.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "plotly": plotly.__version__,
+        "python": platform.python_version(),
+    }
 
 
 STYLE = """
@@ -335,7 +366,9 @@ def _html(reports: list[ModelReport], meta: dict[str, Any]) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>posprobe report: {names}</title>"
         f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-        + head + "".join(body) + "</body></html>"
+        + head
+        + "".join(body)
+        + "</body></html>"
     )
 
 

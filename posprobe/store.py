@@ -189,7 +189,8 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
-        return f"<ActivationStore {self.path} {self.model_name} {self.n_seq}×{self.seq_len} {len(self.keys)} keys, {state}>"
+        size = f"{self.n_seq}×{self.seq_len}"
+        return f"<ActivationStore {self.path} {self.model_name} {size} {len(self.keys)} keys, {state}>"
 
 
 def open_store(path: str | os.PathLike[str]) -> ActivationStore:
@@ -228,8 +229,9 @@ def prepare_store(
             return ActivationStore(path)
         if not overwrite:
             why = [k for k in IDENTITY_FIELDS if old.get(k) != manifest.get(k)]
+            old_name = old.get("model", {}).get("name")
             raise StoreError(
-                f"{path} holds another run (model {old.get('model', {}).get('name')!r}; differs in {', '.join(why) or 'nothing'}"
+                f"{path} holds another run (model {old_name!r}; differs in {', '.join(why) or 'nothing'}"
                 f"{'' if why else ', and resume=False'}); pass overwrite=True to replace it, resume=True to continue "
                 "the same run, or choose another folder"
             )
@@ -339,7 +341,7 @@ def _drop_corrupt_shards(path: Path) -> None:
     for shard in sorted(path.glob("shard_*.safetensors")):
         try:
             with safe_open(shard, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     f.get_slice(key).get_shape()
             expected = _declared_size(shard)
             if shard.stat().st_size != expected:

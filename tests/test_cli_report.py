@@ -77,8 +77,16 @@ def test_models_lists_packaged_and_zoo_names():
     proc = run_cli("models")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    for name in ("smollm2-135m", "gemma-3-270m", "minilm-l6", "zoo:none", "zoo:learned", "zoo:sinusoidal",
-                 "zoo:rope", "zoo:alibi"):
+    for name in (
+        "smollm2-135m",
+        "gemma-3-270m",
+        "minilm-l6",
+        "zoo:none",
+        "zoo:learned",
+        "zoo:sinusoidal",
+        "zoo:rope",
+        "zoo:alibi",
+    ):
         assert name in names, proc.stdout
 
 
@@ -98,8 +106,19 @@ def test_unknown_site_is_one_line_before_any_model_loads(tmp_path):
 
 def test_layer_out_of_range_is_one_line(tmp_path):
     assert (ZOO_NONE / "config.json").exists(), f"the zoo checkpoint {ZOO_NONE} is missing (shipped in data/zoo)"
-    proc = run_cli("extract", "--model", "zoo:none", "--layers", "99", "--n", "2", "--seq-len", "16",
-                   "--out", str(tmp_path / "out"))
+    proc = run_cli(
+        "extract",
+        "--model",
+        "zoo:none",
+        "--layers",
+        "99",
+        "--n",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert_one_line_error(proc, "extract", "layer 99", "0..3")
 
 
@@ -229,8 +248,12 @@ def test_quick_report_writes_page_tables_and_summary(quick_report):
     assert summary["meta"]["settings"]["quick"] is True
     assert set(summary["models"]["smollm2-135m"]) >= {"model", "probes", "rope", "neurons", "attention", "shift"}
     csvs = sorted((quick_report / "tables").glob("*.csv"))
-    assert {p.name for p in csvs} >= {"smollm2-135m.probes.csv", "smollm2-135m.rope_usage.csv",
-                                       "smollm2-135m.neurons.csv", "smollm2-135m.shift_invariance.csv"}
+    assert {p.name for p in csvs} >= {
+        "smollm2-135m.probes.csv",
+        "smollm2-135m.rope_usage.csv",
+        "smollm2-135m.neurons.csv",
+        "smollm2-135m.shift_invariance.csv",
+    }
     assert all(p.stat().st_size > 0 for p in csvs)
 
 
@@ -244,6 +267,7 @@ def test_quick_report_renders_in_headless_chromium(quick_report, tmp_path):
     assert n_figures >= 6, "the report should hold at least six figures"
     assert dom.count('class="main-svg"') >= n_figures, "plotly did not draw every figure"
     shot = tmp_path / "shot.png"
-    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,3000", url], capture_output=True,
-                   timeout=180, check=True)
+    subprocess.run(
+        [*base, f"--screenshot={shot}", "--window-size=1400,3000", url], capture_output=True, timeout=180, check=True
+    )
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 50_000

@@ -65,7 +65,7 @@ def test_streaming_shards_cover_the_run(tiny_llama, tmp_path):
 
 def test_refuses_a_folder_holding_another_models_run(tiny_llama, tiny_gemma3, tmp_path):
     extract(tiny_llama, random_ids(2, 8), "resid_post", layers=0, out=tmp_path / "s", progress=False)
-    with pytest.raises(StoreError, match="holds another run.*'tiny-llama'"):
+    with pytest.raises(StoreError, match=r"holds another run.*'tiny-llama'"):
         extract(tiny_gemma3, random_ids(2, 8), "resid_post", layers=0, out=tmp_path / "s", progress=False)
     extract(tiny_gemma3, random_ids(2, 8), "resid_post", layers=0, out=tmp_path / "s", overwrite=True, progress=False)
     assert open_store(tmp_path / "s").model_name == "tiny-gemma3"
@@ -100,7 +100,7 @@ def test_incomplete_or_corrupt_stores_say_what_to_do(tiny_llama, tmp_path):
         tiny_llama, random_ids(6, 8), "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False
     )
     store.shard_path(1).write_bytes(store.shard_path(1).read_bytes()[:50])
-    with pytest.raises(StoreError, match="corrupt.*resume=True"):
+    with pytest.raises(StoreError, match=r"corrupt.*resume=True"):
         store.get("resid_post", 0)
     store.shard_path(1).unlink()
     with pytest.raises(StoreError, match=r"incomplete: shards \[1\]"):

@@ -159,5 +159,5 @@ def test_bad_input_is_named(tiny_llama, call, message):
 
 
 def test_rotary_sites_on_a_non_rotary_model(tiny_bert):
-    with pytest.raises(ValueError, match="needs a rotary model.*'learned'"):
+    with pytest.raises(ValueError, match=r"needs a rotary model.*'learned'"):
         tiny_bert.run(random_ids(1, 4), capture=[SiteKey("rot_q", 0)])

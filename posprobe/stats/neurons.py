@@ -466,7 +466,8 @@ def positional_neurons(
       the spectral power in bins k*−1..k*+1, ``period`` = K / their power-weighted mean bin.
 
     Positional: ``mi - mi_bias > mi_threshold`` (bias-corrected, so a short run cannot call every
-    neuron positional; with Voita's 5M tokens the correction is negligible). Categories of positional neurons, first rule that holds:
+    neuron positional; with Voita's 5M tokens the correction is negligible). Categories of positional
+    neurons, first rule that holds:
 
     1. ``oscillatory``: k* ≥ 2 (two or more cycles fit) and ``period_power ≥ oscillation_power``.
     2. Smooth the firing-rate profile (moving average over max(1, K // 32) positions, rounded

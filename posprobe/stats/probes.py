@@ -302,9 +302,10 @@ def probe_position(
     Kinds: ``ridge`` (all layers and folds in one batched solve; alpha chosen on each training
     fold from ``alphas`` by ``alpha_selection``: exact leave-one-out ``"loo"`` as scikit-learn's
     RidgeCV (default), or ``"gcv"``, about 1.35× faster but fooled by high-leverage tokens such as
-    SmolLM2's massive-activation rows: R² −78 at layer 0 where LOO gives +0.12), ``sparse`` (top-``k`` neurons by |correlation| with the target,
-    then ridge; ``neurons`` names them) and ``logistic`` (multinomial over the target's values,
-    penalty ``C``, LBFGS in float32, so CPU and GPU may differ in a few predictions).
+    SmolLM2's massive-activation rows: R² −78 at layer 0 where LOO gives +0.12), ``sparse``
+    (top-``k`` neurons by |correlation| with the target, then ridge; ``neurons`` names them) and
+    ``logistic`` (multinomial over the target's values, penalty ``C``, LBFGS in float32, so CPU and
+    GPU may differ in a few predictions).
     Features are standardised inside every probe.
 
     Metrics (pooled out-of-fold predictions): ``r2`` and ``mae`` on the target; ``accuracy`` and
