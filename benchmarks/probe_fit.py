@@ -3,30 +3,29 @@
 Both sides get the same in-memory activations [L n_seq seq d], the same sequence folds and the
 same alpha grid, with features standardised inside each fold. The baseline is what one writes
 by hand: for each layer and each fold, ``make_pipeline(StandardScaler(), RidgeCV(alphas))``
-(exact leave-one-out alpha choice). posprobe runs twice: its default GCV alpha choice
-(``posprobe_s``, ``max_r2_diff``) and exact leave-one-out like RidgeCV (``posprobe_loo_s``,
-``max_r2_diff_loo``), each from one eigendecomposition per layer and fold. R² is pooled over
-the held-out folds.
+(exact leave-one-out alpha choice). posprobe runs with exact leave-one-out like RidgeCV (its
+default, ``posprobe_loo``: same R² to 1e-3 is the bar), with GCV (``posprobe_gcv``), each from
+one eigendecomposition per layer and fold, and with its default controls (shuffled labels, token
+identity) and with/without position 0. R² is pooled over the held-out folds.
 
 Uses SmolLM2-135M residual streams (64 × 256 tokens of real text, 30 layers, d=576) when
 ``posprobe.load_model`` and ``posprobe.extract`` can provide them; otherwise, or with
 ``--synthetic``, synthetic activations of the same shape (``"synthetic": true`` in the JSON).
 
-    python benchmarks/probe_fit.py [--synthetic] [--device cpu|cuda] [--n-seq 64] [--seq-len 256]
+    python benchmarks/probe_fit.py [--synthetic] [--device cpu|cuda] [--n-seq 64] [--seq-len 256] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import platform
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
+from _common import default_threads, emit, envelope, synchronize
 from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -80,6 +79,13 @@ def sklearn_loop(acts: torch.Tensor, split: tuple[tuple[int, ...], ...]) -> np.n
     return r2
 
 
+def _timed(fn, device: str) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", action="store_true", help="skip SmolLM2 and use synthetic activations")
@@ -87,7 +93,10 @@ def main() -> None:
     parser.add_argument("--n-seq", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--layers", type=int, default=30, help="layers of the synthetic activations")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     source, synthetic, why = "synthetic", True, "requested"
     if not args.synthetic:
@@ -103,54 +112,37 @@ def main() -> None:
 
     kwargs = {"controls": (), "exclude_bos": False, "device": args.device}
     probe_position(acts[:2, :10], **kwargs)  # warm-up (library loading, kernels)
-    t0 = time.perf_counter()
-    result = probe_position(acts, **kwargs)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    posprobe_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    loo = probe_position(acts, alpha_selection="loo", **kwargs)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    loo_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    probe_position(acts, device=args.device)
-    full_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    r2_sklearn = sklearn_loop(acts, result.split)
-    sklearn_s = time.perf_counter() - t0
-    r2_posprobe = result.table.sort_values("layer")["r2"].to_numpy()
+    loo, loo_s = _timed(lambda: probe_position(acts, alpha_selection="loo", **kwargs), args.device)
+    gcv, gcv_s = _timed(lambda: probe_position(acts, alpha_selection="gcv", **kwargs), args.device)
+    _, full_s = _timed(lambda: probe_position(acts, device=args.device), args.device)
+    r2_sklearn, sklearn_s = _timed(lambda: sklearn_loop(acts, loo.split), "cpu")
     r2_loo = loo.table.sort_values("layer")["r2"].to_numpy()
+    r2_gcv = gcv.table.sort_values("layer")["r2"].to_numpy()
 
-    print(
-        json.dumps(
-            {
-                "benchmark": "probe_fit",
-                "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} torch threads"
-                + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "source": source,
-                "synthetic": synthetic,
-                "synthetic_reason": why,
-                "device": args.device,
-                "n_tokens": n_seq * seq_len,
-                "layers": L,
-                "d": d,
-                "n_splits": len(result.split),
-                "n_alphas": len(DEFAULT_ALPHAS),
-                "posprobe_s": round(posprobe_s, 3),
-                "posprobe_loo_s": round(loo_s, 3),
-                "posprobe_with_controls_and_pos0_variants_s": round(full_s, 3),
-                "sklearn_s": round(sklearn_s, 3),
-                "speedup": round(sklearn_s / posprobe_s, 2),
-                "speedup_loo": round(sklearn_s / loo_s, 2),
-                "max_r2_diff": float(np.abs(r2_posprobe - r2_sklearn).max()),
-                "max_r2_diff_loo": float(np.abs(r2_loo - r2_sklearn).max()),
-                "r2_range": [round(float(r2_posprobe.min()), 4), round(float(r2_posprobe.max()), 4)],
-            }
-        )
-    )
+    results = [
+        {"method": "sklearn_ridgecv_loop", "seconds": round(sklearn_s, 3)},
+        {"method": "posprobe_loo", "seconds": round(loo_s, 3), "max_r2_diff": float(np.abs(r2_loo - r2_sklearn).max())},
+        {"method": "posprobe_gcv", "seconds": round(gcv_s, 3), "max_r2_diff": float(np.abs(r2_gcv - r2_sklearn).max())},
+        {"method": "posprobe_default_with_controls", "seconds": round(full_s, 3)},
+    ]
+    ratios = {
+        "speedup_loo": round(sklearn_s / loo_s, 2),
+        "speedup_gcv": round(sklearn_s / gcv_s, 2),
+        "max_r2_diff_loo": results[1]["max_r2_diff"],
+    }
+    config = {
+        "source": source,
+        "synthetic": synthetic,
+        "synthetic_reason": why,
+        "device": args.device,
+        "n_tokens": n_seq * seq_len,
+        "layers": L,
+        "d": d,
+        "n_splits": len(loo.split),
+        "n_alphas": len(DEFAULT_ALPHAS),
+        "r2_range": [round(float(r2_loo.min()), 4), round(float(r2_loo.max()), 4)],
+    }
+    emit(envelope("probe_fit", results, ratios, config=config), args.out)
 
 
 if __name__ == "__main__":
