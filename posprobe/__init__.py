@@ -9,7 +9,9 @@ import importlib
 from typing import Any
 
 from posprobe import data
-from posprobe.extract import extract  # eager: importing the submodule would rebind pp.extract to the module
+
+# eager: importing the submodule later would rebind pp.extract to the module
+from posprobe.extract import extract, extract_remote
 from posprobe.models import DEFAULT_MODEL, ModelInfo, PositionModel, known_models, load_model
 from posprobe.sites import SITES, SiteKey
 from posprobe.store import ActivationStore, open_store
@@ -57,6 +59,7 @@ __all__ = [
     "SiteKey",
     "data",
     "extract",
+    "extract_remote",
     "known_models",
     "load_model",
     "open_store",
