@@ -24,6 +24,7 @@ SCRIPTS = (
     "haviv_probes",
     "chi_variance",
     "zuo_similarity",
+    "attention_zoo",
     "barbero_rope",
     "voita_neurons",
     "kazemnejad_length",
