@@ -35,12 +35,15 @@ def settings(quick: bool) -> dict:
             "shift_smol": {"n": 2, "seq_len": 64, "shifts": [1, 8, 64]},
             "patch_zoo": {"n": 4, "seq_len": 32, "shift": 8},
             "patch_smol": {"n": 2, "seq_len": 32, "shift": 8, "layers": [*range(0, 30, 3), 29]},
+            "patch_smol_positions": {"n": 2, "seq_len": 16, "shift": 4, "layers": [0, 15, 29]},
         }
     return {
         "shift_zoo": {"n": 32, "seq_len": 128, "shifts": [1, 8, 64, 128]},
         "shift_smol": {"n": 8, "seq_len": 128, "shifts": [1, 8, 64, 128]},
         "patch_zoo": {"n": 32, "seq_len": 64, "shift": 16},
         "patch_smol": {"n": 8, "seq_len": 64, "shift": 16, "layers": None},
+        # layer × position on SmolLM2: one patched forward per (layer, position), so fewer layers and tokens
+        "patch_smol_positions": {"n": 4, "seq_len": 32, "shift": 8, "layers": [*range(0, 30, 3), 29]},
     }
 
 
@@ -145,6 +148,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     smol_table = res.table.assign(model="smollm2-135m", mode="filler")
     patches.append(smol_table)
     out.figure("patch_by_layer_smollm2_filler", patching_heatmap(smol_table.assign(shift=ps["shift"])))
+    pp_cfg = cfg["patch_smol_positions"]
+    batch = pp.data.text_windows(smol, n=pp_cfg["n"], seq_len=pp_cfg["seq_len"], seed=args.seed)
+    res = pp.patch_positions(
+        smol, batch, shift=pp_cfg["shift"], mode="filler", sites="resid_pre", layers=pp_cfg["layers"], per_position=True
+    )
+    mode = f"filler, {pp_cfg['n']}×{pp_cfg['seq_len']} tokens per position"
+    per_pos = res.table.assign(model="smollm2-135m", mode=mode)
+    patches.append(per_pos)
+    out.figure("patch_heatmap_smollm2_filler", patching_heatmap(per_pos.assign(shift=pp_cfg["shift"])))
+    print(f"[{NAME}] smollm2-135m done")
     shift_t, patch_t = pd.concat(shifts, ignore_index=True), pd.concat(patches, ignore_index=True)
     if "note" not in shift_t:
         shift_t["note"] = None
