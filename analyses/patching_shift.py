@@ -5,7 +5,8 @@ moving every position id by k leaves RoPE, ALiBi and NoPE outputs unchanged up t
 rounding, and changes learned / sinusoidal absolute models. Activation patching (Meng et al.
 2022) with a position-only corruption then locates where the position a model uses lives:
 ``patch_positions`` copies the residual stream (``resid_pre``) of a position-shifted run into
-the clean run, per layer and per token (zoo models) or per layer only (SmolLM2, small input).
+the clean run, per layer and per token (zoo models; SmolLM2 on 11 layers × 32 positions) and per
+layer for the whole sequence (all models; SmolLM2 on all 30 layers).
 For the learned zoo model the corruption is ``offset`` (position ids + k); for RoPE / NoPE, whose
 outputs ignore an offset, it is ``filler`` (k filler tokens inserted after the BOS).
 
