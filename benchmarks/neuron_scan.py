@@ -7,7 +7,7 @@ time (of the streaming pass alone, and of the whole scan with scores) and peak R
 process's RSS before the scan. A streaming scan should take time linear in the tokens and
 memory flat in them (O(layers × positions × neurons)).
 
-    .venv/bin/python benchmarks/neuron_scan.py [--scales 1 4 16] [--neurons 1536] [--device cpu]
+    .venv/bin/python benchmarks/neuron_scan.py [--scales 1 4 16] [--neurons 1536] [--device cpu] [--out FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import emit, envelope
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per shard")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -127,18 +129,15 @@ def main() -> None:
     config = {k: getattr(args, k) for k in names}
     accumulators_mb = 3 * args.layers * args.seq_len * args.neurons * 8 / 2**20
     shard_mb = args.batch_size * args.seq_len * args.layers * args.neurons * 4 / 2**20
-    print(
-        json.dumps(
-            {
-                "benchmark": "positional_neurons streaming scan",
-                "device": base["device"],
-                "config": config,
-                "expected_working_set_mb": {"accumulators": accumulators_mb, "one_shard": shard_mb},
-                "runs": runs,
-            },
-            indent=1,
-        )
-    )
+    last = runs[-1]
+    ratios = {
+        "token_ratio": last["token_ratio"],
+        "time_ratio": round(last["time_ratio"], 3),
+        "pass_time_ratio": round(last["pass_time_ratio"], 3),
+        "peak_memory_ratio": round(last["peak_memory_ratio"], 3),
+    }
+    extra = {"expected_working_set_mb": {"accumulators": accumulators_mb, "one_shard": shard_mb}}
+    emit(envelope("neuron_scan", runs, ratios, config={**config, "device_used": base["device"]}, **extra), args.out)
 
 
 if __name__ == "__main__":
