@@ -208,10 +208,15 @@ def _loo_mse(
     """Exact leave-one-out MSE [L T A] of one training set's ridge fits, the intercept unpenalised.
 
     LOO residual = r_i / (1 − h_i), h_i = 1/n + Σ_k P_ik² / (λ_k + α) with P = Z V (the hat
-    matrix's diagonal in the eigenbasis). Layers go in chunks to bound memory.
+    matrix's diagonal in the eigenbasis). Layers go in chunks to bound memory. The row-wise work
+    (standardising, the n×d×d product P, the hat diagonals and predictions) runs in float32, about
+    twice as fast as float64 on a CPU: it only ranks the alphas of the grid, relative errors stay
+    near 1e-6 (P is a rotation of standardised rows), and the residuals and their means are
+    formed in the solve's dtype. The chosen alpha's fit itself comes from the float64 solve.
     """
     rows = train.nonzero().squeeze(1)
     n = rows.numel()
+    work = torch.float32 if lam.dtype == torch.float64 else lam.dtype
     yc = Y[rows].to(lam) - ybar  # [n T]
     inv = 1 / (lam[..., None] + grid)  # [L d A]
     L, d = lam.shape
@@ -219,10 +224,14 @@ def _loo_mse(
     step = max(1, 2**25 // max(1, n * d))
     for lo in range(0, L, step):
         sl = slice(lo, lo + step)
-        P = ((X[sl][:, rows].to(lam) - mean[sl, None]) / scale[sl, None]) @ V[sl]  # [l n d]
-        h = (P**2) @ inv[sl] + 1 / n  # [l n A]
+        Z = X[sl][:, rows].to(work)
+        Z.sub_(mean[sl, None].to(work)).div_(scale[sl, None].to(work))
+        P = Z @ V[sl].to(work)  # [l n d]
+        del Z
+        h = (P.square() @ inv[sl].to(work)).to(lam) + 1 / n  # [l n A]
         coef = (Q[sl][..., None] * inv[sl][:, :, None, :]).flatten(2)  # [l d T*A]
-        resid = yc[None, :, :, None] - (P @ coef).unflatten(-1, (yc.shape[1], grid.numel()))
+        pred = (P @ coef.to(work)).to(lam).unflatten(-1, (yc.shape[1], grid.numel()))
+        resid = yc[None, :, :, None] - pred
         out.append(((resid / (1 - h[:, :, None, :])) ** 2).mean(1))
     return torch.cat(out)
 
