@@ -8,7 +8,8 @@ time and peak RSS above the RSS after the model is loaded:
 - ``keep``: capturing every layer's pattern in memory, what storing full maps costs
   (skipped above ``--keep-max`` tokens, where its size is reported from the shapes instead).
 
-    .venv/bin/python benchmarks/attention_memory.py [--model smollm2-135m] [--seq-lens 1024 4096] [--keep-max 1024]
+    .venv/bin/python benchmarks/attention_memory.py [--model smollm2-135m] [--seq-lens 1024 4096]
+        [--keep-max 1024] [--out FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import emit, envelope
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--keep-max", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,7 +108,7 @@ def main() -> None:
                 keep["peak_rss_above_loaded_mb"] / stream["peak_rss_above_loaded_mb"], 2
             )
         ratios[str(seq_len)] = entry
-    print(json.dumps({"model": args.model, "threads": args.threads, "results": results, "ratios": ratios}, indent=1))
+    emit(envelope("attention_memory", results, ratios, config={"model": args.model, "threads": args.threads}), args.out)
 
 
 if __name__ == "__main__":
