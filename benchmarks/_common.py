@@ -172,23 +172,40 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _anon_bytes() -> int:
+    """Anonymous resident memory (``RssAnon``): what the process allocated, without mapped file pages."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakRSS:
-    """Sample this process's RSS every ``interval`` seconds inside a ``with`` block; ``peak_above_start`` in bytes."""
+    """Sample this process's RSS every ``interval`` seconds inside a ``with`` block; ``peak_above_start`` in bytes.
+
+    ``anon_peak_above_start`` counts anonymous memory only: RSS also holds the pages of files read
+    through mmap (safetensors shards), which the kernel can drop at any time.
+    """
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
         self.start = 0
         self.peak = 0
+        self.anon_start = 0
+        self.anon_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, _rss_bytes())
+            self.anon_peak = max(self.anon_peak, _anon_bytes())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakRSS:
         self.start = self.peak = _rss_bytes()
+        self.anon_start = self.anon_peak = _anon_bytes()
         self._thread.start()
         return self
 
@@ -196,10 +213,15 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes())
+        self.anon_peak = max(self.anon_peak, _anon_bytes())
 
     @property
     def peak_above_start(self) -> int:
         return self.peak - self.start
+
+    @property
+    def anon_peak_above_start(self) -> int:
+        return self.anon_peak - self.anon_start
 
 
 def _high_water_bytes() -> int:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import emit, envelope
+from _common import PeakRSS, emit, envelope
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,7 +79,8 @@ def scan(path: str, device: str, threads: int) -> dict:
     start = time.perf_counter()
     neuron_position_stats(store, device=device)  # the streaming pass alone
     middle = time.perf_counter()
-    result = positional_neurons(store, device=device)  # the pass again, then the scores
+    with PeakRSS() as mem:
+        result = positional_neurons(store, device=device)  # the pass again, then the scores
     seconds = time.perf_counter() - middle
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {
@@ -87,6 +88,7 @@ def scan(path: str, device: str, threads: int) -> dict:
         "seconds": seconds,
         "pass_seconds": middle - start,
         "peak_rss_above_start_mb": (peak - before) / 2**20,
+        "peak_anon_above_start_mb": mem.anon_peak_above_start / 2**20,
         "oscillatory_found": int(result.layer_summary["oscillatory"].sum()),
         "tokens": int(store.attention_mask.sum()),
     }
@@ -124,6 +126,7 @@ def main() -> None:
         run["pass_time_ratio"] = run["pass_seconds"] / base["pass_seconds"]
         run["token_ratio"] = run["tokens"] / base["tokens"]
         run["peak_memory_ratio"] = run["peak_rss_above_start_mb"] / base["peak_rss_above_start_mb"]
+        run["peak_anon_memory_ratio"] = run["peak_anon_above_start_mb"] / base["peak_anon_above_start_mb"]
         run["seconds_per_million_tokens"] = run["seconds"] / run["tokens"] * 1e6
     names = ("base_seq", "seq_len", "layers", "neurons", "batch_size", "device", "threads")
     config = {k: getattr(args, k) for k in names}
@@ -135,6 +138,7 @@ def main() -> None:
         "time_ratio": round(last["time_ratio"], 3),
         "pass_time_ratio": round(last["pass_time_ratio"], 3),
         "peak_memory_ratio": round(last["peak_memory_ratio"], 3),
+        "peak_anon_memory_ratio": round(last["peak_anon_memory_ratio"], 3),
     }
     extra = {"expected_working_set_mb": {"accumulators": accumulators_mb, "one_shard": shard_mb}}
     emit(envelope("neuron_scan", runs, ratios, config={**config, "device_used": base["device"]}, **extra), args.out)
