@@ -172,7 +172,10 @@ def _samples(
     device: torch.device,
 ) -> _Samples:
     seq, col, pos = _tokens_of(inputs)
-    X = inputs.acts[:, seq, col].to(device)
+    if bool(inputs.mask.all()):  # every token is real: rows in row-major order are a view, not a copy
+        X = inputs.acts.flatten(1, 2).to(device)
+    else:
+        X = inputs.acts[:, seq, col].to(device)
     key = None if inputs.tokens is None else inputs.tokens[seq, col].long()
     pos_f = pos.double()
     if target == "absolute":
