@@ -110,7 +110,8 @@ def corpus_texts(split: str = "heldout") -> list[str]:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # whole documents are encoded, then cut into windows: the "longer than the model" warning does not apply
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _str_tokens(tokenizer: Any, tokens: Tensor) -> list[list[str]]:
