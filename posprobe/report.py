@@ -8,7 +8,6 @@ summary and the run's settings.
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
 import logging
 import platform
@@ -78,10 +77,8 @@ def analyse_model(model: PositionModel, settings: ReportSettings, progress: bool
     if model.info.is_rotary:
         stages.append(("RoPE frequencies", lambda: _rope(model, tokens)))
     stages.append(("positional neurons", lambda: _neurons(model, tokens)))
-    if model.info.causal:
-        stages.append(("attention", lambda: _attention(model, tokens)))
-    if importlib.util.find_spec("posprobe.stats.patching") is not None:
-        stages.append(("shift invariance", lambda: _shift(model, tokens)))
+    stages.append(("attention", lambda: _attention(model, tokens)))
+    stages.append(("shift invariance", lambda: _shift(model, tokens)))
     sections = []
     bar = tqdm(stages, desc=f"report {model.info.name}", unit="stage", disable=not progress)
     for name, stage in bar:
@@ -226,6 +223,8 @@ def _attention(model: PositionModel, tokens) -> Section:
         if "exponent" in exps
         else ""
     )
+    if stats.notes:  # a bidirectional model: say which statistics assume causal attention
+        summary += " (bidirectional model: " + "; ".join(stats.notes) + ")"
     return Section(
         "attention",
         "Attention: sinks, head roles, variance and similarity (Chi 2023, Zuo 2025)",
@@ -247,9 +246,15 @@ def _shift(model: PositionModel, tokens) -> Section:
 
     shifts = tuple(k for k in (1, 8, 64) if model.extrapolates or tokens.shape[1] + k <= model.info.n_ctx)
     table = shift_invariance(model, tokens[: min(len(tokens), 4)], shifts=shifts)
-    summary = "output change when every position id is shifted: " + ", ".join(
-        f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
-    )
+    if (table["output"] == "logits").all():
+        summary = "output change when every position id is shifted: " + ", ".join(
+            f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
+        )
+    else:  # an encoder without an LM head: its last hidden state is what moves
+        summary = (
+            "change of the last layer's hidden state when every position id is shifted (no LM head): "
+            + ", ".join(f"k={int(r.shift)}: mean |Δ| {r.mean_abs_logit_diff:.2e}" for r in table.itertuples())
+        )
     return Section(
         "shift", "Relative or absolute? Shifting every position", summary, tables={"shift_invariance": table}
     )

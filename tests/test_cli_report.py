@@ -221,6 +221,21 @@ def test_report_composes_a_page_for_two_tiny_models(tmp_path):
         assert f"tables/{name}.csv" in text
 
 
+def test_report_on_an_encoder_without_lm_head(tiny_bert, tmp_path):
+    """MiniLM-style models: no logits, bidirectional attention; every section still says something true."""
+    from posprobe.report import ReportSettings, build_report
+
+    page = build_report(
+        tiny_bert, tmp_path, settings=ReportSettings(n=6, seq_len=12, seed=0, device="cpu"), progress=False
+    )
+    text = page.read_text()
+    for key in ("model", "probes", "neurons", "attention", "shift"):
+        assert f"<section id='{key}'>" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())["models"][tiny_bert.info.name]
+    assert "bidirectional model" in summary["attention"]
+    assert "hidden state" in summary["shift"] and "KL" not in summary["shift"]
+
+
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:

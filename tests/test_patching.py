@@ -194,6 +194,13 @@ def test_learned_positions_are_not_shift_invariant_and_bos_variants(tiny_llama):
     assert (hf["kl"] <= 1e-6).all()
 
 
+def test_an_encoder_without_lm_head_compares_its_last_hidden_state(tiny_bert):
+    table = shift_invariance(tiny_bert, random_ids(2, 8), shifts=(1, 4))
+    assert (table["output"] == "final_hidden").all() and table["kl"].isna().all()
+    # learned absolute positions: moving them moves the hidden state
+    assert (table["max_abs_logit_diff"] > 1e-3).all() and (table["mean_abs_logit_diff"] > 0).all()
+
+
 # -- subspace patching -----------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ position moves by ``k``? For an exactly relative scheme (RoPE, ALiBi) or NoPE it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -216,8 +217,11 @@ def shift_invariance(
     shifts too) but sink behaviour is what a real model would learn to key on (RESEARCH.md §6).
 
     Returns one row per (shift, with_bos): model, shift, with_bos, kl (mean KL(original ‖ shifted)
-    over real tokens, nats), max_abs_logit_diff, mean_abs_logit_diff, n_tokens. ``with_bos``:
-    None keeps ``tokens`` as given; True / False adds or strips a leading BOS; a sequence gives both.
+    over real tokens, nats), max_abs_logit_diff, mean_abs_logit_diff, n_tokens, output. ``output``
+    says what was compared: ``"logits"``, or for a model without an LM head (an encoder such as
+    MiniLM) ``"final_hidden"``, the last block's output, where kl is NaN and the two diff columns
+    are the hidden state's. ``with_bos``: None keeps ``tokens`` as given; True / False adds or
+    strips a leading BOS; a sequence gives both.
     """
     model = as_position_model(model)
     batch = as_token_batch(model, tokens)
@@ -226,6 +230,12 @@ def shift_invariance(
         raise ValueError("need at least one shift and one with_bos setting")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    final = SiteKey("resid_post", model.info.n_layers - 1)
+
+    def output(tokens: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, bool]:
+        out = model.run(tokens, attention_mask=mask, position_ids=positions, capture=[final])
+        return (out[final] if out.logits is None else out.logits).float(), out.logits is not None
+
     rows = []
     for bos in variants:
         data = _with_bos(model, batch, bool(bos))
@@ -236,15 +246,12 @@ def shift_invariance(
             for start in range(0, len(data), batch_size):
                 sl = slice(start, start + batch_size)
                 mask = data.attention_mask[sl]
-                base = model.run(
-                    data.tokens[sl], attention_mask=mask, position_ids=data.position_ids[sl]
-                ).logits.float()
-                moved = model.run(
-                    data.tokens[sl], attention_mask=mask, position_ids=corrupt.position_ids[sl]
-                ).logits.float()
+                base, has_logits = output(data.tokens[sl], mask, data.position_ids[sl])
+                moved, _ = output(data.tokens[sl], mask, corrupt.position_ids[sl])
                 real = mask.bool().to(base.device)
-                logp, logq = torch.log_softmax(base, -1), torch.log_softmax(moved, -1)
-                kl_sum += float(((logp.exp() * (logp - logq)).sum(-1) * real).sum())
+                if has_logits:
+                    logp, logq = torch.log_softmax(base, -1), torch.log_softmax(moved, -1)
+                    kl_sum += float(((logp.exp() * (logp - logq)).sum(-1) * real).sum())
                 diff = (base - moved).abs()[real]
                 max_diff = max(max_diff, float(diff.max()))
                 abs_sum += float(diff.double().mean(-1).sum())
@@ -254,10 +261,11 @@ def shift_invariance(
                     "model": model.info.name,
                     "shift": int(shift),
                     "with_bos": bool(bos),
-                    "kl": kl_sum / n_tok,
+                    "kl": kl_sum / n_tok if has_logits else math.nan,
                     "max_abs_logit_diff": max_diff,
                     "mean_abs_logit_diff": abs_sum / n_tok,
                     "n_tokens": int(n_tok),
+                    "output": "logits" if has_logits else "final_hidden",
                 }
             )
     return pd.DataFrame(rows)
