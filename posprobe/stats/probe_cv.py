@@ -65,15 +65,32 @@ class FoldPlan:
 def ridge_oof(
     X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], selection: str, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T]."""
+    """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T].
+
+    Layers are solved in chunks whose per-block Gram matrices [l blocks d d] stay under
+    ``GRAM_BUDGET_BYTES`` (every layer is an independent problem, so chunking changes no number):
+    30 layers × 10 blocks × 576² in float64 would otherwise hold 0.8 GB, twice (Grams, eigenvectors).
+    """
     block = plan.block.to(X.device)
-    stats = block_stats(X, Y, block, plan.n_blocks, dtype)
-    sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas, selection, (X, Y.to(X.device), block))
-    pred = plan.empty_predictions(X.shape[0], Y.shape[1], dtype, X.device)
-    for i, (v, _, rows) in enumerate(plan.fits):
-        rows = rows.to(X.device)
-        pred[:, v, rows] = sol.predict(X[:, rows], i)
-    return pred, sol.alpha
+    L, _, d = X.shape
+    per_layer = plan.n_blocks * d * d * torch.finfo(dtype).bits // 8
+    step = max(1, GRAM_BUDGET_BYTES // max(1, per_layer))
+    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    alpha = []
+    for lo in range(0, L, step):
+        Xl = X[lo : lo + step]
+        stats = block_stats(Xl, Y, block, plan.n_blocks, dtype)
+        sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas, selection, (Xl, Y.to(X.device), block))
+        del stats
+        for i, (v, _, rows) in enumerate(plan.fits):
+            rows = rows.to(X.device)
+            pred[lo : lo + step, v, rows] = sol.predict(Xl[:, rows], i)
+        alpha.append(sol.alpha)
+    return pred, torch.cat(alpha)
+
+
+#: The most memory the per-block Gram matrices of one chunk of layers may take in ``ridge_oof``.
+GRAM_BUDGET_BYTES = 256 * 2**20
 
 
 def sparse_oof(
