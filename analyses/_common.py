@@ -80,6 +80,14 @@ def skipped_row(model: str, note: str, **extra: Any) -> pd.DataFrame:
     return pd.DataFrame([{"model": model, **extra, "note": note}])
 
 
+def with_notes(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The rows of ``parts`` in one table with a ``note`` column (None everywhere when no model was skipped)."""
+    table = pd.concat(parts, ignore_index=True)
+    if "note" not in table:
+        table["note"] = None
+    return table
+
+
 def machine() -> str:
     """A one-line description of where the numbers came from."""
     cpu = platform.processor() or platform.machine()
@@ -155,3 +163,14 @@ def model_label(model: Any) -> str:
 def round_floats(d: dict[str, Any], digits: int = 4) -> dict[str, Any]:
     """A copy of ``d`` with floats rounded, for summary.json."""
     return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def begin(
+    argv: Sequence[str] | None, doc: str, name: str, settings: Callable[[bool], dict]
+) -> tuple[argparse.Namespace, Output, dict]:
+    """What every script's ``main`` starts with: the shared options, ``<out>/<name>/`` opened, the settings recorded."""
+    args = parse_args(argv, doc.splitlines()[0])
+    out = Output(args.out, name, args)
+    cfg = settings(args.quick)
+    out.settings.update(cfg)
+    return args, out, cfg

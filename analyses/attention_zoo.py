@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
+from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes
 
 NAME = "attention_zoo"
 
@@ -53,6 +53,8 @@ def analyse(model, batch, label: dict) -> dict[str, pd.DataFrame]:
     cos = table.pivot_table(index="layer", columns="distance", values="cos_sim")
     layers = var.exponents.set_index("layer")
     heads = stats.heads[~stats.heads["include_pos0"]]
+    head_means = heads.groupby("layer")[["first_token_mass", "previous_token", "normalized_entropy"]].mean()
+    head_means = head_means.reindex(layers.index)
     per_layer = pd.DataFrame(
         {
             "layer": layers.index,
@@ -65,9 +67,7 @@ def analyse(model, batch, label: dict) -> dict[str, pd.DataFrame]:
             "adjacency": summary["adjacency"].reindex(layers.index).to_numpy(),
             "adjacency_chance": summary["adjacency_chance"].reindex(layers.index).to_numpy(),
             "spectral_spearman": summary["spectral_spearman"].reindex(layers.index).to_numpy(),
-            "first_token_mass": heads.groupby("layer")["first_token_mass"].mean().reindex(layers.index).to_numpy(),
-            "previous_token": heads.groupby("layer")["previous_token"].mean().reindex(layers.index).to_numpy(),
-            "normalized_entropy": heads.groupby("layer")["normalized_entropy"].mean().reindex(layers.index).to_numpy(),
+            **{col: head_means[col].to_numpy() for col in head_means.columns},
         }
     ).assign(**label)
     predictors = compare_position_predictors(var, sim).assign(**label)
@@ -159,10 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.attention import head_role_map
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     parts: dict[str, list[pd.DataFrame]] = {"per_layer": [], "predictors": [], "roles": []}
     rules = None
 
@@ -189,9 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add(analyse(smol.random_init_copy(args.seed), batch, {**label, "state": "init"}))
     print(f"[{NAME}] smollm2-135m done")
 
-    per_layer = pd.concat(parts["per_layer"], ignore_index=True)
-    if "note" not in per_layer:
-        per_layer["note"] = None
+    per_layer = with_notes(parts["per_layer"])
     predictors = pd.concat(parts["predictors"], ignore_index=True)
     roles = pd.concat(parts["roles"], ignore_index=True)
     out.table("per_layer", per_layer)

@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row
+from _common import begin, load_zoo_model, skipped_row
 
 NAME = "barbero_rope"
 MODELS = ("smollm2-135m", "gemma-3-270m", "zoo:rope")
@@ -110,10 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.rope import ablation_loss
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     usage_tables, roles, losses, heads, skipped = [], [], [], [], {}
     for name in MODELS:
         if name.startswith("zoo:"):

@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row
+from _common import begin, load_zoo_model, skipped_row, with_notes
 
 NAME = "chi_variance"
 
@@ -87,10 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.attention import variance_curves
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     tables, exps = [], []
 
     def add(pair: tuple[pd.DataFrame, pd.DataFrame]) -> None:
@@ -113,9 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     smol_text = pp.data.text_windows(smol, **cfg["smol"], seed=args.seed)
     add(measure(smol, smol_text, "trained", "text", None))
     add(measure(smol.random_init_copy(args.seed), smol_text, "init", "text", args.seed))
-    table, exponents = pd.concat(tables, ignore_index=True), pd.concat(exps, ignore_index=True)
-    if "note" not in exponents:
-        exponents["note"] = None
+    table, exponents = pd.concat(tables, ignore_index=True), with_notes(exps)
     out.table("variance_by_position", table)
     out.table("exponents", exponents)
     out.figure("exponents_per_layer", exponent_figure(exponents))

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
+from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row, with_notes
 
 NAME = "haviv_probes"
 
@@ -268,9 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     smol = pp.load_model("smollm2-135m")
     with tempfile.TemporaryDirectory(prefix="haviv-") as tmp:
         parts.append(probe_depths(smol, **sizes["smollm2-135m"], seed=args.seed, tmp=tmp))
-    table = pd.concat(parts, ignore_index=True)
-    if "note" not in table:
-        table["note"] = None
+    table = with_notes(parts)
     out.table("probes", table)
     out.figure("probe_curves", figure(table))
     smol_rows = table[table["model"] == smol.info.name].assign(site="residual stream (depth)")

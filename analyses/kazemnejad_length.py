@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
+from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes
 
 NAME = "kazemnejad_length"
 
@@ -78,10 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.length import length_generalization_figure
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     models, skipped = {}, []
     for variant in ZOO_ORDER:
         model, note = load_zoo_model(variant, args.zoo_root)
@@ -96,9 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             models, cfg["n"], max_len=cfg["length_factor"] * n_ctx, bucket=cfg["bucket"], batch_size=4, seed=args.seed
         )
         parts.insert(0, table)
-    table = pd.concat(parts, ignore_index=True)
-    if "note" not in table:
-        table["note"] = None
+    table = with_notes(parts)
     out.table("loss_by_position", table)
     done = table.dropna(subset=["n_ctx"])
     if len(done):

@@ -27,7 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row
+from _common import begin, load_zoo_model, skipped_row, with_notes
 from haviv_probes import probe_depths
 
 NAME = "learned_positions"
@@ -201,10 +201,7 @@ def headline(components: pd.DataFrame, coords: pd.DataFrame, neighbours: pd.Data
 def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     coords, comps, neigh, probes, skipped = [], [], [], [], {}
     for name in ("minilm-l6", "zoo:learned"):
         if name.startswith("zoo:"):
@@ -225,10 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="learned-") as tmp:
             probes.append(probe_depths(model, **cfg[name], seed=args.seed, tmp=tmp).assign(model=name))
         print(f"[{NAME}] {name} done")
-    coords_t, comps_t = pd.concat(coords, ignore_index=True), pd.concat(comps, ignore_index=True)
+    coords_t, comps_t = pd.concat(coords, ignore_index=True), with_notes(comps)
     neigh_t, probes_t = pd.concat(neigh, ignore_index=True), pd.concat(probes, ignore_index=True)
-    if "note" not in comps_t:
-        comps_t["note"] = None
     out.table("w_pos_pca_coordinates", coords_t)
     out.table("w_pos_components", comps_t)
     out.table("w_pos_neighbour_similarity", neigh_t)

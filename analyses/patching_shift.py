@@ -23,7 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
+from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes
 
 NAME = "patching_shift"
 PATCH_PLAN = {"learned": ("offset", "filler"), "rope": ("filler",), "none": ("filler",)}
@@ -112,10 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.patching import patching_heatmap
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     shifts, patches, skipped = [], [], {}
     for variant in ZOO_ORDER:
         model, note = load_zoo_model(variant, args.zoo_root)
@@ -159,9 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     patches.append(per_pos)
     out.figure("patch_heatmap_smollm2_filler", patching_heatmap(per_pos.assign(shift=pp_cfg["shift"])))
     print(f"[{NAME}] smollm2-135m done")
-    shift_t, patch_t = pd.concat(shifts, ignore_index=True), pd.concat(patches, ignore_index=True)
-    if "note" not in shift_t:
-        shift_t["note"] = None
+    shift_t, patch_t = with_notes(shifts), pd.concat(patches, ignore_index=True)
     out.table("shift_invariance", shift_t)
     out.table("patching", patch_t)
     out.figure("shift_invariance", shift_figure(shift_t))

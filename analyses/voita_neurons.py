@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, Output, load_zoo_model, parse_args, skipped_row
+from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes
 
 NAME = "voita_neurons"
 CATEGORIES = ("oscillatory", "both-extremes", "one-extreme", "other-strong", "other-weak")
@@ -102,10 +102,7 @@ def headline(summary: pd.DataFrame, eta: pd.DataFrame) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     tables, summaries, skipped = [], [], {}
     heat_sources = {}
 
@@ -130,9 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table, summary, results = scan(smol, **cfg["smol"], seed=args.seed, layer_chunk=cfg["smol_layer_chunk"])
     add("smollm2-135m", "trained", table, summary)
     neurons = pd.concat(tables, ignore_index=True)
-    summary = pd.concat(summaries, ignore_index=True)
-    if "note" not in summary:
-        summary["note"] = None
+    summary = with_notes(summaries)
     eta = eta2_summary(neurons)
     out.table("layer_summary", summary)
     out.table("eta2_summary", eta)

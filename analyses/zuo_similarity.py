@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Output, load_zoo_model, parse_args, skipped_row
+from _common import begin, load_zoo_model, skipped_row
 
 NAME = "zuo_similarity"
 
@@ -136,10 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.attention import position_predictor_comparison
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    out = Output(args.out, NAME, args)
-    cfg = settings(args.quick)
-    out.settings.update(cfg)
+    args, out, cfg = begin(argv, __doc__, NAME, settings)
     nope, note = load_zoo_model("none", args.zoo_root)
     if nope is None:
         out.table("similarity", skipped_row("zoo:none", note))

@@ -172,13 +172,18 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _anon_bytes() -> int:
-    """Anonymous resident memory (``RssAnon``): what the process allocated, without mapped file pages."""
+def _status_bytes(field: str) -> int:
+    """A memory figure from ``/proc/self/status`` (``field``: ``VmHWM``, ``RssAnon``, ...) in bytes; 0 if absent."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _anon_bytes() -> int:
+    """Anonymous resident memory (``RssAnon``): what the process allocated, without mapped file pages."""
+    return _status_bytes("RssAnon")
 
 
 class PeakRSS:
@@ -226,11 +231,7 @@ class PeakRSS:
 
 def _high_water_bytes() -> int:
     """This process's peak RSS since it started (``VmHWM``; unlike ``ru_maxrss`` it does not inherit the parent's)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 def measure_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[str, Any]:

@@ -152,21 +152,25 @@ def test_sparse_probe_finds_planted_neurons(tmp_path):
     assert np.count_nonzero(probe.coef_) == 3
 
 
+def sklearn_oof(acts: torch.Tensor, split, make) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """scikit-learn on layer 1 with posprobe's split: (X, y, pooled out-of-fold predictions, their R²)."""
+    X = acts[1].reshape(-1, D).double().numpy()
+    y = np.tile(np.arange(SEQ), N_SEQ).astype(float)
+    seq = np.repeat(np.arange(N_SEQ), SEQ)
+    pred = np.empty_like(y)
+    for test_seqs in split:
+        test = np.isin(seq, test_seqs)
+        pred[test] = make().fit(X[~test], y[~test]).predict(X[test])
+    return X, y, pred, 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+
+
 def test_ridge_equals_sklearn_on_the_same_split():
     acts = planted_acts()
     acts[1] += 0.5 * torch.randn(N_SEQ, SEQ, D, generator=torch.Generator().manual_seed(3))
     alpha = 3.0
     result = probe_position(acts, layers=[1], alphas=(alpha,), controls=(), device="cpu", exclude_bos=False)
     (row,) = rows(result)
-    X = acts[1].reshape(-1, D).double().numpy()
-    y = np.tile(np.arange(SEQ), N_SEQ).astype(float)
-    seq = np.repeat(np.arange(N_SEQ), SEQ)
-    pred = np.empty_like(y)
-    for test_seqs in result.split:
-        test = np.isin(seq, test_seqs)
-        sk = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[~test], y[~test])
-        pred[test] = sk.predict(X[test])
-    r2 = 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    X, y, pred, r2 = sklearn_oof(acts, result.split, lambda: make_pipeline(StandardScaler(), Ridge(alpha=alpha)))
     assert row["r2"] == pytest.approx(r2, abs=1e-4)
     assert row["mae"] == pytest.approx(np.abs(pred - y).mean(), abs=1e-4)
     probe = RidgeProbe(alpha).fit(X, y)
@@ -181,18 +185,14 @@ def test_loo_alpha_selection_equals_sklearn_ridgecv():
     acts[1, :, 0] *= 20  # high-leverage position-0 rows, where GCV and LOO part ways
     grid = (0.1, 1.0, 10.0, 100.0, 1000.0)
     result = probe_position(acts, layers=[1], alphas=grid, alpha_selection="loo", controls=(), exclude_bos=False)
-    X = acts[1].reshape(-1, D).double().numpy()
-    y = np.tile(np.arange(SEQ), N_SEQ).astype(float)
-    seq = np.repeat(np.arange(N_SEQ), SEQ)
-    pred = np.empty_like(y)
-    for test_seqs in result.split:
-        test = np.isin(seq, test_seqs)
-        sk = make_pipeline(StandardScaler(), RidgeCV(alphas=grid)).fit(X[~test], y[~test])
-        pred[test] = sk.predict(X[test])
-        probe = RidgeProbe(grid, alpha_selection="loo").fit(X[~test], y[~test])
-        assert probe.alpha_ == sk[-1].alpha_
-    r2 = 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    X, y, _, r2 = sklearn_oof(acts, result.split, lambda: make_pipeline(StandardScaler(), RidgeCV(alphas=grid)))
     assert result.table["r2"].item() == pytest.approx(r2, abs=1e-6)
+    seq = np.repeat(np.arange(N_SEQ), SEQ)
+    for test_seqs in result.split:
+        train = ~np.isin(seq, test_seqs)
+        sk = make_pipeline(StandardScaler(), RidgeCV(alphas=grid)).fit(X[train], y[train])
+        probe = RidgeProbe(grid, alpha_selection="loo").fit(X[train], y[train])
+        assert probe.alpha_ == sk[-1].alpha_
 
 
 def test_estimators_compose_with_sklearn_cross_validation():

@@ -75,15 +75,16 @@ def ridge_oof(
     L, _, d = X.shape
     per_layer = plan.n_blocks * d * d * torch.finfo(dtype).bits // 8
     step = max(1, GRAM_BUDGET_BYTES // max(1, per_layer))
+    train_blocks, Y_dev = plan.train_blocks.to(X.device), Y.to(X.device)
+    fit_rows = [(v, rows.to(X.device)) for v, _, rows in plan.fits]
     pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
     alpha = []
     for lo in range(0, L, step):
         Xl = X[lo : lo + step]
         stats = block_stats(Xl, Y, block, plan.n_blocks, dtype)
-        sol = solve_ridge(stats, plan.train_blocks.to(X.device), alphas, selection, (Xl, Y.to(X.device), block))
+        sol = solve_ridge(stats, train_blocks, alphas, selection, (Xl, Y_dev, block))
         del stats
-        for i, (v, _, rows) in enumerate(plan.fits):
-            rows = rows.to(X.device)
+        for i, (v, rows) in enumerate(fit_rows):
             pred[lo : lo + step, v, rows] = sol.predict(Xl[:, rows], i)
         alpha.append(sol.alpha)
     return pred, torch.cat(alpha)
