@@ -27,6 +27,7 @@ _LAZY = {
     "attention_stats": "posprobe.stats.attention",
     "attention_variance": "posprobe.stats.variance",
     "embedding_similarity": "posprobe.stats.similarity",
+    "position_embedding_geometry": "posprobe.stats.position_table",
     "patch_positions": "posprobe.stats.patching",
     "subspace_patch": "posprobe.stats.patching",
     "shift_invariance": "posprobe.stats.patching",

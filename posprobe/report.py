@@ -76,6 +76,8 @@ def analyse_model(model: PositionModel, settings: ReportSettings, progress: bool
     ]
     if model.info.is_rotary:
         stages.append(("RoPE frequencies", lambda: _rope(model, tokens)))
+    if "pos_embed" in model.available_sites():
+        stages.append(("position table", lambda: _position_table(model, settings)))
     stages.append(("positional neurons", lambda: _neurons(model, tokens)))
     stages.append(("attention", lambda: _attention(model, tokens)))
     stages.append(("shift invariance", lambda: _shift(model, tokens)))
@@ -177,6 +179,34 @@ def _rope(model: PositionModel, tokens) -> Section:
         summary,
         figures=[usage.figure(), usage.spectrum_figure()],
         tables={"rope_usage": usage.table, "rope_head_roles": roles},
+    )
+
+
+def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
+    from posprobe.stats.position_table import position_embedding_geometry
+
+    geometry = position_embedding_geometry(model, seed=settings.seed)
+    head = geometry.summary
+    explained = ", ".join(f"{v:.0%}" for v in head["explained_variance_pc1_3"])
+    periods = ", ".join(f"{v:g}" for v in head["period_pc1_3"])
+    summary = (
+        f"W_pos [{head['shape'][0]} × {head['shape'][1]}]: PC1–3 explain {explained} of its variance, with "
+        f"dominant periods {periods} positions; the PC1–PC2 angle turns with period {head['pc12_turn_period']:.1f} "
+        f"(linear fit R² {head['pc12_angle_linear_r2']:.2f}; near 1 for a helix); neighbouring rows have cosine "
+        f"similarity {head['neighbour_cos_d1']:.2f}"
+    )
+    if "random_init_neighbour_cos_d1" in head:
+        summary += f" ({head['random_init_neighbour_cos_d1']:.2f} at random init)"
+    return Section(
+        "positions",
+        "The absolute position table: helix, periods, smoothness (learned / sinusoidal positions)",
+        summary,
+        figures=[geometry.figure("helix"), geometry.figure("components"), geometry.figure("neighbours")],
+        tables={
+            "w_pos_components": geometry.components,
+            "w_pos_neighbours": geometry.neighbours,
+            "w_pos_coordinates": geometry.coords,
+        },
     )
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,7 +15,6 @@ ANALYSES = ROOT / "analyses"
 sys.path.insert(0, str(ANALYSES))
 
 import _common  # noqa: E402
-import learned_positions  # noqa: E402
 import run_all  # noqa: E402
 
 
@@ -54,22 +52,6 @@ def test_output_writes_tables_figures_and_manifest(tmp_path: Path) -> None:
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["files"] == ["t.csv", "f.html"]
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["headline"] == {"x": 1}
-
-
-def test_pca_finds_a_known_helix() -> None:
-    """W_pos = a circle of period 6 in two directions + a slow ramp in a third, in a random basis, plus noise."""
-    rng = np.random.default_rng(0)
-    t = np.arange(240)
-    latent = np.stack([np.cos(2 * np.pi * t / 6), np.sin(2 * np.pi * t / 6), 0.3 * (t / 240 - 0.5)], 1)
-    basis = np.linalg.qr(rng.normal(size=(32, 3)))[0].T  # [3 32] orthonormal rows
-    w_pos = latent @ basis + 0.01 * rng.normal(size=(240, 32))
-    coords, comps = learned_positions.pca(w_pos, "synthetic")
-    assert comps["period"].iloc[:2].tolist() == pytest.approx([6.0, 6.0])
-    assert comps["period_power"].iloc[:2].min() > 0.9
-    assert abs(comps["spearman_with_position"].iloc[2]) > 0.99
-    turn = learned_positions.helix_turn(coords)
-    assert turn["pc12_turn_period"] == pytest.approx(6.0, rel=1e-3)
-    assert turn["pc12_angle_linear_r2"] > 0.999
 
 
 def test_run_all_rejects_unknown_script_names() -> None:

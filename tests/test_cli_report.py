@@ -212,6 +212,7 @@ def test_report_composes_a_page_for_two_tiny_models(tmp_path):
     for key in ("model", "probes", "rope", "neurons", "attention", "shift"):
         assert f"<section id='{key}'>" in text
     assert "not applicable to tiny-none" in text  # no RoPE section for NoPE
+    assert "<section id='positions'>" not in text  # neither has a position table
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["models"]) == {"tiny-rope", "tiny-none"}
     assert summary["meta"]["settings"]["n"] == 10
@@ -229,9 +230,11 @@ def test_report_on_an_encoder_without_lm_head(tiny_bert, tmp_path):
         tiny_bert, tmp_path, settings=ReportSettings(n=6, seq_len=12, seed=0, device="cpu"), progress=False
     )
     text = page.read_text()
-    for key in ("model", "probes", "neurons", "attention", "shift"):
+    for key in ("model", "probes", "positions", "neurons", "attention", "shift"):
         assert f"<section id='{key}'>" in text
     summary = json.loads((tmp_path / "summary.json").read_text())["models"][tiny_bert.info.name]
+    assert summary["positions"].startswith("W_pos [64 × 64]") and "at random init" in summary["positions"]
+    assert (tmp_path / "tables" / "tiny-bert.w_pos_components.csv").stat().st_size > 0
     assert "bidirectional model" in summary["attention"]
     assert "hidden state" in summary["shift"] and "KL" not in summary["shift"]
 
