@@ -3,12 +3,15 @@
 Published (Gemma 7B): split each head's q and k into RoPE's 2-D planes; (1) the lowest
 frequencies carry most of the norm (likely semantic channels), (2) the highest frequencies
 build robust positional heads (diagonal, previous-token), (3) p-RoPE (the lowest fraction p of
-frequencies stops rotating) matches or beats RoPE. Here, on SmolLM2-135M, Gemma 3 270M and the
-RoPE zoo model: posprobe's ``rope_frequency_usage`` (each plane's share of the head's q·k norm
-product; head roles from frequency use + attention pattern), and ``rope_ablation`` applied to
-the trained models at inference: ``unrotate`` (p-RoPE post hoc) and ``zero`` (drop the planes)
+frequencies stops rotating) matches or beats RoPE. Here, on SmolLM2-135M, Gemma 3 270M, the
+RoPE zoo model and its p-RoPE twin (``zoo:p-rope``: trained with the same data, steps and seed,
+its lowest 25 % of frequencies never rotating; the direct test of (3)): posprobe's
+``rope_frequency_usage`` (each plane's share of the head's q·k norm product; head roles from
+frequency use + attention pattern), and ``rope_ablation`` applied to the trained models at
+inference: ``unrotate`` (p-RoPE post hoc) and ``zero`` (drop the planes)
 for the lowest and, as a control, the highest fraction p. Barbero trained with p-RoPE; a
-post-hoc ablation of a model trained with full RoPE is only the closest test we can run.
+post-hoc ablation of a model trained with full RoPE is the closest test on the pretrained models.
+On ``zoo:p-rope`` the ablations act on the planes that still rotate.
 
 Usage: ``python analyses/barbero_rope.py [--quick] [--out DIR] [--zoo-root DIR]``
 """
@@ -24,10 +27,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import begin, load_zoo_model, skipped_row
+from _common import begin, load_zoo_model, skipped_row, zoo_heldout_loss
 
 NAME = "barbero_rope"
-MODELS = ("smollm2-135m", "gemma-3-270m", "zoo:rope")
+MODELS = ("smollm2-135m", "gemma-3-270m", "zoo:rope", "zoo:p-rope")
 
 
 def settings(quick: bool) -> dict:
@@ -154,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.table("ablation_heads", pd.concat(heads, ignore_index=True))
     out.figure("band_shares", band_figure(bands.dropna(subset=["share"])))
     out.summary = headline(bands.dropna(subset=["share"]), roles_table, pos_heads, loss_table)
+    for name in MODELS:
+        if name.startswith("zoo:") and name in out.summary:  # trained p-RoPE vs RoPE: the training-time eval
+            out.summary[name]["trained_heldout_loss"] = zoo_heldout_loss(name[4:], args.zoo_root)
     out.summary["skipped"] = skipped
     return out.finish()
 

@@ -131,7 +131,7 @@ def test_learned_positions_are_in_the_residual():
 # -- the hooked forward -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pe", ZOO_VARIANTS)
+@pytest.mark.parametrize("pe", list(SCHEMES))
 def test_capture_shapes_for_every_site(pe):
     model = tiny(pe)
     b, s, c = 2, 7, model.info
@@ -151,7 +151,7 @@ def test_capture_shapes_for_every_site(pe):
     assert all(not hp._forward_hooks for hp in model.net.hook_dict.values())  # hooks removed on exit
 
 
-@pytest.mark.parametrize("pe", ZOO_VARIANTS)
+@pytest.mark.parametrize("pe", list(SCHEMES))
 def test_hooks_do_not_change_logits(pe):
     model = tiny(pe)
     tokens = ids(2, 10)
@@ -169,7 +169,7 @@ def test_stop_at_layer_and_no_logits():
     assert model.run(ids(1, 6), return_logits=False).logits is None
 
 
-@pytest.mark.parametrize("pe", ZOO_VARIANTS)
+@pytest.mark.parametrize("pe", list(SCHEMES))
 def test_left_padding_gives_unpadded_activations(pe):
     model = tiny(pe)
     long, short = ids(1, 10, seed=1), ids(1, 6, seed=2)
@@ -322,7 +322,10 @@ def test_shipped_checkpoint_loads_fast_and_beats_unigram(variant):
     start = time.perf_counter()
     model = load_zoo(variant)
     assert time.perf_counter() - start < 1.0
-    assert model.info.position_scheme == variant and model.info.bos_token_id == 0
+    cfg = json.loads((ZOO_DIR / variant / "config.json").read_text())
+    scheme, p_rope = ("rope", 0.25) if variant == "p-rope" else (variant, 0.0)
+    assert model.info.position_scheme == scheme and cfg["pe"] == scheme and cfg["p_rope"] == p_rope
+    assert model.info.bos_token_id == 0 and model.info.name == f"zoo:{variant}"
     ev = json.loads((ZOO_DIR / variant / "train_state.json").read_text())["eval"]
     assert ev["heldout_loss"] < ev["unigram_loss"] - 1.0
     batch = pdata.text_windows(model, n=4, seq_len=model.info.n_ctx, seed=1)

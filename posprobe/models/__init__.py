@@ -31,7 +31,7 @@ def known_models() -> dict[str, str]:
     try:
         from posprobe.models.zoo import ZOO_VARIANTS
 
-        names.update({f"zoo:{v}": f"posprobe zoo decoder, position scheme {v!r}" for v in ZOO_VARIANTS})
+        names.update({f"zoo:{v}": f"posprobe zoo decoder: {what}" for v, what in ZOO_VARIANTS.items()})
     except ImportError:
         pass
     return names

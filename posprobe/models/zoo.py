@@ -1,4 +1,4 @@
-"""The position zoo: five small decoders trained alike, differing only in how they encode position.
+"""The position zoo: small decoders trained alike, differing only in how they encode position.
 
 ``load_zoo("rope")`` reads ``data/zoo/rope/`` (safetensors + JSON config) into a ``ZooModel``,
 posprobe's ``PositionModel`` over the TransformerLens-hooked ``ZooTransformer`` (``model.net``).
@@ -24,8 +24,16 @@ from posprobe.sites import SiteKey
 
 __all__ = ["ZOO_DIR", "ZOO_VARIANTS", "ZooConfig", "ZooModel", "ZooTransformer", "load_checkpoint", "load_zoo"]
 
-#: the shipped checkpoints, one per position scheme, in ``data/zoo/<variant>/``
-ZOO_VARIANTS = ("none", "learned", "sinusoidal", "rope", "alibi")
+#: the shipped checkpoints in ``data/zoo/<variant>/`` and what sets each apart: one per position
+#: scheme, plus p-RoPE (Barbero et al. 2024), RoPE whose lowest quarter of frequencies never rotates
+ZOO_VARIANTS = {
+    "none": "no positional encoding (NoPE): only the causal mask",
+    "learned": "learned absolute table W_pos added to the token embedding",
+    "sinusoidal": "fixed sinusoidal table added to the token embedding",
+    "rope": "rotary, base 10,000, every head dimension",
+    "alibi": "linear attention biases (ALiBi)",
+    "p-rope": "p-RoPE: rotary with the lowest 25 % of frequencies left unrotated (p = 0.25)",
+}
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -145,7 +153,7 @@ def load_checkpoint(path: str | Path, random_init: bool = False, seed: int = 0, 
 
 
 def load_zoo(variant: str, random_init: bool = False, seed: int = 0, root: str | Path | None = None) -> ZooModel:
-    """Load a shipped zoo model by its position scheme: ``none``, ``learned``, ``sinusoidal``, ``rope`` or ``alibi``.
+    """Load a shipped zoo model: ``none``, ``learned``, ``sinusoidal``, ``rope``, ``alibi`` or ``p-rope``.
 
     ``random_init=True`` gives the seeded, untrained twin (built on demand, not shipped).
     ``root`` overrides the folder holding the variants (default ``data/zoo``).
