@@ -20,6 +20,7 @@ EXAMPLES = {
     "probe": "posprobe probe --model zoo:none --site resid_post --target absolute --out out/probe",
     "rope": "posprobe rope --model gemma-3-270m --n 8 --out out/rope",
     "neurons": "posprobe neurons --model smollm2-135m --n 32 --out out/neurons",
+    "positions": "posprobe positions --model minilm-l6 --out out/positions",
     "attention": "posprobe attention --model smollm2-135m --seq-len 1024 --n 4 --out out/attention",
     "patch": "posprobe patch --model zoo:learned --shift 8 --out out/patch",
     "train": "posprobe train --pe rope --steps 2000 --out data/zoo/rope",
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rope", "RoPE frequency usage per layer and head")
     _common(p)
     _tokens_args(p, n=8)
+    _figure_args(p)
+
+    p = add("positions", "geometry of a learned or sinusoidal position table W_pos: PCA periods, helix, smoothness")
+    _common(p)
+    p.add_argument("--components", type=int, default=6, help="principal components to report")
     _figure_args(p)
 
     p = add("neurons", "positional neurons in the MLPs")
@@ -228,6 +234,19 @@ def cmd_rope(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_positions(args: argparse.Namespace) -> None:
+    from posprobe.stats.position_table import position_embedding_geometry
+
+    geometry = position_embedding_geometry(_load(args), n_components=args.components, seed=args.seed)
+    _save(
+        args.out,
+        {"components": geometry.components, "neighbours": geometry.neighbours, "coordinates": geometry.coords},
+        {kind: geometry.figure(kind) for kind in ("helix", "components", "neighbours")},
+        args.formats,
+    )
+    print(json.dumps(geometry.summary))
+
+
 def cmd_neurons(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -298,6 +317,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "neurons": cmd_neurons,
     "attention": cmd_attention,
     "patch": cmd_patch,
+    "positions": cmd_positions,
     "train": cmd_train,
     "report": cmd_report,
 }

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
@@ -86,6 +87,7 @@ def test_models_lists_packaged_and_zoo_names():
         "zoo:sinusoidal",
         "zoo:rope",
         "zoo:alibi",
+        "zoo:p-rope",
     ):
         assert name in names, proc.stdout
 
@@ -135,6 +137,24 @@ def test_bad_flags_exit_2_in_process(argv, fragment, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
+
+
+def test_positions_writes_tables_figures_and_a_summary(tmp_path, capsys):
+    out = tmp_path / "positions"
+    assert main(["positions", "--model", "zoo:learned", "--components", "4", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shape"] == [256, 128] and len(summary["explained_variance_pc1_3"]) == 3
+    assert "random_init_neighbour_cos_d1" in summary
+    assert len(pd.read_csv(out / "components.csv")) == 4
+    for name in ("neighbours.csv", "coordinates.csv", "helix.html", "components.html", "neighbours.html"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_positions_on_a_model_without_a_table_is_one_line(tmp_path, capsys):
+    assert main(["positions", "--model", "zoo:rope", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs absolute positions" in err[0] and "'rope'" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -88,7 +88,11 @@ def position_table(model: PositionModel) -> np.ndarray:
     Read through the model's own hook on one sequence of n_ctx tokens, so it is the table the
     forward pass uses (learned or sinusoidal, any scaling included), whatever the backend.
     """
-    model.check_site("pos_embed")
+    if "pos_embed" not in model.available_sites():
+        raise ValueError(
+            f"a position table needs absolute positions (learned or sinusoidal; site 'pos_embed'), but "
+            f"{model.info.name} uses position scheme {model.info.position_scheme!r}"
+        )
     n_ctx = model.info.n_ctx
     filler = model.info.bos_token_id if model.info.bos_token_id is not None else 0
     tokens = torch.full((1, n_ctx), int(filler), dtype=torch.long, device=model.device)
