@@ -239,6 +239,28 @@ similarity.summary[~similarity.summary["include_pos0"]].round(3)
 and how far `adjacency` rises above `adjacency_chance`: Zuo et al. argue that this similarity of
 neighbours, created by the first causal attention layer, is what lets a NoPE model recover
 order without any positional encoding.
+
+## 4. What the learned table itself looks like
+
+The learned model's position signal at layer 0 is its table W_pos. GPT-2's W_pos lies on a
+helix: its top principal components are smooth, periodic functions of position (RESEARCH.md §6).
+`pp.position_embedding_geometry` measures that for any model with a learned or sinusoidal table:
+each component's dominant period and how pure it is, whether the PC1–PC2 angle turns at a
+constant rate, and how similar rows Δ apart are, beside the random-init twin's table.
+"""),
+    code("""
+tables = {"zoo:learned": models["learned"], "minilm-l6": pp.load_model("minilm-l6")}
+geometry = {name: pp.position_embedding_geometry(m) for name, m in tables.items()}
+pd.DataFrame({name: g.summary for name, g in geometry.items()}).T
+"""),
+    code("geometry['minilm-l6'].figure('helix')"),
+    code("geometry['zoo:learned'].figure('neighbours')"),
+    md("""
+**What to look for.** MiniLM (BERT-style, 512 learned positions, long pretraining) shows the
+helix: PC1 and PC2 are near-pure sinusoids of the same short period and their angle turns
+linearly (R² near 1), and neighbouring rows are far more similar than at random init. A small,
+briefly trained model's table is much closer to its random initialisation: a smooth table is
+something training has to build.
 """),
 ]
 
