@@ -104,6 +104,14 @@ def test_bad_tables_are_refused(table, message) -> None:
         position_embedding_geometry(table)
 
 
+def test_a_model_whose_table_holds_nan_is_refused() -> None:
+    model = zoo("learned")
+    with torch.no_grad():
+        model.net.position.W_pos[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/inf"):
+        position_embedding_geometry(model)
+
+
 def test_n_components_is_checked_and_capped() -> None:
     with pytest.raises(ValueError, match="n_components"):
         position_embedding_geometry(planted_helix(), n_components=0)

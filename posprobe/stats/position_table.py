@@ -117,9 +117,9 @@ def position_embedding_geometry(
     twin = None
     if isinstance(model_or_table, PositionModel):
         name = model_name or model_or_table.info.name
-        w_pos = position_table(model_or_table)
+        w_pos = _as_table(position_table(model_or_table))
         if random_init_control:
-            twin = position_table(model_or_table.random_init_copy(seed))
+            twin = _as_table(position_table(model_or_table.random_init_copy(seed)))
     else:
         name = model_name or "position table"
         w_pos = _as_table(model_or_table)
