@@ -258,9 +258,10 @@ pd.DataFrame({name: g.summary for name, g in geometry.items()}).T
     md("""
 **What to look for.** MiniLM (BERT-style, 512 learned positions, long pretraining) shows the
 helix: PC1 and PC2 are near-pure sinusoids of the same short period and their angle turns
-linearly (R² near 1), and neighbouring rows are far more similar than at random init. A small,
-briefly trained model's table is much closer to its random initialisation: a smooth table is
-something training has to build.
+linearly (R² near 1), and neighbouring rows are far more similar than at random init. The zoo's
+learned table (6.6M training tokens) has built the slow part only: one dominant direction along
+which position runs monotonically (PC1, Spearman near −1), neighbours similar, no fast rotation.
+At random init the rows are unrelated (neighbour similarity near 0): the structure is learned.
 """),
 ]
 
