@@ -64,16 +64,6 @@ def zoo_status(variant: str, root: str | os.PathLike | None) -> str | None:
     return None
 
 
-def zoo_heldout_loss(variant: str, root: str | os.PathLike | None) -> float | None:
-    """The held-out loss (nats per token) ``posprobe.train`` recorded for a zoo checkpoint, if any."""
-    from posprobe.models.zoo import ZOO_DIR
-
-    state = (Path(root) if root is not None else ZOO_DIR) / variant / "train_state.json"
-    if not state.exists():
-        return None
-    return json.loads(state.read_text()).get("eval", {}).get("heldout_loss")
-
-
 def load_zoo_model(variant: str, root: str | os.PathLike | None, random_init: bool = False, seed: int = 0):
     """(model, None) for a ready zoo checkpoint, or (None, note) when it is missing; the note is printed."""
     from posprobe.models.zoo import load_zoo

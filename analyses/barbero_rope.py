@@ -27,7 +27,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import begin, load_zoo_model, skipped_row, zoo_heldout_loss
+from _common import begin, load_zoo_model, skipped_row
 
 NAME = "barbero_rope"
 MODELS = ("smollm2-135m", "gemma-3-270m", "zoo:rope", "zoo:p-rope")
@@ -114,13 +114,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from posprobe.plots.rope import ablation_loss
 
     args, out, cfg = begin(argv, __doc__, NAME, settings)
-    usage_tables, roles, losses, heads, skipped = [], [], [], [], {}
+    usage_tables, roles, losses, heads, skipped, trained_loss = [], [], [], [], {}, {}
     for name in MODELS:
         if name.startswith("zoo:"):
             model, note = load_zoo_model(name[4:], args.zoo_root)
             if model is None:
                 skipped[name] = note
                 continue
+            # trained p-RoPE vs RoPE: the held-out eval posprobe.train recorded, read with the checkpoint
+            trained_loss[name] = (model.info.extra.get("eval") or {}).get("heldout_loss")
         else:
             model = pp.load_model(name)
         usage_batch = pp.data.text_windows(model, **cfg["usage"], seed=args.seed)
@@ -157,9 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.table("ablation_heads", pd.concat(heads, ignore_index=True))
     out.figure("band_shares", band_figure(bands.dropna(subset=["share"])))
     out.summary = headline(bands.dropna(subset=["share"]), roles_table, pos_heads, loss_table)
-    for name in MODELS:
-        if name.startswith("zoo:") and name in out.summary:  # trained p-RoPE vs RoPE: the training-time eval
-            out.summary[name]["trained_heldout_loss"] = zoo_heldout_loss(name[4:], args.zoo_root)
+    for name, loss in trained_loss.items():
+        out.summary[name]["trained_heldout_loss"] = loss
     out.summary["skipped"] = skipped
     return out.finish()
 

@@ -235,13 +235,13 @@ def cmd_rope(args: argparse.Namespace) -> None:
 
 
 def cmd_positions(args: argparse.Namespace) -> None:
-    from posprobe.stats.position_table import position_embedding_geometry
+    from posprobe.stats.position_table import FIGURE_KINDS, position_embedding_geometry
 
     geometry = position_embedding_geometry(_load(args), n_components=args.components, seed=args.seed)
     _save(
         args.out,
         {"components": geometry.components, "neighbours": geometry.neighbours, "coordinates": geometry.coords},
-        {kind: geometry.figure(kind) for kind in ("helix", "components", "neighbours")},
+        {kind: geometry.figure(kind) for kind in FIGURE_KINDS},
         args.formats,
     )
     print(json.dumps(geometry.summary))

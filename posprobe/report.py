@@ -183,7 +183,7 @@ def _rope(model: PositionModel, tokens) -> Section:
 
 
 def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
-    from posprobe.stats.position_table import position_embedding_geometry
+    from posprobe.stats.position_table import FIGURE_KINDS, position_embedding_geometry
 
     geometry = position_embedding_geometry(model, seed=settings.seed)
     head = geometry.summary
@@ -201,7 +201,7 @@ def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
         "positions",
         "The absolute position table: helix, periods, smoothness (learned / sinusoidal positions)",
         summary,
-        figures=[geometry.figure("helix"), geometry.figure("components"), geometry.figure("neighbours")],
+        figures=[geometry.figure(kind) for kind in FIGURE_KINDS],
         tables={
             "w_pos_components": geometry.components,
             "w_pos_neighbours": geometry.neighbours,

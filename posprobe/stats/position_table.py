@@ -29,6 +29,8 @@ from posprobe.sites import SiteKey
 
 #: principal components reported by default
 N_COMPONENTS = 6
+#: what ``PositionTableGeometry.figure`` draws
+FIGURE_KINDS = ("helix", "components", "neighbours")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class PositionTableGeometry:
             return positions.components_by_position(coords)
         if kind == "neighbours":
             return positions.neighbour_similarity(self.neighbours.assign(model=self.model_name))
-        raise ValueError(f"unknown figure kind {kind!r}; known: helix, components, neighbours")
+        raise ValueError(f"unknown figure kind {kind!r}; known: {', '.join(FIGURE_KINDS)}")
 
 
 def position_table(model: PositionModel) -> np.ndarray:
