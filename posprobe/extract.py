@@ -213,13 +213,13 @@ def extract_remote(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     wrapper.prepare_inputs(batch.tokens[:1], batch.attention_mask[:1], batch.position_ids[:1])  # fail fast on n_ctx
-    kwargs: dict[str, Any] = {"token_type_ids": None} if wrapper.spec.lm_head is None else {"use_cache": False}
 
     def capture(start: int, stop: int) -> dict[SiteKey, Tensor]:
-        inputs = {"input_ids": batch.tokens[start:stop], "attention_mask": batch.attention_mask[start:stop]}
-        extra = {k: torch.zeros_like(inputs["input_ids"]) if v is None else v for k, v in kwargs.items()}
+        rows = slice(start, stop)
+        kwargs = wrapper.forward_kwargs(batch.tokens[rows], batch.attention_mask[rows], batch.position_ids[rows])
+        inputs = {name: kwargs.pop(name) for name in ("input_ids", "attention_mask")}
         saved: dict[str, Any] = {}
-        with model.trace(inputs, position_ids=batch.position_ids[start:stop], remote=remote, **extra):
+        with model.trace(inputs, remote=remote, **kwargs):
             for name, path, attr in plan:  # plain Python over strings: this block is what the server runs
                 envoy = model
                 for part in path.split("."):
@@ -234,15 +234,20 @@ def extract_remote(
 
 def _site_module(model: PositionModel, key: SiteKey) -> tuple[str, str]:
     """(module path, how to read it) of a boundary site in a Hugging Face model (see ``ModuleSite``)."""
-    spec = model.spec
+    layout = model.layout
     if key.site == "embed":
-        return spec.embed, "out"
+        return layout.embed, "out"
     if key.site == "pos_embed":
-        return spec.pos_embed, "out"
-    block = f"{spec.layers}.{key.layer}"
+        return layout.pos_embed, "out"
+    block = f"{layout.layers}.{key.layer}"
     if key.site in ("resid_pre", "resid_post"):
         return block, "in" if key.site == "resid_pre" else "out"
-    where = spec.sites[key.site]
+    if key.site not in layout.sites:
+        raise ValueError(
+            f"site {key.site!r} of {model.info.name} is computed inside its attention, which a remote server does not "
+            "run posprobe's attention function for; boundary sites only"
+        )
+    where = layout.sites[key.site]
     return f"{block}.{where.path}", where.how
 
 

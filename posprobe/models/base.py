@@ -24,10 +24,16 @@ Hook = Callable[[Tensor], Tensor | None]
 class ModelInfo:
     """Facts about a model's architecture, read from its real config.
 
-    Per-layer lists (``rope_bases``, ``rotary_dims``, ``sliding_windows``, ``layer_types``)
-    have one entry per layer; ``None`` where the notion does not apply (no RoPE, global layer).
-    ``rope_pairing`` is ``"half"`` when dimension i rotates with i + d_rot/2 (Hugging Face /
-    NeoX convention) and ``"interleaved"`` when it rotates with i + 1 (GPT-J / original RoPE).
+    Per-layer lists (``rope_bases``, ``rotary_dims``, ``rope_inv_freq``, ``rope_types``,
+    ``rope_attention_scaling``, ``sliding_windows``, ``layer_types``) have one entry per layer;
+    ``None`` where the notion does not apply (no RoPE, global layer). ``rope_inv_freq`` holds the
+    frequencies the model really rotates with (read from its ``inv_freq`` buffers, so llama3 /
+    yarn / linear / dynamic scaling included), ``rope_parameters`` the config's RoPE parameters
+    per layer type. ``rope_pairing`` is ``"half"`` when dimension i rotates with i + d_rot/2
+    (Hugging Face / NeoX convention) and ``"interleaved"`` when it rotates with i + 1 (GPT-J /
+    original RoPE). ``alibi_slopes`` has one slope per head; ``position_offset`` is the row of
+    the learned position table that position 0 reads (2 for OPT and RoBERTa); ``attn_softcap`` /
+    ``final_softcap`` are Gemma 2's tanh soft-capping of attention and output logits.
     """
 
     name: str
@@ -45,6 +51,15 @@ class ModelInfo:
     rope_bases: tuple[float | None, ...] = ()
     rotary_dims: tuple[int | None, ...] = ()
     rope_pairing: str | None = None
+    rope_inv_freq: tuple[tuple[float, ...] | None, ...] = ()
+    rope_types: tuple[str | None, ...] = ()
+    rope_attention_scaling: tuple[float | None, ...] = ()
+    rope_parameters: dict[str, Any] = field(default_factory=dict)
+    alibi_slopes: tuple[float, ...] = ()
+    position_offset: int = 0
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    parallel_residual: bool = False
     sliding_windows: tuple[int | None, ...] = ()
     layer_types: tuple[str, ...] = ()
     act_fn: str = ""
@@ -69,6 +84,16 @@ class ModelInfo:
         if self.is_rotary:
             bases = sorted({b for b in self.rope_bases if b is not None})
             line += f", RoPE bases {bases} ({self.rope_pairing} pairing)"
+            types = sorted({t for t in self.rope_types if t and t != "default"})
+            if types:
+                line += f", RoPE scaling {', '.join(types)}"
+            partial = sorted({r for r in self.rotary_dims if r is not None and r < self.d_head})
+            if partial:
+                line += f", rotary dims {partial} of {self.d_head}"
+        if self.alibi_slopes:
+            line += f", ALiBi slopes {self.alibi_slopes[0]:.3g}…{self.alibi_slopes[-1]:.3g}"
+        if self.position_offset:
+            line += f", position table offset {self.position_offset}"
         return line
 
 

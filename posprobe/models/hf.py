@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
+import inspect
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from posprobe.models.architecture import (
+    Layout,
+    Rotary,
+    alibi_slopes,
+    discover_layout,
+    head_dim,
+    linear_shape,
+    n_kv_heads,
+    rope_pairing_of,
+    rope_parameters,
+    rotary_per_layer,
+    text_config,
+    uses_alibi,
+)
 from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.sites import SiteKey
 
@@ -28,99 +42,24 @@ ATTN_IMPL = "posprobe"
 ATTENTION_SITES = ("rot_q", "rot_k", "attn_scores", "pattern", "z")
 
 
-@dataclass(frozen=True)
-class ModuleSite:
-    """Where a site lives relative to a block: a module path and how to read its tensor.
-
-    ``how``: ``out`` (module output), ``out0`` (first element of a tuple output), ``in``
-    (first input), ``heads`` (output [b s h*d] viewed as heads), ``bhsd`` (output [b h s d]).
-    """
-
-    path: str
-    how: str
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """The module layout of one family of Hugging Face models."""
-
-    body: str
-    layers: str
-    embed: str
-    sites: dict[str, ModuleSite]
-    pos_embed: str | None = None
-    lm_head: str | None = "lm_head"
-    resid_mid_editable: bool = False
-
-
-LLAMA = ArchSpec(
-    body="model",
-    layers="model.layers",
-    embed="model.embed_tokens",
-    sites={
-        "resid_mid": ModuleSite("post_attention_layernorm", "in"),
-        "attn_out": ModuleSite("self_attn", "out0"),
-        "mlp_out": ModuleSite("mlp", "out"),
-        "mlp_post": ModuleSite("mlp.down_proj", "in"),
-        "q": ModuleSite("self_attn.q_proj", "heads"),
-        "k": ModuleSite("self_attn.k_proj", "heads"),
-    },
-)
-GEMMA3 = ArchSpec(
-    body="model",
-    layers="model.layers",
-    embed="model.embed_tokens",
-    sites={
-        "resid_mid": ModuleSite("pre_feedforward_layernorm", "in"),
-        "attn_out": ModuleSite("post_attention_layernorm", "out"),
-        "mlp_out": ModuleSite("post_feedforward_layernorm", "out"),
-        "mlp_post": ModuleSite("mlp.down_proj", "in"),
-        "q": ModuleSite("self_attn.q_norm", "bhsd"),
-        "k": ModuleSite("self_attn.k_norm", "bhsd"),
-    },
-)
-BERT = ArchSpec(
-    body="",
-    layers="encoder.layer",
-    embed="embeddings.word_embeddings",
-    pos_embed="embeddings.position_embeddings",
-    lm_head=None,
-    sites={
-        "resid_mid": ModuleSite("attention", "out0"),
-        "attn_out": ModuleSite("attention.output.dense", "out"),
-        "mlp_out": ModuleSite("output.dense", "out"),
-        "mlp_post": ModuleSite("intermediate", "out"),
-        "q": ModuleSite("attention.self.query", "heads"),
-        "k": ModuleSite("attention.self.key", "heads"),
-    },
-)
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "gemma3_text": GEMMA3,
-    "bert": BERT,
-}
-
-
-def arch_spec(hf: nn.Module) -> ArchSpec:
-    model_type = getattr(hf.config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"posprobe has no module map for model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}. "
-            "Wrap it with nnsight or add an ArchSpec in posprobe/models/hf.py"
-        )
-    return ARCHITECTURES[model_type]
-
-
 # -- the attention function ------------------------------------------------------------------
 
 _state = threading.local()
 
 
-def _active_hooks(module: nn.Module) -> dict[str, Hook]:
+@dataclass
+class _LayerHooks:
+    """What the attention function needs for one layer during one hooked run."""
+
+    hooks: dict[str, Hook]
+    rotary: Rotary | None
+    pairing: str | None
+    position_ids: Tensor
+
+
+def _active(module: nn.Module) -> _LayerHooks | None:
     table = getattr(_state, "attn_hooks", None)
-    return {} if table is None else table.get(module.layer_idx, {})
+    return None if table is None else table.get(id(module))
 
 
 def _apply(hook: Hook | None, x: Tensor) -> Tensor:
@@ -144,53 +83,111 @@ def posprobe_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """Attention with posprobe's hook sites; SDPA unless this layer's weights were requested.
+    """Attention with posprobe's hook sites; SDPA unless this layer's weights were requested (or soft-capped).
 
     ``query`` [b h s d] and ``key``/``value`` [b kv t d] arrive already rotated.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    hooks = _active_hooks(module)
-    if not hooks:
+    layer = _active(module)
+    hooks = layer.hooks if layer is not None else {}
+    softcap = kwargs.get("softcap")
+    if not hooks and not softcap:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if "rot_q" in hooks:
-        query = _apply(hooks["rot_q"], query.transpose(1, 2)).transpose(1, 2)
-    if "rot_k" in hooks:
-        key = _apply(hooks["rot_k"], key.transpose(1, 2)).transpose(1, 2)
-    weights = None
-    if "pattern" in hooks or "attn_scores" in hooks:
-        groups = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(groups, dim=1)
-        v = value.repeat_interleave(groups, dim=1)
+    if layer is not None:
+        query, key = qk_hooks(layer, query, key)
+    if "pattern" in hooks or "attn_scores" in hooks or softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = torch.matmul(query, k.transpose(2, 3)) * scale
-        softcap = kwargs.get("softcap")
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        allowed = _allowed(attention_mask, module, scores)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        scores = _apply(hooks.get("attn_scores"), scores)
-        weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
-        weights = _apply(hooks.get("pattern"), weights)
-        out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+        out, weights = explicit_attention(query, key, value, _allowed(attention_mask, module, query, key), scale, hooks,
+                                          softcap=softcap)
     else:
-        out, _ = sdpa_attention_forward(
+        out, weights = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    out = _apply(hooks.get("z"), out)
-    return out, weights
+    return _apply(hooks.get("z"), out), weights
 
 
-def _allowed(mask: Tensor | None, module: nn.Module, scores: Tensor) -> Tensor | None:
+def qk_hooks(layer: _LayerHooks, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply q/k hooks (on the un-rotated vectors) then rot_q/rot_k hooks to [b h s d] queries and keys.
+
+    On RoPE models the un-rotated q/k are the rotated ones turned back by the model's own
+    frequencies and attention scaling; an edit of q/k is rotated forward again. Edits of nothing
+    leave the tensors untouched, bit for bit.
+    """
+    hooks = layer.hooks
+    out = []
+    for x, plain, rotated in ((query, "q", "rot_q"), (key, "k", "rot_k")):
+        if plain in hooks:
+            bshd = x.transpose(1, 2)
+            unrotated = rotate(bshd, layer, inverse=True) if layer.rotary is not None else bshd
+            edited = _apply(hooks[plain], unrotated)
+            if edited is not unrotated:
+                x = (rotate(edited, layer) if layer.rotary is not None else edited).transpose(1, 2).to(x.dtype)
+        if rotated in hooks:
+            x = _apply(hooks[rotated], x.transpose(1, 2)).transpose(1, 2)
+        out.append(x)
+    return out[0], out[1]
+
+
+def rotate(x: Tensor, layer: _LayerHooks, inverse: bool = False) -> Tensor:
+    """RoPE as the model applies it (its θ, pairing and attention scaling) to [b s h d], or its inverse."""
+    assert layer.rotary is not None
+    theta = layer.rotary.inv_freq().to(x.device)
+    scale = layer.rotary.attention_scaling()
+    angle = layer.position_ids.to(x.device)[:, :, None, None].float() * theta  # [b s 1 r/2]
+    cos, sin = angle.cos(), angle.sin()
+    r = 2 * theta.numel()
+    xr = x[..., :r].float()
+    if layer.pairing == "interleaved":
+        cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+        turned = torch.stack((-xr[..., 1::2], xr[..., ::2]), dim=-1).flatten(-2)
+    else:
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        turned = torch.cat((-xr[..., r // 2 :], xr[..., : r // 2]), dim=-1)
+    rotated = (xr * cos - turned * sin) / scale if inverse else (xr * cos + turned * sin) * scale
+    return torch.cat((rotated.to(x.dtype), x[..., r:]), dim=-1)
+
+
+def explicit_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Tensor | None,
+    scale: float,
+    hooks: Mapping[str, Hook],
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """softmax(q·k × scale (+ bias), masked) · v with the attn_scores and pattern hooks; out [b s h d], weights.
+
+    ``query`` [b h s d], ``key``/``value`` [b kv t d] (grouped-query heads are repeated),
+    ``allowed`` a boolean mask broadcastable to [b h s t], ``bias`` an additive position bias (ALiBi).
+    """
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = _apply(hooks.get("attn_scores"), scores)
+    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+    weights = _apply(hooks.get("pattern"), weights)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+def _allowed(mask: Tensor | None, module: nn.Module, query: Tensor, key: Tensor) -> Tensor | None:
     """A boolean [b|1, 1|h, s, t] mask of allowed key positions."""
-    s, t = scores.shape[-2:]
+    s, t = query.shape[-2], key.shape[-2]
     if mask is None:
         if not getattr(module, "is_causal", False) or s == 1:
             return None
-        return torch.ones(s, t, dtype=torch.bool, device=scores.device).tril(t - s)
+        return torch.ones(s, t, dtype=torch.bool, device=query.device).tril(t - s)
     if mask.dtype == torch.bool:
         return mask[..., :t]
     return mask[..., :t] > torch.finfo(mask.dtype).min / 2
@@ -216,16 +213,28 @@ class HFModel(PositionModel):
     """A Hugging Face model (causal LM or encoder) with posprobe's hook sites.
 
     ``hf`` is used as is (its attention implementation is switched to posprobe's only
-    inside ``run``); ``trust_remote_code`` is never implied.
+    inside ``run``); ``trust_remote_code`` is never implied. Where each site lives is found
+    from the model's modules (``posprobe.models.architecture.discover_layout``).
     """
 
     def __init__(self, hf: nn.Module, tokenizer: Any, name: str | None = None, source: str = "object"):
         _register_attention()
         self.hf = hf.eval()
         self.tokenizer = tokenizer
-        self.spec = arch_spec(hf)
+        self.layout = discover_layout(hf)
         self.source = source
-        self.info = read_info(hf, tokenizer, name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__)
+        cfg = text_config(hf.config)
+        self.info = read_info(hf, tokenizer, name or getattr(cfg, "_name_or_path", "") or type(hf).__name__, self.layout)
+        self.rotary = (
+            rotary_per_layer(hf, self.layout, self.info.layer_types)
+            if self.info.is_rotary
+            else [None] * self.info.n_layers
+        )
+        body = _get(hf, self.layout.body)
+        self._accepts = set(inspect.signature(body.forward).parameters)
+        pos = _get(hf, self.layout.pos_embed) if self.layout.pos_embed else None
+        # OPT's table adds its offset itself; RoBERTa's uses the ids it is given as rows
+        self._row_offset = 0 if pos is None or hasattr(pos, "offset") else self.info.position_offset
 
     # -- PositionModel --------------------------------------------------------------------
     @property
@@ -233,7 +242,7 @@ class HFModel(PositionModel):
         """Where inputs go: the device the token embedding runs on (its execution device under a device map)."""
         if self.device_map is None:
             return next(self.hf.parameters()).device
-        return _execution_device(self.hf, self.spec.embed)
+        return _execution_device(self.hf, self.layout.embed)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,6 +268,15 @@ class HFModel(PositionModel):
         self.hf.to(device=device, dtype=dtype)
         return self
 
+    def available_sites(self) -> tuple[str, ...]:
+        return tuple(s for s in super().available_sites() if s not in self.layout.missing)
+
+    def check_site(self, site: str) -> str:
+        """Validate ``site`` for this model; a site this family cannot give says why."""
+        if site in self.layout.missing:
+            raise ValueError(f"site {site!r} is not available in {self.info.name}: {self.layout.missing[site]}")
+        return super().check_site(site)
+
     def random_init_copy(self, seed: int = 0) -> HFModel:
         config = copy.deepcopy(self.hf.config)
         with _seeded(seed):
@@ -266,6 +284,17 @@ class HFModel(PositionModel):
         fresh.to(dtype=self.dtype)
         clone = HFModel(fresh, self.tokenizer, f"{self.info.name}[random-init seed={seed}]", source="random-init")
         return clone
+
+    def forward_kwargs(self, tokens: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict[str, Any]:
+        """The keyword arguments of one forward: ids, mask, and position ids / token types / cache where accepted."""
+        kwargs: dict[str, Any] = {"input_ids": tokens, "attention_mask": attention_mask}
+        if "position_ids" in self._accepts:
+            kwargs["position_ids"] = position_ids + self._row_offset
+        if self.layout.encoder and "token_type_ids" in self._accepts:
+            kwargs["token_type_ids"] = torch.zeros_like(tokens)
+        if "use_cache" in self._accepts and not self.layout.encoder:
+            kwargs["use_cache"] = False
+        return kwargs
 
     def _run(
         self,
@@ -276,61 +305,80 @@ class HFModel(PositionModel):
         return_logits: bool,
         stop_at_layer: int | None,
     ) -> Tensor | None:
-        if "resid_mid" in {k.site for k in hooks} and not self.spec.resid_mid_editable:
+        if "resid_mid" in {k.site for k in hooks}:
             hooks = {k: (_read_only(k, h) if k.site == "resid_mid" else h) for k, h in hooks.items()}
         stop = stop_at_layer if not return_logits else None
-        kwargs: dict[str, Any] = {"input_ids": tokens, "attention_mask": attention_mask, "position_ids": position_ids}
-        if self.spec is BERT:
-            kwargs["token_type_ids"] = torch.zeros_like(tokens)
-        else:
-            kwargs["use_cache"] = False
-        with self._hooked(hooks, stop):
+        kwargs = self.forward_kwargs(tokens, attention_mask, position_ids)
+        with self._hooked(hooks, stop, position_ids):
             try:
-                if return_logits and self.spec.lm_head is not None:
+                if return_logits and self.layout.lm_head is not None:
                     return self.hf(**kwargs).logits
-                _get(self.hf, self.spec.body)(**kwargs)
+                _get(self.hf, self.layout.body)(**kwargs)
             except _Stop:
                 pass
         return None
 
     @contextlib.contextmanager
-    def _hooked(self, hooks: Mapping[SiteKey, Hook], stop_at_layer: int | None) -> Iterator[None]:
+    def _hooked(self, hooks: Mapping[SiteKey, Hook], stop_at_layer: int | None, position_ids: Tensor) -> Iterator[None]:
+        layout = self.layout
         handles: list[torch.utils.hooks.RemovableHandle] = []
-        layers = _get(self.hf, self.spec.layers)
+        layers = _get(self.hf, layout.layers)
+        shape = (position_ids.shape[0], position_ids.shape[1])
         attn_hooks: dict[int, dict[str, Hook]] = {}
         for key, hook in hooks.items():
-            if key.site in ATTENTION_SITES:
+            if key.site in ATTENTION_SITES or (key.site in ("q", "k") and key.site not in layout.sites):
                 attn_hooks.setdefault(key.layer, {})[key.site] = hook
             elif key.site == "embed":
-                handles.append(_hook_module(_get(self.hf, self.spec.embed), "out", hook, self.info.d_head))
+                handles.append(_hook_module(_get(self.hf, layout.embed), "out", hook, self.info.d_head, shape))
             elif key.site == "pos_embed":
-                handles.append(_hook_module(_get(self.hf, self.spec.pos_embed), "out", hook, self.info.d_head))
+                handles.append(_hook_module(_get(self.hf, layout.pos_embed), "out", hook, self.info.d_head, shape))
             elif key.site == "resid_pre":
-                handles.append(_hook_module(layers[key.layer], "in", hook, self.info.d_head))
+                handles.append(_hook_module(layers[key.layer], "in", hook, self.info.d_head, shape))
             elif key.site == "resid_post":
-                handles.append(_hook_module(layers[key.layer], "out", hook, self.info.d_head))
+                handles.append(_hook_module(layers[key.layer], "out", hook, self.info.d_head, shape))
             else:
-                where = self.spec.sites[key.site]
-                handles.append(_hook_module(_get(layers[key.layer], where.path), where.how, hook, self.info.d_head))
+                where = layout.sites[key.site]
+                handles.append(_hook_module(_get(layers[key.layer], where.path), where.how, hook, self.info.d_head, shape))
         if stop_at_layer is not None:
             handles.append(layers[stop_at_layer].register_forward_hook(_raise_stop))
-        configs = _configs(self.hf)
-        previous = [c._attn_implementation for c in configs]
-        _state.attn_hooks = attn_hooks
-        try:
-            for c in configs:
-                c._attn_implementation_internal = ATTN_IMPL
-            yield
-        finally:
-            _state.attn_hooks = None
-            for c, impl in zip(configs, previous, strict=True):
-                c._attn_implementation_internal = impl
-            for h in handles:
-                h.remove()
+        table: dict[int, _LayerHooks] = {}
+        for layer, layer_hooks in attn_hooks.items():
+            entry = _LayerHooks(layer_hooks, self.rotary[layer], self.info.rope_pairing, position_ids)
+            for m in layers[layer].get_submodule(layout.attn).modules():
+                table[id(m)] = entry
+        with contextlib.ExitStack() as stack:
+            if layout.attention == "interface":
+                stack.enter_context(_attention_implementation(self.hf))
+            elif attn_hooks:
+                from posprobe.models.inline_attention import inline_attention
+
+                for layer in attn_hooks:
+                    stack.enter_context(inline_attention(layers[layer].get_submodule(layout.attn), layout.family))
+            _state.attn_hooks = table
+            try:
+                yield
+            finally:
+                _state.attn_hooks = None
+                for h in handles:
+                    h.remove()
 
     @property
     def extrapolates(self) -> bool:
         return False
+
+
+@contextlib.contextmanager
+def _attention_implementation(hf: nn.Module) -> Iterator[None]:
+    """Route every attention layer of ``hf`` through posprobe's attention function, and back afterwards."""
+    configs = _configs(hf)
+    previous = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation_internal = ATTN_IMPL
+        yield
+    finally:
+        for c, impl in zip(configs, previous, strict=True):
+            c._attn_implementation_internal = impl
 
 
 def _read_only(key: SiteKey, hook: Hook) -> Hook:
@@ -348,31 +396,41 @@ def _raise_stop(module: nn.Module, args: Any, output: Any) -> None:
     raise _Stop
 
 
-def _hook_module(module: nn.Module, how: str, hook: Hook, d_head: int) -> torch.utils.hooks.RemovableHandle:
-    """Attach ``hook`` to ``module`` reading the tensor as ``how`` says; returns the handle."""
+def _hook_module(
+    module: nn.Module, how: str, hook: Hook, d_head: int, shape: tuple[int, int]
+) -> torch.utils.hooks.RemovableHandle:
+    """Attach ``hook`` to ``module`` reading the tensor as ``how`` says; returns the handle.
+
+    ``shape`` is the run's (batch, seq): a module that sees tokens flattened to [b*s, d] (OPT's MLP)
+    is shown to the hook as [b s d] and given back flattened.
+    """
+
+    def call(x: Tensor) -> Tensor:
+        if x.ndim == 2 and x.shape[0] == shape[0] * shape[1]:
+            return _apply(hook, x.view(*shape, -1)).reshape(x.shape)
+        return _apply(hook, x)
+
     if how == "in":
 
         def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if args:
-                new = _apply(hook, args[0])
+                new = call(args[0])
                 return ((new, *args[1:]), kwargs) if new is not args[0] else None
-            new = _apply(hook, kwargs["hidden_states"])
+            new = call(kwargs["hidden_states"])
             return (args, {**kwargs, "hidden_states": new}) if new is not kwargs["hidden_states"] else None
 
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod: nn.Module, args: Any, output: Any) -> Any:
         if how == "out0" or isinstance(output, tuple):
-            new = _apply(hook, output[0])
+            new = call(output[0])
             return None if new is output[0] else (new, *output[1:])
         if how == "heads":
             b, s, _ = output.shape
             new = _apply(hook, output.view(b, s, -1, d_head))
             return None if new is None else new.reshape(b, s, -1)
-        if how == "bhsd":
-            new = _apply(hook, output.transpose(1, 2))
-            return new.transpose(1, 2)
-        return _apply(hook, output)
+        new = call(output)
+        return None if new is output else new
 
     return module.register_forward_hook(post)
 
@@ -411,73 +469,132 @@ def _seeded(seed: int) -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
-# -- facts from the config -----------------------------------------------------------------
+# -- facts from the model -------------------------------------------------------------------
+
+NCTX_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
-def read_info(hf: nn.Module, tokenizer: Any, name: str) -> ModelInfo:
-    """ModelInfo from a Hugging Face config: per-layer RoPE bases, rotary dims and windows.
+def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = None) -> ModelInfo:
+    """ModelInfo read from the model: sizes from its config and modules, position facts from its modules.
 
-    TransformerLens' ``cfg.rotary_base`` is wrong for SmolLM2 and Gemma 3 (DESIGN.md), so
-    bases come from ``config.rope_parameters`` keyed by ``config.layer_types`` when present.
+    RoPE frequencies are the model's own ``inv_freq`` buffers (so llama3 / yarn / linear / dynamic /
+    longrope scaling are as the model applies them), per layer type where it has several; the
+    config gives each layer type's ``rope_type`` and parameters. ALiBi slopes come from the
+    family's own bias builder, the learned table's offset from its module (OPT) or padding index
+    (RoBERTa). TransformerLens' ``cfg.rotary_base`` is wrong for SmolLM2 and Gemma 3 (DESIGN.md).
     """
-    cfg = hf.config
+    layout = layout or discover_layout(hf)
+    cfg = text_config(hf.config)
     n_layers = cfg.num_hidden_layers
     n_heads = cfg.num_attention_heads
-    d_model = cfg.hidden_size
-    d_head = getattr(cfg, "head_dim", None) or d_model // n_heads
-    model_type = cfg.model_type
-    is_bert = arch_spec(hf) is BERT
+    d_head = head_dim(cfg)
+    layers = _get(hf, layout.layers)
+    d_mlp = linear_shape(layers[0].get_submodule(layout.mlp_down))
     layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
-    if is_bert:
+    rotary = [] if layout.encoder else rotary_per_layer(hf, layout, layer_types)
+    slopes: tuple[float, ...] = ()
+    if layout.encoder:
         scheme = "learned" if getattr(cfg, "position_embedding_type", "absolute") == "absolute" else "relative"
-        bases: tuple[float | None, ...] = (None,) * n_layers
-        rot_dims: tuple[int | None, ...] = (None,) * n_layers
-        pairing = None
-    else:
+    elif uses_alibi(cfg):
+        scheme, slopes = "alibi", alibi_slopes(hf, n_heads)
+    elif any(r is not None for r in rotary):
         scheme = "rope"
-        params = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-        per_type = params if all(isinstance(v, dict) for v in params.values()) else None
-        bases = tuple(float((per_type[t] if per_type else params)["rope_theta"]) for t in layer_types)
-        factor = lambda t: (per_type[t] if per_type else params).get(  # noqa: E731
-            "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)
-        )
-        rot_dims = tuple(int(d_head * factor(t)) for t in layer_types)
-        pairing = rope_pairing(hf)
+    elif layout.pos_embed is not None:
+        scheme = "learned"
+    else:
+        scheme = "none"
+    rope: dict[str, Any] = {"bases": (None,) * n_layers, "dims": (None,) * n_layers, "freqs": (None,) * n_layers,
+                            "types": (None,) * n_layers, "scaling": (None,) * n_layers, "params": {}, "pairing": None}
+    if scheme == "rope":
+        rope = _rope_facts(cfg, rotary, layer_types, layers[0].get_submodule(layout.attn))
     window = getattr(cfg, "sliding_window", None)
     windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
     bos = getattr(tokenizer, "bos_token_id", None)
     prepends = bool(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
     return ModelInfo(
         name=name,
-        architecture=(getattr(cfg, "architectures", None) or [type(hf).__name__])[0],
+        architecture=(getattr(hf.config, "architectures", None) or [type(hf).__name__])[0],
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
-        d_model=d_model,
+        n_kv_heads=n_kv_heads(cfg),
+        d_model=cfg.hidden_size,
         d_head=d_head,
-        d_mlp=cfg.intermediate_size,
-        n_ctx=cfg.max_position_embeddings,
-        d_vocab=cfg.vocab_size,
+        d_mlp=d_mlp[0] if d_mlp else cfg.intermediate_size,
+        n_ctx=_n_ctx(cfg, tokenizer),
+        d_vocab=hf.get_input_embeddings().weight.shape[0],
         position_scheme=scheme,
-        causal=not is_bert,
-        rope_bases=bases,
-        rotary_dims=rot_dims,
-        rope_pairing=pairing,
+        causal=not layout.encoder,
+        rope_bases=rope["bases"],
+        rotary_dims=rope["dims"],
+        rope_pairing=rope["pairing"],
+        rope_inv_freq=rope["freqs"],
+        rope_types=rope["types"],
+        rope_attention_scaling=rope["scaling"],
+        rope_parameters=rope["params"],
+        alibi_slopes=slopes,
+        position_offset=_position_offset(hf, layout),
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+        final_softcap=getattr(cfg, "final_logit_softcapping", None),
+        parallel_residual=layout.parallel,
         sliding_windows=windows,
         layer_types=layer_types,
-        act_fn=str(getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "")),
-        bos_token_id=bos if (prepends or is_bert) else getattr(tokenizer, "bos_token_id", None),
+        act_fn=str(
+            getattr(cfg, "hidden_act", None)
+            or getattr(cfg, "hidden_activation", None)
+            or getattr(cfg, "activation_function", None)
+            or getattr(cfg, "ffn_config", "")
+        ),
+        bos_token_id=bos if (prepends or layout.encoder) else getattr(tokenizer, "bos_token_id", None),
         prepends_bos=prepends,
-        extra={"model_type": model_type},
+        extra={"model_type": layout.family, "attention": layout.attention},
     )
 
 
-def rope_pairing(hf: nn.Module) -> str:
-    """'half' if the modeling code rotates dimension i with i + d/2 (rotate_half), else 'interleaved'."""
-    layers = _get(hf, arch_spec(hf).layers)
-    module = sys.modules[type(layers[0].self_attn).__module__]
-    if hasattr(module, "rotate_half"):
-        return "half"
-    if hasattr(module, "rotate_every_two"):
-        return "interleaved"
-    raise ValueError(f"cannot tell the RoPE pairing convention of {module.__name__}")
+def _rope_facts(cfg: Any, rotary: list[Rotary | None], layer_types: tuple[str, ...], attn: nn.Module) -> dict[str, Any]:
+    freqs, dims, bases, types, scaling = [], [], [], [], []
+    params_by_type: dict[str, dict[str, Any]] = {}
+    for r, layer_type in zip(rotary, layer_types, strict=True):
+        if r is None:
+            for lst in (freqs, dims, bases, types, scaling):
+                lst.append(None)
+            continue
+        theta = r.inv_freq().double().cpu()
+        params = params_by_type.setdefault(layer_type, rope_parameters(cfg, layer_type))
+        base = params.get("rope_theta") or getattr(cfg, "rope_theta", None)
+        if base is None:  # no base in the config (GPT-J): the one the model's default frequencies imply
+            base = float(theta[1] ** (-theta.numel())) if theta.numel() > 1 else float("nan")
+        freqs.append(tuple(theta.tolist()))
+        dims.append(2 * theta.numel())
+        bases.append(float(base))
+        types.append(params["rope_type"])
+        scaling.append(r.attention_scaling())
+    return {
+        "freqs": tuple(freqs),
+        "dims": tuple(dims),
+        "bases": tuple(bases),
+        "types": tuple(types),
+        "scaling": tuple(scaling),
+        "params": params_by_type,
+        "pairing": rope_pairing_of(attn),
+    }
+
+
+def _n_ctx(cfg: Any, tokenizer: Any) -> int:
+    for name in NCTX_NAMES:
+        value = getattr(cfg, name, None)
+        if value:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)  # BLOOM's config names no context length
+    return int(limit) if limit and limit < 1_000_000 else 2048
+
+
+def _position_offset(hf: nn.Module, layout: Layout) -> int:
+    """The learned-table row of position 0: OPT's ``offset``, RoBERTa's padding_idx + 1, else 0."""
+    if layout.pos_embed is None:
+        return 0
+    table = _get(hf, layout.pos_embed)
+    if hasattr(table, "offset"):
+        return int(table.offset)
+    parent = _get(hf, layout.pos_embed.rpartition(".")[0])
+    padding = getattr(parent, "padding_idx", None)
+    return int(padding) + 1 if padding is not None else 0

@@ -99,6 +99,10 @@ def _zoo_reader(net: nn.Module, kind: str, layer: int | None) -> Tensor:
     return _norm_read(block.ln2, block.mlp.W_in.T, centred=True)
 
 
+#: Hugging Face families whose residual readers are q/k/v_proj after input_layernorm and gate/up_proj after a pre-MLP RMSNorm.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
+
+
 def _hf_reader(hf: nn.Module, layers: nn.ModuleList, kind: str, layer: int | None) -> Tensor:
     if kind == "unembed":
         return _norm_read(hf.model.norm, hf.lm_head.weight, centred=False)
@@ -132,7 +136,7 @@ def downstream_read_matrix(
     these linear reads but can still rescale them; biases are left out (they do not read the site).
     Zoo models and Llama-like / Gemma 3 Hugging Face decoders are supported.
     """
-    from posprobe.models.hf import BERT, HFModel
+    from posprobe.models.hf import HFModel
     from posprobe.models.zoo import ZooModel
 
     if site not in SUBSPACE_SITES:
@@ -150,18 +154,31 @@ def downstream_read_matrix(
             return W_O.reshape(-1, W_O.shape[-1]).T
         parts = [_zoo_reader(net, k, i) for k, i in _residual_readers(site, layer, model.info.n_layers, scope)]
         return torch.cat(parts)
-    if isinstance(model, HFModel) and model.spec is not BERT:
-        layers = model.hf.get_submodule(model.spec.layers)
+    if isinstance(model, HFModel) and not model.layout.encoder:
+        layout = model.layout
+        block = model.hf.get_submodule(layout.layers)[layer] if layer is not None else None
         if site == "mlp_post":
-            return layers[layer].mlp.down_proj.weight.detach().double()
+            return _linear_weight(block.get_submodule(layout.mlp_down))
         if site == "z":
-            return layers[layer].self_attn.o_proj.weight.detach().double()
+            return _linear_weight(block.get_submodule(layout.attn_out_proj))
+        if layout.family not in LLAMA_LIKE:
+            raise ValueError(
+                f"downstream_read_matrix reads residual sites of Llama-like / Gemma decoders ({', '.join(LLAMA_LIKE)}) "
+                f"and zoo models; {model.info.name} is a {layout.family!r} model (its mlp_post and z work)"
+            )
+        layers = model.hf.get_submodule(layout.layers)
         readers = _residual_readers(site, layer, model.info.n_layers, scope)
         return torch.cat([_hf_reader(model.hf, layers, k, i) for k, i in readers])
     raise ValueError(
-        f"downstream_read_matrix knows zoo models and Llama-like / Gemma 3 decoders; {model.info.name} is a "
+        f"downstream_read_matrix knows zoo models and Hugging Face decoders; {model.info.name} is a "
         f"{model.info.architecture}"
     )
+
+
+def _linear_weight(module: nn.Module) -> Tensor:
+    """A linear map's weight as [out, in] float64 (GPT-2's Conv1D stores it transposed)."""
+    weight = module.weight.detach().double()
+    return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
 def split_direction(direction: Tensor, read: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
