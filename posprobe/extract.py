@@ -280,8 +280,6 @@ def _canonical(value: Any, how: str, d_head: int) -> Tensor:
     if how == "heads":
         b, s, _ = value.shape
         return value.reshape(b, s, -1, d_head)
-    if how == "bhsd":
-        return value.transpose(1, 2)
     return value
 
 

@@ -120,5 +120,20 @@ def smollm2():
     return pp.load_model("smollm2-135m")
 
 
+def assert_logits_unchanged(hooked: torch.Tensor, plain: torch.Tensor, same_kernel: bool) -> None:
+    """Capturing must not change logits: bit for bit when the same attention kernel ran, else within float32 rounding.
+
+    A run that switches a layer from the fused SDPA kernel to the explicit softmax(q·k)·v path (to read its
+    attention weights) sums in another order; its error scales with the logits, so the bound is
+    1e-4 × max|logit|, never a bare absolute tolerance that one CPU meets and another does not.
+    """
+    if same_kernel:
+        assert torch.equal(hooked, plain), f"logits changed by {(hooked - plain).abs().max():.3g}"
+        return
+    bound = 1e-4 * plain.abs().max().item()
+    diff = (hooked - plain).abs().max().item()
+    assert diff <= bound, f"logits changed by {diff:.3g} > 1e-4 × max|logit| = {bound:.3g}"
+
+
 def random_ids(n: int, s: int, seed: int = 0, low: int = 2, high: int = VOCAB) -> torch.Tensor:
     return torch.randint(low, high, (n, s), generator=torch.Generator().manual_seed(seed))

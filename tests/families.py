@@ -43,13 +43,16 @@ ALIBI = ("bloom", "mpt")
 LEARNED = ("gpt2", "opt", "bert", "roberta")
 
 
-def build(family: str, seed: int = 0):
-    """The tiny random-weight transformers model of ``family`` (eval mode, float32)."""
+def build(family: str, seed: int = 0, **kwargs):
+    """The tiny random-weight transformers model of ``family`` (eval mode, float32); the same seed, the same weights.
+
+    Keyword arguments go to ``from_config`` (e.g. ``attn_implementation="eager"``).
+    """
     import transformers
 
-    class_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, class_name)(**kwargs)
+    class_name, config_kwargs = FAMILIES[family]
+    config = getattr(transformers, class_name)(**config_kwargs)
     torch.manual_seed(seed)
     if family in ENCODERS:
-        return transformers.AutoModel.from_config(config, add_pooling_layer=False).eval()
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+        return transformers.AutoModel.from_config(config, add_pooling_layer=False, **kwargs).eval()
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()

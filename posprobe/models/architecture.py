@@ -41,8 +41,9 @@ PRE_MLP_NORMS = ("pre_feedforward_layernorm", "ln_2", "norm_2", "final_layer_nor
 class ModuleSite:
     """Where a site lives relative to a block: a module path and how to read its tensor.
 
-    ``how``: ``out`` (module output), ``out0`` (first element of a tuple output), ``in``
-    (first input), ``heads`` (output [b s h*d] viewed as heads).
+    ``how``: ``out`` (module output), ``out_copy`` (module output, handed on as a copy because the
+    model changes it in place), ``out0`` (first element of a tuple output), ``in`` (first input),
+    ``heads`` (output [b s h*d] viewed as heads).
     """
 
     path: str
@@ -102,7 +103,9 @@ def discover_layout(hf: nn.Module) -> Layout:
     body = _body(hf)
     block = hf.get_submodule(layers)[0]
     d_model = cfg.hidden_size
-    attn = _child(block, ("self_attn", "attn", "attention", "self_attention"), lambda m: "Attention" in type(m).__name__)
+    attn = _child(
+        block, ("self_attn", "attn", "attention", "self_attention"), lambda m: "Attention" in type(m).__name__
+    )
     if attn is None:
         raise UnsupportedModelError(family, f"no attention module in {type(block).__name__}")
     mlp = _child(block, ("mlp", "ffn", "feed_forward"), lambda m: type(m).__name__.endswith("MLP"))
@@ -110,7 +113,9 @@ def discover_layout(hf: nn.Module) -> Layout:
     down = _last_linear_to(mlp_root, d_model, skip=None if mlp else attn)
     o_proj = _last_linear_to(block.get_submodule(attn), d_model)
     if down is None or o_proj is None:
-        raise UnsupportedModelError(family, f"no MLP down projection or attention output projection to d_model={d_model}")
+        raise UnsupportedModelError(
+            family, f"no MLP down projection or attention output projection to d_model={d_model}"
+        )
     mlp_down = f"{mlp}.{down}" if mlp else down
     attn_out_proj = f"{attn}.{o_proj}"
 
@@ -133,9 +138,11 @@ def discover_layout(hf: nn.Module) -> Layout:
         or (family == "falcon" and getattr(cfg, "parallel_attn", False))
         or (pre_mlp is None and attn_post is None)
     )
+    # Falcon's parallel block adds the attention output into the MLP output in place: read a copy
+    mlp_how = "out_copy" if parallel and family == "falcon" else "out"
     sites = {
         "attn_out": ModuleSite(attn_post, "out") if attn_post else ModuleSite(attn_out_proj, "out"),
-        "mlp_out": ModuleSite(mlp_post_norm, "out") if mlp_post_norm else ModuleSite(mlp_down, "out"),
+        "mlp_out": ModuleSite(mlp_post_norm, "out") if mlp_post_norm else ModuleSite(mlp_down, mlp_how),
         "mlp_post": ModuleSite(mlp_down, "in"),
     }
     missing: dict[str, str] = {}

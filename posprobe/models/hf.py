@@ -100,8 +100,9 @@ def posprobe_attention(
         query, key = qk_hooks(layer, query, key)
     if "pattern" in hooks or "attn_scores" in hooks or softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out, weights = explicit_attention(query, key, value, _allowed(attention_mask, module, query, key), scale, hooks,
-                                          softcap=softcap)
+        out, weights = explicit_attention(
+            query, key, value, _allowed(attention_mask, module, query, key), scale, hooks, softcap=softcap
+        )
     else:
         out, weights = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -224,7 +225,9 @@ class HFModel(PositionModel):
         self.layout = discover_layout(hf)
         self.source = source
         cfg = text_config(hf.config)
-        self.info = read_info(hf, tokenizer, name or getattr(cfg, "_name_or_path", "") or type(hf).__name__, self.layout)
+        self.info = read_info(
+            hf, tokenizer, name or getattr(cfg, "_name_or_path", "") or type(hf).__name__, self.layout
+        )
         self.rotary = (
             rotary_per_layer(hf, self.layout, self.info.layer_types)
             if self.info.is_rotary
@@ -338,7 +341,9 @@ class HFModel(PositionModel):
                 handles.append(_hook_module(layers[key.layer], "out", hook, self.info.d_head, shape))
             else:
                 where = layout.sites[key.site]
-                handles.append(_hook_module(_get(layers[key.layer], where.path), where.how, hook, self.info.d_head, shape))
+                handles.append(
+                    _hook_module(_get(layers[key.layer], where.path), where.how, hook, self.info.d_head, shape)
+                )
         if stop_at_layer is not None:
             handles.append(layers[stop_at_layer].register_forward_hook(_raise_stop))
         table: dict[int, _LayerHooks] = {}
@@ -430,6 +435,8 @@ def _hook_module(
             new = _apply(hook, output.view(b, s, -1, d_head))
             return None if new is None else new.reshape(b, s, -1)
         new = call(output)
+        if how == "out_copy" and new is output:
+            return output.clone()
         return None if new is output else new
 
     return module.register_forward_hook(post)
@@ -503,8 +510,15 @@ def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = 
         scheme = "learned"
     else:
         scheme = "none"
-    rope: dict[str, Any] = {"bases": (None,) * n_layers, "dims": (None,) * n_layers, "freqs": (None,) * n_layers,
-                            "types": (None,) * n_layers, "scaling": (None,) * n_layers, "params": {}, "pairing": None}
+    rope: dict[str, Any] = {
+        "bases": (None,) * n_layers,
+        "dims": (None,) * n_layers,
+        "freqs": (None,) * n_layers,
+        "types": (None,) * n_layers,
+        "scaling": (None,) * n_layers,
+        "params": {},
+        "pairing": None,
+    }
     if scheme == "rope":
         rope = _rope_facts(cfg, rotary, layer_types, layers[0].get_submodule(layout.attn))
     window = getattr(cfg, "sliding_window", None)

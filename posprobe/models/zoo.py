@@ -98,8 +98,10 @@ def zoo_info(net: ZooTransformer, tokenizer: Any, name: str, extra: Mapping[str,
     info_extra: dict[str, Any] = {"config": cfg.to_dict(), "tie_embeddings": cfg.tie_embeddings, **scheme.describe()}
     rope_bases: tuple[float | None, ...] = (None,) * n
     rotary_dims: tuple[int | None, ...] = (None,) * n
+    rope_inv_freq: tuple[tuple[float, ...] | None, ...] = (None,) * n
     if scheme.rotary:
         rope_bases, rotary_dims = (cfg.rope_base,) * n, (scheme.rotary_dims,) * n
+        rope_inv_freq = (tuple(scheme.inv_freq.double().tolist()),) * n
     info_extra.update(extra or {})
     return ModelInfo(
         name=name,
@@ -117,6 +119,10 @@ def zoo_info(net: ZooTransformer, tokenizer: Any, name: str, extra: Mapping[str,
         rope_bases=rope_bases,
         rotary_dims=rotary_dims,
         rope_pairing="half" if scheme.rotary else None,
+        rope_inv_freq=rope_inv_freq,
+        rope_types=("default" if scheme.rotary else None,) * n,
+        rope_attention_scaling=(1.0 if scheme.rotary else None,) * n,
+        alibi_slopes=tuple(scheme.slopes.tolist()) if cfg.pe == "alibi" else (),
         sliding_windows=(None,) * n,
         layer_types=("full_attention",) * n,
         act_fn="gelu",

@@ -116,6 +116,7 @@ class LayerPlanes:
     first: np.ndarray
     second: np.ndarray
     theta: np.ndarray
+    gain: float = 1.0  # (attention scaling)²: yarn / longrope scale cos and sin, so q·k by its square
 
     @property
     def n_rotary(self) -> int:
@@ -129,28 +130,29 @@ class LayerPlanes:
 
 
 def layer_planes(info: ModelInfo, layer: int) -> LayerPlanes:
-    """The planes of ``layer`` from ``info``: that layer's base, rotary dims, pairing and sliding window.
+    """The planes of ``layer`` from ``info``: that layer's frequencies, rotary dims, pairing and sliding window.
 
-    Frequencies come from ``info.extra["rope_inv_freq"]`` when the model records them (the zoo does,
-    because p-RoPE keeps θ_i = base^(−2i/d_rot) of the full spectrum); otherwise base^(−2i/rotary_dims).
+    Frequencies are the ones the model rotates with, read from it (``info.rope_inv_freq``: the
+    ``inv_freq`` buffers of Hugging Face models, with llama3 / yarn / linear / dynamic scaling
+    applied; the zoo's own table, whose p-RoPE planes keep θ_i = base^(−2i/d_rot) of the full
+    spectrum), never recomputed from the base.
     """
     require_rope(info, "layer_planes")
     base, rot = info.rope_bases[layer], info.rotary_dims[layer]
-    if base is None or rot is None:
-        raise ValueError(f"{info.name} layer {layer} has no RoPE base / rotary dims (got {base}, {rot})")
+    freqs = info.rope_inv_freq[layer] if info.rope_inv_freq else None
+    if base is None or rot is None or freqs is None:
+        raise ValueError(f"{info.name} layer {layer} has no RoPE frequencies (the layer does not rotate)")
+    freqs = np.asarray(freqs, dtype=np.float64)
+    if freqs.shape != (rot // 2,):
+        raise ValueError(f"{info.name}: layer {layer} has {freqs.size} RoPE frequencies, expected {rot // 2}")
     first, second = rope_planes(info.d_head, rot, info.rope_pairing)
-    recorded = info.extra.get("rope_inv_freq")
-    if recorded is not None:
-        freqs = np.asarray(recorded, dtype=np.float64)
-        freqs = freqs[layer] if freqs.ndim == 2 else freqs
-        if freqs.shape != (rot // 2,):
-            raise ValueError(f"{info.name}: rope_inv_freq has shape {freqs.shape}, expected ({rot // 2},)")
-    else:
-        freqs = rope_thetas(base, rot)
     theta = np.concatenate([freqs, np.zeros(info.d_head // 2 - rot // 2)])
     windows = info.sliding_windows or (None,) * info.n_layers
     layer_type = info.layer_types[layer] if info.layer_types else "full_attention"
-    return LayerPlanes(layer, layer_type, float(base), rot, windows[layer], first, second, theta)
+    scaling = info.rope_attention_scaling[layer] if info.rope_attention_scaling else None
+    return LayerPlanes(
+        layer, layer_type, float(base), rot, windows[layer], first, second, theta, float(scaling or 1.0) ** 2
+    )
 
 
 def attention_scale(model: PositionModel) -> float:
@@ -375,7 +377,7 @@ def _contribution_rows(planes: LayerPlanes, cross: np.ndarray, pairs: np.ndarray
     deltas = np.arange(len(pairs))[seen]
     mean = cross[seen] / pairs[seen, None, None]
     phase = np.exp(1j * deltas[:, None] * planes.theta[None, :])  # [Δ planes]
-    value = scale * (mean * phase[:, None, :]).real  # [Δ heads planes]
+    value = scale * planes.gain * (mean * phase[:, None, :]).real  # [Δ heads planes]
     d, h, p = np.meshgrid(deltas, np.arange(value.shape[1]), np.arange(value.shape[2]), indexing="ij")
     table = pd.DataFrame({"layer": planes.layer, "head": h.ravel(), "plane": p.ravel(), "delta": d.ravel()})
     table["contribution"] = value.ravel()

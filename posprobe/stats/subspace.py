@@ -99,7 +99,8 @@ def _zoo_reader(net: nn.Module, kind: str, layer: int | None) -> Tensor:
     return _norm_read(block.ln2, block.mlp.W_in.T, centred=True)
 
 
-#: Hugging Face families whose residual readers are q/k/v_proj after input_layernorm and gate/up_proj after a pre-MLP RMSNorm.
+#: Hugging Face families whose residual readers are q/k/v_proj after input_layernorm and gate/up_proj
+#: after a pre-MLP RMSNorm.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 
 

@@ -1,0 +1,224 @@
+"""Every supported Hugging Face family, checked against transformers itself on a tiny random-weight model.
+
+One parametrised module over ``families.FAMILIES``: position facts read from the model, posprobe's
+``pattern`` against transformers' eager ``output_attentions``, logits untouched by capturing,
+``rot_q`` / ``rot_k`` against the rotated queries and keys transformers' own eager attention receives,
+padding on either side, the residual identities, and every analysis run end to end.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_logits_unchanged, random_ids
+from families import ALIBI, ENCODERS, FAMILIES, LEARNED, ROTARY, build
+
+import posprobe as pp
+from posprobe.models.hf import HFModel
+from posprobe.models.position_schemes import alibi_slopes
+from posprobe.sites import SiteKey
+
+NAMES = list(FAMILIES)
+INLINE = ("bloom", "mpt", "falcon")  # attention written inline: posprobe's eager copy runs for attention sites
+PARALLEL = ("gpt_neox", "gptj", "phi", "falcon")
+ATTENTION_SITES = ("q", "k", "rot_q", "rot_k", "z", "attn_scores", "pattern")
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    cache: dict[str, HFModel] = {}
+
+    def get(family: str) -> HFModel:
+        if family not in cache:
+            cache[family] = pp.load_model(build(family), tokenizer=tokenizer)
+        return cache[family]
+
+    return get
+
+
+def reference(model: HFModel, tokens: torch.Tensor, **kwargs):
+    """transformers' own forward (no posprobe hooks): logits, or the last hidden state of an encoder."""
+    with torch.no_grad():
+        out = model.hf(input_ids=tokens, **kwargs)
+    return out.last_hidden_state if model.layout.encoder else out.logits
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_position_facts_come_from_the_model(family, models):
+    model = models(family)
+    info = model.info
+    expected = "rope" if family in ROTARY else "alibi" if family in ALIBI else "learned"
+    assert info.position_scheme == expected
+    assert info.causal == (family not in ENCODERS)
+    assert info.parallel_residual == (family in PARALLEL)
+    if family in ROTARY:
+        rotary = model.rotary[0]
+        assert np.allclose(info.rope_inv_freq[0], rotary.inv_freq().double().numpy(), rtol=1e-6)
+        assert info.rotary_dims[0] == 2 * len(info.rope_inv_freq[0])
+        assert {"rot_q", "rot_k"} <= set(model.available_sites())
+    else:
+        assert "rot_q" not in model.available_sites()
+    if family in ALIBI:  # both builders give Press et al.'s slopes for 4 heads
+        assert info.alibi_slopes == pytest.approx(alibi_slopes(info.n_heads).tolist())
+    if family in LEARNED:
+        assert "pos_embed" in model.available_sites()
+        assert info.position_offset == (2 if family in ("opt", "roberta") else 0)
+    assert model.info.summary()
+
+
+def test_partial_rotary_and_pairing_as_the_families_define_them(models):
+    facts = {f: (models(f).info.rotary_dims[0], models(f).info.rope_pairing) for f in ("gpt_neox", "gptj", "phi")}
+    assert facts == {"gpt_neox": (4, "half"), "gptj": (8, "interleaved"), "phi": (6, "half")}  # 0.25·16, 8, 0.4·16
+    gemma3 = models("gemma3").info
+    assert gemma3.rope_bases == (1e4, 1e4, 1e6) and gemma3.sliding_windows == (6, 6, None)
+    assert models("gemma2").info.attn_softcap == 50.0 and models("gemma2").info.final_softcap == 30.0
+
+
+def test_llama3_scaled_frequencies_are_the_models_own(models):
+    """rope_type llama3 divides the low frequencies by up to 32: posprobe reports what the model rotates with."""
+    model = models("llama3")
+    buffer = model.hf.model.rotary_emb.inv_freq.double().numpy()
+    unscaled = 500000.0 ** (-np.arange(0, 16, 2) / 16)
+    assert model.info.rope_types == ("llama3",) * 3 and model.info.rope_parameters["full_attention"]["factor"] == 32
+    assert np.allclose(model.info.rope_inv_freq[1], buffer, rtol=1e-7)
+    assert not np.allclose(buffer, unscaled) and np.isclose((unscaled / buffer).max(), 32.0)
+    usage = pp.rope_frequency_usage(model, random_ids(2, 24), layers=[1], max_delta=8)
+    rotary = usage.table.drop_duplicates("plane").query("rotary").sort_values("plane")
+    assert np.allclose(rotary["theta"].to_numpy(), buffer, rtol=1e-7)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_capturing_leaves_the_output_unchanged(family, models):
+    model = models(family)
+    x = random_ids(2, 12)
+    plain = reference(model, x)
+    sites = [s for s in model.available_sites() if s not in ("pattern", "attn_scores")]
+    keys = sorted({SiteKey(s, None if s in ("embed", "pos_embed") else layer) for s in sites for layer in range(3)})
+    out = model.run(x, capture=keys)
+    got = out.logits if out.logits is not None else out.acts[SiteKey("resid_post", 2)]
+    assert_logits_unchanged(got, plain, same_kernel=family not in INLINE)  # inline: posprobe's eager copy ran
+    patterns = model.run(x, capture=[SiteKey("pattern", layer) for layer in range(3)])
+    if patterns.logits is not None:
+        assert_logits_unchanged(patterns.logits, plain, same_kernel=False)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_pattern_equals_transformers_eager_attentions(family, models):
+    model = models(family)
+    x = random_ids(2, 12, seed=1)
+    eager = build(family, attn_implementation="eager")  # same seed: the same weights, transformers' eager code
+    with torch.no_grad():
+        ref = eager(input_ids=x, output_attentions=True)
+    keys = [SiteKey("pattern", layer) for layer in range(3)]
+    out = model.run(x, capture=keys)
+    for layer, key in enumerate(keys):
+        assert torch.allclose(out.acts[key], ref.attentions[layer].float(), atol=1e-5), (family, layer)
+    if out.logits is not None:
+        assert_logits_unchanged(out.logits, ref.logits, same_kernel=False)
+
+
+@pytest.mark.parametrize("family", [f for f in ROTARY if f not in INLINE])
+def test_rot_q_and_rot_k_equal_the_rotated_vectors_transformers_attends_with(family, models, monkeypatch):
+    """transformers' eager attention function receives the rotated queries and keys: record them there."""
+    model = models(family)
+    module = sys.modules[
+        type(model.hf.get_submodule(model.layout.layers)[0].get_submodule(model.layout.attn)).__module__
+    ]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = module.eager_attention_forward
+
+    def recording(mod, query, key, *args, **kwargs):
+        seen.append((query.detach().clone(), key.detach().clone()))
+        return original(mod, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    x = random_ids(2, 14, seed=2)
+    with torch.no_grad():
+        build(family, attn_implementation="eager")(input_ids=x)
+    acts = model.run(x, capture=[SiteKey(s, layer) for s in ("q", "k", "rot_q", "rot_k") for layer in range(3)]).acts
+    for layer in range(3):
+        query, key = seen[layer]
+        rot_q, rot_k = acts[SiteKey("rot_q", layer)], acts[SiteKey("rot_k", layer)]
+        assert torch.allclose(rot_q, query.transpose(1, 2), rtol=1e-5, atol=1e-5), (family, layer)
+        assert torch.allclose(rot_k, key.transpose(1, 2), rtol=1e-5, atol=1e-5), (family, layer)
+        q = acts[SiteKey("q", layer)]
+        assert torch.allclose(q[:, 0], rot_q[:, 0], atol=1e-6)  # position 0 is not rotated
+        assert torch.allclose(q.norm(dim=-1), rot_q.norm(dim=-1), atol=1e-4)  # rotation keeps norms
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_residual_stream_is_transformers_hidden_states(family, models):
+    model = models(family)
+    x = random_ids(2, 10, seed=3)
+    with torch.no_grad():
+        hidden = model.hf(input_ids=x, output_hidden_states=True).hidden_states
+    acts = model.run(x, capture=[SiteKey("resid_pre", 0), SiteKey("resid_post", 0), SiteKey("resid_post", 1)]).acts
+    assert torch.allclose(acts[SiteKey("resid_pre", 0)], hidden[0], atol=1e-6)
+    assert torch.allclose(acts[SiteKey("resid_post", 0)], hidden[1], atol=1e-6)
+    assert torch.allclose(acts[SiteKey("resid_post", 1)], hidden[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", [f for f in NAMES if f not in ENCODERS])  # post-LN encoders renormalise
+def test_sub_blocks_add_up_to_the_residual_stream(family, models):
+    model = models(family)
+    x = random_ids(2, 10, seed=3)
+    sites = ["resid_pre", "resid_post", "attn_out", "mlp_out"] + (["resid_mid"] if family not in PARALLEL else [])
+    acts = model.run(x, capture=[SiteKey(s, 1) for s in sites]).acts
+    get = lambda s: acts[SiteKey(s, 1)]  # noqa: E731
+    if family in PARALLEL:
+        with pytest.raises(ValueError, match="in parallel"):
+            model.run(x, capture=[SiteKey("resid_mid", 1)])
+        assert torch.allclose(get("resid_post"), get("resid_pre") + get("attn_out") + get("mlp_out"), atol=1e-5)
+    else:
+        assert torch.allclose(get("resid_mid"), get("resid_pre") + get("attn_out"), atol=1e-5)
+        assert torch.allclose(get("resid_post"), get("resid_mid") + get("mlp_out"), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_every_real_token_its_unpadded_activations(family, side, models):
+    model = models(family)
+    lengths = [11, 6, 3]
+    seqs = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    tokens, mask = torch.full((3, width), 1), torch.zeros(3, width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        where = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        tokens[i, where], mask[i, where] = s, 1
+    sites = ["resid_post", "mlp_post", "pattern"] + (["rot_q"] if family in ROTARY else [])
+    keys = [SiteKey(s, layer) for s in sites for layer in (0, 2)]
+    padded = model.run(tokens, attention_mask=mask, capture=keys).acts
+    for i, s in enumerate(seqs):
+        alone = model.run(s[None], capture=keys).acts
+        where = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        for key in keys:
+            got = padded[key][i, :, where, where] if key.site == "pattern" else padded[key][i, where]
+            assert torch.allclose(got, alone[key][0], atol=1e-4), (family, side, key, i)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_every_analysis_runs(family, models, tmp_path):
+    model = models(family)
+    tokens = random_ids(6, 16, seed=4)
+    probes = pp.probe_model(model, tokens, layers=[0, 2], n_splits=3)
+    assert set(probes.table["layer"]) >= {0, 2}
+    stats = pp.attention_stats(model, tokens, layers=[0, 2])
+    assert stats.roles["role"].notna().all() and np.isfinite(stats.heads["entropy"]).all()
+    store = pp.extract(model, tokens, sites=["mlp_post"], layers=[1], out=tmp_path / "store")
+    neurons = pp.positional_neurons(store, layers=[1], device="cpu")
+    assert len(neurons.table) == model.info.d_mlp
+    if family in ENCODERS:
+        with pytest.raises(ValueError, match="no language-model head"):
+            pp.patch_positions(model, tokens[:2], layers=[1])
+    else:
+        patched = pp.patch_positions(model, tokens[:2], layers=[1])
+        assert len(patched.table) and np.isfinite(patched.table["effect"]).all()
+    if family in ROTARY:
+        usage = pp.rope_frequency_usage(model, tokens, layers=[1], max_delta=4)
+        assert np.isfinite(usage.table["q_norm"]).all()
+    else:
+        with pytest.raises(ValueError, match=f"position scheme {model.info.position_scheme!r}"):
+            pp.rope_frequency_usage(model, tokens)
