@@ -8,6 +8,7 @@ padding on either side, the residual identities, and every analysis run end to e
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -222,3 +223,104 @@ def test_every_analysis_runs(family, models, tmp_path):
     else:
         with pytest.raises(ValueError, match=f"position scheme {model.info.position_scheme!r}"):
             pp.rope_frequency_usage(model, tokens)
+
+
+@pytest.mark.parametrize("family", [f for f in NAMES if f not in ENCODERS])  # TL adapts BertForMaskedLM, not BertModel
+def test_a_transformer_bridge_loads_through_the_native_path(family, models, tokenizer):
+    """A TransformerBridge is unwrapped to transformers' own modules (same tensors) and hooked natively."""
+    from posprobe.models.bridge import boot_bridge
+
+    bridge = boot_bridge(build(family), tokenizer)
+    loaded = pp.load_model(bridge, tokenizer=tokenizer)
+    assert isinstance(loaded, HFModel) and loaded.source == "transformer-lens"
+    assert loaded.hf.get_input_embeddings().weight is bridge.original_model.get_input_embeddings().weight
+    x = random_ids(2, 9, seed=5)
+    keys = [SiteKey(s, 1) for s in ("resid_post", "mlp_post", "pattern")]
+    ours, native = loaded.run(x, capture=keys), models(family).run(x, capture=keys)
+    for key in keys:
+        assert torch.equal(ours.acts[key], native.acts[key]), key
+    with torch.no_grad():
+        assert torch.allclose(bridge(x), native.logits, atol=1e-5)  # the bridge itself still runs
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_an_nnsight_model_loads_through_the_native_path(family, models, tokenizer):
+    from nnsight import NNsight
+
+    with pytest.warns(UserWarning) if family in ENCODERS else contextlib.nullcontext():  # 'output' submodule names
+        wrapped = NNsight(build(family))
+    loaded = pp.load_model(wrapped, tokenizer=tokenizer)
+    assert isinstance(loaded, HFModel) and loaded.source == "nnsight"
+    x = random_ids(2, 9, seed=6)
+    key = SiteKey("resid_post", 2)
+    assert torch.equal(loaded.run(x, capture=[key]).acts[key], models(family).run(x, capture=[key]).acts[key])
+
+
+def mixtral(tokenizer):
+    import transformers
+
+    config = transformers.MixtralConfig(**FAMILIES["qwen2"][1] | {"num_local_experts": 4})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_a_family_without_a_native_map_falls_back_to_the_bridge(tokenizer):
+    """Mixtral's MLP is a mixture of experts (no single down projection): TransformerLens' hooks, one warning."""
+    from posprobe.models.bridge import BridgeFallbackWarning, BridgeModel
+
+    hf = mixtral(tokenizer)
+    x = random_ids(2, 10, seed=7)
+    with torch.no_grad():
+        plain = hf(input_ids=x).logits
+    with pytest.warns(BridgeFallbackWarning, match="no native map for model_type 'mixtral'") as caught:
+        model = pp.load_model(hf, tokenizer=tokenizer)
+    assert len(caught) == 1 and isinstance(model, BridgeModel)
+    assert model.info.position_scheme == "rope" and model.info.n_kv_heads == 2
+    assert np.allclose(model.info.rope_inv_freq[0], 1e6 ** (-np.arange(0, 16, 2) / 16))  # read from inv_freq
+    keys = [SiteKey(s, 1) for s in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "rot_q", "pattern")]
+    out = model.run(x, capture=keys)
+    assert torch.allclose(out.logits, plain, atol=1e-5)
+    get = lambda s: out.acts[SiteKey(s, 1)]  # noqa: E731
+    assert torch.allclose(get("resid_post"), get("resid_pre") + get("attn_out") + get("mlp_out"), atol=1e-5)
+    assert torch.allclose(get("pattern").sum(-1), torch.ones(2, 4, 10), atol=1e-5)
+    with pytest.raises(ValueError, match="mlp_post.*mixture of experts"):
+        model.run(x, capture=[SiteKey("mlp_post", 1)])
+    stats = pp.attention_stats(model, x, layers=[1])
+    assert stats.roles["role"].notna().all()
+
+
+def test_a_model_neither_posprobe_nor_transformerlens_knows_is_a_clear_error(tokenizer):
+    import transformers
+
+    xlnet = transformers.XLNetLMHeadModel(transformers.XLNetConfig(d_model=64, n_layer=2, n_head=4, d_inner=128,
+                                                                   vocab_size=256)).eval()  # fmt: skip
+    with pytest.raises(ValueError, match=r"model_type 'xlnet'.*TransformerLens has no adapter.*Two ways forward"):
+        pp.load_model(xlnet, tokenizer=tokenizer)
+
+
+def test_an_unknown_rope_scaling_type_is_named(tokenizer):
+    hf = build("llama3")
+    hf.config.rope_parameters = {**hf.config.rope_parameters, "rope_type": "spiral"}
+    with pytest.raises(ValueError, match=r"unknown RoPE scaling type 'spiral'; transformers knows: default, .*yarn"):
+        pp.load_model(hf, tokenizer=tokenizer)
+
+
+def test_a_head_width_that_does_not_divide_d_model_is_named(tokenizer):
+    hf = build("gpt2")
+    hf.config.hidden_size = 66  # GPT-2's config has no head_dim: 66 / 4 heads is not a head width
+    with pytest.raises(ValueError, match="hidden_size 66 is not a multiple of num_attention_heads 4"):
+        pp.load_model(hf, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("family", [*ALIBI, "gpt2"])
+def test_rope_analyses_on_a_model_without_rope_name_its_scheme(family, models):
+    from posprobe.stats.rope_ablation import frequency_ablation_hooks
+
+    model = models(family)
+    scheme = model.info.position_scheme
+    with pytest.raises(ValueError, match=f"position scheme '{scheme}'"):
+        pp.rope_frequency_usage(model, random_ids(1, 8))
+    with pytest.raises(ValueError, match=f"position scheme '{scheme}'"):
+        frequency_ablation_hooks(model, [0], 0.5)
+    with pytest.raises(ValueError, match=f"needs a rotary model.*'{scheme}'"):
+        model.run(random_ids(1, 8), capture=[SiteKey("rot_q", 0)])

@@ -71,12 +71,12 @@ def load_model(
 
 
 def _wrap(model: Any, *, dtype: torch.dtype, trust_remote_code: bool, seed: int, **hf_kwargs: Any) -> PositionModel:
-    from posprobe.models.hf import HFModel
-
     if isinstance(model, PositionModel):
         return model
     if isinstance(model, str):
         if model in PACKAGED:
+            from posprobe.models.hf import HFModel
+
             hf, tok = load_packaged(model, dtype=dtype)
             return HFModel(hf, tok, name=model, source=f"package:{PACKAGED[model].package}")
         if model.startswith("zoo:"):
@@ -88,19 +88,42 @@ def _wrap(model: Any, *, dtype: torch.dtype, trust_remote_code: bool, seed: int,
 
     tokenizer = hf_kwargs.pop("tokenizer", None)
     if isinstance(model, PreTrainedModel):
-        return HFModel(model, tokenizer or _tokenizer_for(model), source="object")
+        return native_or_bridge(model, tokenizer or _tokenizer_for(model), source="object")
     if type(model).__name__ == "TransformerBridge":
-        return HFModel(
-            model.original_model, tokenizer or model.tokenizer, name=model.cfg.model_name, source="transformer-lens"
-        )
+        from posprobe.models.bridge import unbridged
+
+        tok = tokenizer or model.tokenizer
+        return native_or_bridge(unbridged(model), tok, name=model.cfg.model_name, source="transformer-lens",
+                                bridge=model)  # fmt: skip
     if type(model).__module__.startswith("nnsight"):
         inner = model._module
         tok = tokenizer or getattr(model, "tokenizer", None) or _tokenizer_for(inner)
-        return HFModel(inner, tok, name=getattr(inner.config, "_name_or_path", None), source="nnsight")
+        return native_or_bridge(inner, tok, name=getattr(inner.config, "_name_or_path", None), source="nnsight")
     raise ValueError(
         f"cannot load {model!r}; pass one of {', '.join(known_models())}, a Hugging Face id or path, "
         "a PositionModel, a transformers model, a TransformerBridge or an nnsight model"
     )
+
+
+def native_or_bridge(hf: Any, tokenizer: Any, name: str | None = None, source: str = "object",
+                     bridge: Any = None) -> PositionModel:  # fmt: skip
+    """posprobe's own hooks when it can map the model; else TransformerLens' bridge, with a one-line warning."""
+    import warnings
+
+    from posprobe.models.architecture import UnsupportedModelError
+    from posprobe.models.bridge import BridgeFallbackWarning, BridgeModel, boot_bridge
+    from posprobe.models.hf import HFModel
+
+    try:
+        return HFModel(hf, tokenizer, name=name, source=source)
+    except UnsupportedModelError as err:
+        bridge = bridge or boot_bridge(hf, tokenizer, name, why=err.why)
+        warnings.warn(
+            f"{err}; hooking it through TransformerLens' bridge instead (eager attention, slower)",
+            BridgeFallbackWarning,
+            stacklevel=3,
+        )
+        return BridgeModel(bridge, tokenizer, name, source="transformer-lens")
 
 
 def _tokenizer_for(hf: Any) -> Any:
@@ -118,8 +141,6 @@ def _from_hub(name: str, *, dtype: torch.dtype, trust_remote_code: bool, **hf_kw
 
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from posprobe.models.hf import HFModel
-
     local = Path(name).exists()
     if not local and "/" not in name:
         raise ValueError(
@@ -132,8 +153,10 @@ def _from_hub(name: str, *, dtype: torch.dtype, trust_remote_code: bool, **hf_kw
             f"cannot load {name!r} from the Hugging Face hub or disk ({err}); offline, use one of: "
             f"{', '.join(known_models())}"
         ) from err
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.model_type != "bert"
+    from posprobe.models.architecture import ENCODERS
+
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.model_type not in ENCODERS
     auto = AutoModelForCausalLM if causal else AutoModel
     hf = auto.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **hf_kwargs)
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    return HFModel(hf, tok, name=name, source="path" if local else "hub")
+    return native_or_bridge(hf, tok, name=name, source="path" if local else "hub")

@@ -92,6 +92,7 @@ def discover_layout(hf: nn.Module) -> Layout:
     family = getattr(cfg, "model_type", None) or type(hf).__name__
     if family in ENCODERS:
         return _encoder_layout(hf, family)
+    head_dim(cfg)  # a config whose heads do not tile d_model is refused before anything else
     names = {id(m): n for n, m in hf.named_modules()}
     n_layers = cfg.num_hidden_layers
     layers = _find_layers(hf, n_layers)
@@ -181,14 +182,20 @@ def discover_layout(hf: nn.Module) -> Layout:
 
 
 class UnsupportedModelError(ValueError):
-    """A model posprobe cannot map onto its sites, with the two ways forward."""
+    """A model posprobe cannot map onto its sites; says why and what to do instead."""
 
-    def __init__(self, family: str, why: str):
-        self.family = family
-        super().__init__(
-            f"posprobe cannot map model_type {family!r} onto its sites ({why}); either load it as a TransformerLens "
-            "TransformerBridge (pp.load_model(bridge) uses its hooks) or wrap it with nnsight (pp.load_model(nnsight_model))"
-        )
+    def __init__(self, family: str, why: str, bridge_tried: bool = False):
+        self.family, self.why = family, why
+        if bridge_tried:
+            message = (
+                f"posprobe cannot map model_type {family!r} onto its sites ({why}). Two ways forward: describe its "
+                "modules with posprobe.models.architecture.Layout and load HFModel(model, tokenizer, layout=...), "
+                "or register a TransformerLens architecture adapter for it (pp.load_model then hooks it through the "
+                "bridge)"
+            )
+        else:
+            message = f"posprobe has no native map for model_type {family!r} ({why})"
+        super().__init__(message)
 
 
 def _encoder_layout(hf: nn.Module, family: str) -> Layout:
@@ -250,10 +257,14 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _last_linear_to(root: nn.Module, d_model: int, skip: str | None = None) -> str | None:
-    """The last-registered linear map under ``root`` whose output is ``d_model`` wide (outside ``skip``)."""
+    """The last-registered linear map under ``root`` (at any depth, outside ``skip``) whose output is d_model wide.
+
+    Nested wrappers are searched too (GPT-Neo's ``attn.attention.out_proj``); a mixture of experts,
+    whose down projections are expert tensors rather than one linear map, finds none.
+    """
     found = None
-    for name, module in root.named_children():
-        if name == skip:
+    for name, module in root.named_modules():
+        if not name or (skip and (name == skip or name.startswith(skip + "."))):
             continue
         shape = linear_shape(module)
         if shape is not None and shape[1] == d_model:
@@ -347,8 +358,8 @@ class Rotary:
         return float(getattr(self.module, self.scaling_attr, 1.0)) if self.scaling_attr else 1.0
 
 
-def rotary_per_layer(hf: nn.Module, layout: Layout, layer_types: tuple[str, ...]) -> list[Rotary | None]:
-    """Each layer's ``Rotary``: its own rotary module, else the model's shared one (per layer type)."""
+def rotary_per_layer(hf: nn.Module, layers: str, layer_types: tuple[str, ...]) -> list[Rotary | None]:
+    """Each layer's ``Rotary``: its own rotary module (under ``layers``.i), else the model's shared one (per type)."""
     found: list[tuple[str, nn.Module]] = [
         (name, m)
         for name, m in hf.named_modules()
@@ -359,7 +370,7 @@ def rotary_per_layer(hf: nn.Module, layout: Layout, layer_types: tuple[str, ...]
         return [None] * len(layer_types)
     out: list[Rotary | None] = []
     for layer, layer_type in enumerate(layer_types):
-        own = [m for n, m in found if n.startswith(f"{layout.layers}.{layer}.")]
+        own = [m for n, m in found if n.startswith(f"{layers}.{layer}.")]
         module = own[0] if own else found[0][1]
         out.append(_rotary_of(module, layer_type))
     return out
@@ -422,9 +433,9 @@ def uses_alibi(cfg: Any) -> bool:
     return bool(getattr(getattr(cfg, "attn_config", None), "alibi", False))
 
 
-def rope_pairing_of(attn: nn.Module) -> str:
+def rope_pairing_of(hf: nn.Module) -> str:
     """'half' when the modeling code rotates dimension i with i + d/2 (rotate_half), 'interleaved' for every-two."""
-    module = sys.modules[type(attn).__module__]
+    module = sys.modules[type(hf).__module__]
     if hasattr(module, "rotate_half"):
         return "half"
     if hasattr(module, "rotate_every_two"):

@@ -218,18 +218,25 @@ class HFModel(PositionModel):
     from the model's modules (``posprobe.models.architecture.discover_layout``).
     """
 
-    def __init__(self, hf: nn.Module, tokenizer: Any, name: str | None = None, source: str = "object"):
+    def __init__(
+        self,
+        hf: nn.Module,
+        tokenizer: Any,
+        name: str | None = None,
+        source: str = "object",
+        layout: Layout | None = None,
+    ):
         _register_attention()
         self.hf = hf.eval()
         self.tokenizer = tokenizer
-        self.layout = discover_layout(hf)
+        self.layout = layout or discover_layout(hf)
         self.source = source
         cfg = text_config(hf.config)
         self.info = read_info(
             hf, tokenizer, name or getattr(cfg, "_name_or_path", "") or type(hf).__name__, self.layout
         )
         self.rotary = (
-            rotary_per_layer(hf, self.layout, self.info.layer_types)
+            rotary_per_layer(hf, self.layout.layers, self.info.layer_types)
             if self.info.is_rotary
             else [None] * self.info.n_layers
         )
@@ -285,7 +292,8 @@ class HFModel(PositionModel):
         with _seeded(seed):
             fresh = type(self.hf)(config)
         fresh.to(dtype=self.dtype)
-        clone = HFModel(fresh, self.tokenizer, f"{self.info.name}[random-init seed={seed}]", source="random-init")
+        name = f"{self.info.name}[random-init seed={seed}]"
+        clone = HFModel(fresh, self.tokenizer, name, source="random-init", layout=self.layout)
         return clone
 
     def forward_kwargs(self, tokens: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict[str, Any]:
@@ -482,7 +490,33 @@ NCTX_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_leng
 
 
 def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = None) -> ModelInfo:
-    """ModelInfo read from the model: sizes from its config and modules, position facts from its modules.
+    """ModelInfo read from the model: sizes from its config and modules, position facts from its modules."""
+    layout = layout or discover_layout(hf)
+    cfg = text_config(hf.config)
+    block = _get(hf, layout.layers)[0]
+    d_mlp = linear_shape(block.get_submodule(layout.mlp_down))
+    return ModelInfo(
+        name=name,
+        architecture=(getattr(hf.config, "architectures", None) or [type(hf).__name__])[0],
+        n_layers=cfg.num_hidden_layers,
+        n_heads=cfg.num_attention_heads,
+        n_kv_heads=n_kv_heads(cfg),
+        d_model=cfg.hidden_size,
+        d_head=head_dim(cfg),
+        d_mlp=d_mlp[0] if d_mlp else cfg.intermediate_size,
+        n_ctx=_n_ctx(cfg, tokenizer),
+        d_vocab=hf.get_input_embeddings().weight.shape[0],
+        causal=not layout.encoder,
+        parallel_residual=layout.parallel,
+        act_fn=_act_fn(cfg),
+        **bos_facts(tokenizer),
+        **position_facts(hf, layout.layers, layout.pos_embed, layout.encoder),
+        extra={"model_type": layout.family, "attention": layout.attention},
+    )
+
+
+def position_facts(hf: nn.Module, layers: str, pos_embed: str | None, encoder: bool = False) -> dict[str, Any]:
+    """ModelInfo's position fields, read from the model's modules and config.
 
     RoPE frequencies are the model's own ``inv_freq`` buffers (so llama3 / yarn / linear / dynamic /
     longrope scaling are as the model applies them), per layer type where it has several; the
@@ -490,107 +524,83 @@ def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = 
     family's own bias builder, the learned table's offset from its module (OPT) or padding index
     (RoBERTa). TransformerLens' ``cfg.rotary_base`` is wrong for SmolLM2 and Gemma 3 (DESIGN.md).
     """
-    layout = layout or discover_layout(hf)
     cfg = text_config(hf.config)
     n_layers = cfg.num_hidden_layers
-    n_heads = cfg.num_attention_heads
-    d_head = head_dim(cfg)
-    layers = _get(hf, layout.layers)
-    d_mlp = linear_shape(layers[0].get_submodule(layout.mlp_down))
     layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
-    rotary = [] if layout.encoder else rotary_per_layer(hf, layout, layer_types)
+    rotary = [] if encoder else rotary_per_layer(hf, layers, layer_types)
     slopes: tuple[float, ...] = ()
-    if layout.encoder:
+    if encoder:
         scheme = "learned" if getattr(cfg, "position_embedding_type", "absolute") == "absolute" else "relative"
     elif uses_alibi(cfg):
-        scheme, slopes = "alibi", alibi_slopes(hf, n_heads)
+        scheme, slopes = "alibi", alibi_slopes(hf, cfg.num_attention_heads)
     elif any(r is not None for r in rotary):
         scheme = "rope"
-    elif layout.pos_embed is not None:
+    elif pos_embed is not None:
         scheme = "learned"
     else:
         scheme = "none"
-    rope: dict[str, Any] = {
-        "bases": (None,) * n_layers,
-        "dims": (None,) * n_layers,
-        "freqs": (None,) * n_layers,
-        "types": (None,) * n_layers,
-        "scaling": (None,) * n_layers,
-        "params": {},
-        "pairing": None,
-    }
+    nothing = (None,) * n_layers
+    rope = dict(
+        rope_bases=nothing, rotary_dims=nothing, rope_inv_freq=nothing, rope_types=nothing,
+        rope_attention_scaling=nothing, rope_parameters={}, rope_pairing=None,
+    )  # fmt: skip
     if scheme == "rope":
-        rope = _rope_facts(cfg, rotary, layer_types, layers[0].get_submodule(layout.attn))
+        rope = _rope_facts(cfg, rotary, layer_types, rope_pairing_of(hf))
     window = getattr(cfg, "sliding_window", None)
-    windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    prepends = bool(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
-    return ModelInfo(
-        name=name,
-        architecture=(getattr(hf.config, "architectures", None) or [type(hf).__name__])[0],
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads(cfg),
-        d_model=cfg.hidden_size,
-        d_head=d_head,
-        d_mlp=d_mlp[0] if d_mlp else cfg.intermediate_size,
-        n_ctx=_n_ctx(cfg, tokenizer),
-        d_vocab=hf.get_input_embeddings().weight.shape[0],
+    return dict(
         position_scheme=scheme,
-        causal=not layout.encoder,
-        rope_bases=rope["bases"],
-        rotary_dims=rope["dims"],
-        rope_pairing=rope["pairing"],
-        rope_inv_freq=rope["freqs"],
-        rope_types=rope["types"],
-        rope_attention_scaling=rope["scaling"],
-        rope_parameters=rope["params"],
         alibi_slopes=slopes,
-        position_offset=_position_offset(hf, layout),
+        position_offset=_position_offset(hf, pos_embed),
         attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
         final_softcap=getattr(cfg, "final_logit_softcapping", None),
-        parallel_residual=layout.parallel,
-        sliding_windows=windows,
+        sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
         layer_types=layer_types,
-        act_fn=str(
-            getattr(cfg, "hidden_act", None)
-            or getattr(cfg, "hidden_activation", None)
-            or getattr(cfg, "activation_function", None)
-            or getattr(cfg, "ffn_config", "")
-        ),
-        bos_token_id=bos if (prepends or layout.encoder) else getattr(tokenizer, "bos_token_id", None),
-        prepends_bos=prepends,
-        extra={"model_type": layout.family, "attention": layout.attention},
+        **rope,
     )
 
 
-def _rope_facts(cfg: Any, rotary: list[Rotary | None], layer_types: tuple[str, ...], attn: nn.Module) -> dict[str, Any]:
+def bos_facts(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's BOS id and whether it prepends it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prepends = bool(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    return {"bos_token_id": bos, "prepends_bos": prepends}
+
+
+def _act_fn(cfg: Any) -> str:
+    for name in ("hidden_act", "hidden_activation", "activation_function"):
+        value = getattr(cfg, name, None)
+        if value:
+            return str(value)
+    return ""
+
+
+def _rope_facts(cfg: Any, rotary: list[Rotary | None], layer_types: tuple[str, ...], pairing: str) -> dict[str, Any]:
     freqs, dims, bases, types, scaling = [], [], [], [], []
     params_by_type: dict[str, dict[str, Any]] = {}
     for r, layer_type in zip(rotary, layer_types, strict=True):
         if r is None:
-            for lst in (freqs, dims, bases, types, scaling):
-                lst.append(None)
+            for values in (freqs, dims, bases, types, scaling):
+                values.append(None)
             continue
         theta = r.inv_freq().double().cpu()
         params = params_by_type.setdefault(layer_type, rope_parameters(cfg, layer_type))
         base = params.get("rope_theta") or getattr(cfg, "rope_theta", None)
-        if base is None:  # no base in the config (GPT-J): the one the model's default frequencies imply
+        if base is None:  # no base in the config (GPT-J): the one the model's frequencies imply
             base = float(theta[1] ** (-theta.numel())) if theta.numel() > 1 else float("nan")
         freqs.append(tuple(theta.tolist()))
         dims.append(2 * theta.numel())
         bases.append(float(base))
         types.append(params["rope_type"])
         scaling.append(r.attention_scaling())
-    return {
-        "freqs": tuple(freqs),
-        "dims": tuple(dims),
-        "bases": tuple(bases),
-        "types": tuple(types),
-        "scaling": tuple(scaling),
-        "params": params_by_type,
-        "pairing": rope_pairing_of(attn),
-    }
+    return dict(
+        rope_inv_freq=tuple(freqs),
+        rotary_dims=tuple(dims),
+        rope_bases=tuple(bases),
+        rope_types=tuple(types),
+        rope_attention_scaling=tuple(scaling),
+        rope_parameters=params_by_type,
+        rope_pairing=pairing,
+    )
 
 
 def _n_ctx(cfg: Any, tokenizer: Any) -> int:
@@ -602,13 +612,12 @@ def _n_ctx(cfg: Any, tokenizer: Any) -> int:
     return int(limit) if limit and limit < 1_000_000 else 2048
 
 
-def _position_offset(hf: nn.Module, layout: Layout) -> int:
+def _position_offset(hf: nn.Module, pos_embed: str | None) -> int:
     """The learned-table row of position 0: OPT's ``offset``, RoBERTa's padding_idx + 1, else 0."""
-    if layout.pos_embed is None:
+    if pos_embed is None:
         return 0
-    table = _get(hf, layout.pos_embed)
+    table = _get(hf, pos_embed)
     if hasattr(table, "offset"):
         return int(table.offset)
-    parent = _get(hf, layout.pos_embed.rpartition(".")[0])
-    padding = getattr(parent, "padding_idx", None)
+    padding = getattr(_get(hf, pos_embed.rpartition(".")[0]), "padding_idx", None)
     return int(padding) + 1 if padding is not None else 0
