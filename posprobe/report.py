@@ -271,11 +271,27 @@ def _attention(model: PositionModel, tokens) -> Section:
     )
 
 
+def _first_columns(batch: Any, keep: int) -> Any:
+    """The first ``keep`` token columns of a TokenBatch (the report's windows are unpadded)."""
+    from posprobe.data import TokenBatch
+
+    str_tokens = [row[:keep] for row in batch.str_tokens] if batch.str_tokens is not None else None
+    return TokenBatch(batch.tokens[:, :keep], batch.attention_mask[:, :keep], batch.prepend_bos, batch.source,
+                      str_tokens, dict(batch.meta))  # fmt: skip
+
+
 def _shift(model: PositionModel, tokens) -> Section:
     from posprobe.stats.patching import shift_invariance
 
-    shifts = tuple(k for k in (1, 8, 64) if model.extrapolates or tokens.shape[1] + k <= model.info.n_ctx)
-    table = shift_invariance(model, tokens[: min(len(tokens), 4)], shifts=shifts)
+    tokens = tokens[: min(len(tokens), 4)]
+    shifts = (1, 8, 64)
+    if not model.extrapolates and tokens.shape[1] + max(shifts) > model.info.n_ctx:
+        # sequences that fill a learned table leave no room to shift: shorten them to make that room
+        keep = model.info.n_ctx - max(shifts)
+        if keep < 16:
+            shifts, keep = tuple(k for k in shifts if model.info.n_ctx - k >= 16), model.info.n_ctx - 1
+        tokens = _first_columns(tokens, min(keep, tokens.shape[1]))
+    table = shift_invariance(model, tokens, shifts=shifts)
     if (table["output"] == "logits").all():
         summary = "output change when every position id is shifted: " + ", ".join(
             f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()

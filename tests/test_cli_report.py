@@ -309,3 +309,38 @@ def test_quick_report_renders_in_headless_chromium(quick_report, tmp_path):
         [*base, f"--screenshot={shot}", "--window-size=1400,3000", url], capture_output=True, timeout=180, check=True
     )
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 50_000
+
+
+def _saved_tiny(family: str, folder: Path) -> Path:
+    """A tiny random-weight model of ``family`` with the zoo's BPE tokenizer (real text), saved as safetensors."""
+    from families import FAMILIES, build
+
+    from posprobe.models.zoo_tokenizer import VOCAB_SIZE, load_zoo_tokenizer
+
+    FAMILIES[f"{family}-4k"] = (FAMILIES[family][0], FAMILIES[family][1] | {"vocab_size": VOCAB_SIZE})
+    try:
+        model = build(f"{family}-4k")
+    finally:
+        del FAMILIES[f"{family}-4k"]
+    model.save_pretrained(folder)
+    load_zoo_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("family", "scheme"), [("gpt2", "learned"), ("gpt_neox", "rope")])
+def test_quick_report_on_a_tiny_gpt2_and_pythia_from_disk(family, scheme, tmp_path):
+    """pp.load_model(path) of a GPT-2 / Pythia (GPT-NeoX) checkpoint, then `posprobe report --quick` on it."""
+    import posprobe as pp
+
+    folder = _saved_tiny(family, tmp_path / family)
+    model = pp.load_model(str(folder))
+    assert model.info.position_scheme == scheme and model.source == "path"
+    out = tmp_path / "report"
+    proc = run_cli("report", "--quick", "--model", str(folder), "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "index.html").read_text()
+    for key in ("model", "probes", "neurons", "attention", "shift"):
+        assert f"<section id='{key}'>" in text
+    assert ("<section id='rope'>" in text) == (scheme == "rope")
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["models"]) == [str(folder)]

@@ -69,7 +69,10 @@ def unbridged(bridge: Any) -> nn.Module:
     wrapped = bridge.original_model
     tensors: dict[str, Tensor] = {}
     for inner in (True, False):  # the original components' tensors first, then any the bridge holds itself
-        for name, t in [*wrapped.named_parameters(remove_duplicate=False), *wrapped.named_buffers(remove_duplicate=False)]:
+        for name, t in [
+            *wrapped.named_parameters(remove_duplicate=False),
+            *wrapped.named_buffers(remove_duplicate=False),
+        ]:
             if ("_original_component" in name) == inner:
                 tensors.setdefault(name.replace("._original_component", "").replace("_original_component.", ""), t)
     with torch.device("meta"):
