@@ -283,7 +283,7 @@ def test_a_family_without_a_native_map_falls_back_to_the_bridge(tokenizer):
     get = lambda s: out.acts[SiteKey(s, 1)]  # noqa: E731
     assert torch.allclose(get("resid_post"), get("resid_pre") + get("attn_out") + get("mlp_out"), atol=1e-5)
     assert torch.allclose(get("pattern").sum(-1), torch.ones(2, 4, 10), atol=1e-5)
-    with pytest.raises(ValueError, match="mlp_post.*mixture of experts"):
+    with pytest.raises(ValueError, match=r"mlp_post.*mixture of experts"):
         model.run(x, capture=[SiteKey("mlp_post", 1)])
     stats = pp.attention_stats(model, x, layers=[1])
     assert stats.roles["role"].notna().all()
