@@ -15,6 +15,7 @@ RSS includes memory the allocator keeps after freeing it, so it is an upper boun
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -269,6 +270,34 @@ def run_child(script: str | os.PathLike[str], args: list[str], timeout: float | 
 
 
 TL_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "gemma-3-270m": "google/gemma-3-270m"}
+
+#: Real model shapes built from transformers' own config classes with random weights (speed does not
+#: depend on weight values): GPT-2 small (124M) and Pythia-160m (GPT-NeoX: partial rotary 0.25,
+#: parallel residual). Tokens come from the zoo's BPE tokenizer (ids < 4,096, real text).
+ARCHS = {
+    "gpt2": ("GPT2Config", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
+    "pythia": (
+        "GPTNeoXConfig",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True),
+    ),
+}  # fmt: skip
+
+
+def arch_model(arch: str, device: str, dtype: str) -> Any:
+    """``ARCHS[arch]`` with random weights (seed 0) behind posprobe, with the zoo's tokenizer."""
+    import transformers
+
+    import posprobe as pp
+    from posprobe.devices import resolve_device, resolve_dtype
+    from posprobe.models.zoo_tokenizer import load_zoo_tokenizer
+
+    class_name, kwargs = ARCHS[arch]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**kwargs)).eval()
+    model = pp.load_model(hf, tokenizer=load_zoo_tokenizer())
+    model.info = dataclasses.replace(model.info, name=f"{arch}[random weights, real shape]")
+    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
 
 
 def bench_model(name: str, weights: str, device: str, dtype: str) -> Any:
