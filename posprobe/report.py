@@ -105,14 +105,28 @@ def _model_card(model: PositionModel, tokens) -> Section:
         ("context", info.n_ctx),
         ("causal", info.causal),
     ]
+    if info.parallel_residual:
+        rows.append(("block", "attention and MLP in parallel (no resid_mid)"))
+    if info.alibi_slopes:
+        rows.append(("ALiBi slopes per head", ", ".join(f"{m:.4g}" for m in info.alibi_slopes)))
+    if info.position_offset:
+        rows.append(("position table offset", info.position_offset))
+    for name, value in (("attention soft-cap", info.attn_softcap), ("final logit soft-cap", info.final_softcap)):
+        if value:
+            rows.append((name, value))
     if info.is_rotary:
         rows.append(("RoPE pairing", info.rope_pairing))
+        freqs = [f or () for f in info.rope_inv_freq] if info.rope_inv_freq else [()] * info.n_layers
         bases = pd.DataFrame(
             {
                 "layer": range(info.n_layers),
                 "layer_type": info.layer_types or ["full_attention"] * info.n_layers,
+                "rope_type": info.rope_types or [None] * info.n_layers,
                 "rope_base": info.rope_bases,
                 "rotary_dims": info.rotary_dims,
+                "attention_scaling": info.rope_attention_scaling or [None] * info.n_layers,
+                "fastest_theta": [max(f, default=None) for f in freqs],
+                "slowest_theta": [min((t for t in f if t > 0), default=None) for f in freqs],
                 "sliding_window": info.sliding_windows or [None] * info.n_layers,
             }
         )

@@ -324,3 +324,34 @@ def test_rope_analyses_on_a_model_without_rope_name_its_scheme(family, models):
         frequency_ablation_hooks(model, [0], 0.5)
     with pytest.raises(ValueError, match=f"needs a rotary model.*'{scheme}'"):
         model.run(random_ids(1, 8), capture=[SiteKey("rot_q", 0)])
+
+
+def test_falcon_with_alibi_reads_its_slopes_and_says_which_sites_it_lacks(tokenizer):
+    import transformers
+
+    config = transformers.FalconConfig(**FAMILIES["falcon"][1] | {"alibi": True})
+    torch.manual_seed(0)
+    model = pp.load_model(transformers.AutoModelForCausalLM.from_config(config).eval(), tokenizer=tokenizer)
+    assert model.info.position_scheme == "alibi"
+    assert model.info.alibi_slopes == pytest.approx(alibi_slopes(4).tolist())
+    x = random_ids(2, 8)
+    with torch.no_grad():
+        plain = model.hf(input_ids=x).logits
+    out = model.run(x, capture=[SiteKey("resid_post", 1), SiteKey("mlp_post", 0)])
+    assert_logits_unchanged(out.logits, plain, same_kernel=True)
+    with pytest.raises(ValueError, match="'pattern' is not available.*folds its bias into the attention mask"):
+        model.run(x, capture=[SiteKey("pattern", 0)])
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3", "gpt_neox"])
+def test_rope_facts_of_a_model_on_the_meta_device(family, models, tokenizer):
+    """nnsight's remote models keep weights (and rotary buffers) on the meta device: transformers' own initialiser."""
+    import transformers
+
+    class_name, kwargs = FAMILIES[family]
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**kwargs))
+    info = HFModel(hf, tokenizer).info
+    for ours, real in zip(info.rope_inv_freq, models(family).info.rope_inv_freq, strict=True):
+        assert np.allclose(ours, real, rtol=1e-6)
+    assert info.rope_types == models(family).info.rope_types

@@ -156,12 +156,17 @@ def discover_layout(hf: nn.Module) -> Layout:
         sites["resid_mid"] = ModuleSite(pre_mlp, "in") if pre_mlp else ModuleSite(mlp or mlp_down, "in")
     sites.update(_projection_sites(block.get_submodule(attn), attn, cfg))
     attention = family if family in INLINE_ATTENTION else "interface"
+    reason = None
     if attention == "interface" and not _uses_attention_interface(block.get_submodule(attn)):
         attention = "none"
         reason = (
             f"{family}'s attention is inline code that posprobe cannot enter (it does not call transformers' "
-            "AttentionInterface); use a TransformerBridge (load_model(bridge)) for attention sites"
+            "AttentionInterface); TransformerLens' bridge has these hook points (posprobe.models.bridge.BridgeModel)"
         )
+    elif family == "falcon" and getattr(cfg, "alibi", False):
+        attention = "none"
+        reason = "Falcon with ALiBi folds its bias into the attention mask; posprobe reads only its residual and MLP"
+    if reason:
         missing.update(dict.fromkeys(("rot_q", "rot_k", "attn_scores", "pattern", "z"), reason))
         missing.update({s: reason for s in ("q", "k") if s not in sites})
     return Layout(
@@ -348,10 +353,23 @@ class Rotary:
     def inv_freq(self) -> Tensor:
         """The frequencies θ_i the model rotates with now [rotary_dims/2], rad/token, float32."""
         value = getattr(self.module, self.buffer)
+        if value.is_meta:  # weights not materialised (an nnsight model for remote runs)
+            value = self._initialised()
         if self.table:  # GPT-J: rows are positions, [sin(pos θ) | cos(pos θ)]
             half = value.shape[-1] // 2
             return torch.atan2(value[1, :half].float(), value[1, half:].float())
         return value.float()
+
+    def _initialised(self) -> Tensor:
+        """What the rotary module's own initialiser puts in the buffer: transformers' function for its rope type."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        layer_type = self.buffer.removesuffix("_inv_freq") if self.buffer != "inv_freq" else None
+        rope_type = getattr(self.module, "rope_type", "default")
+        rope_type = rope_type.get(layer_type, "default") if isinstance(rope_type, dict) else rope_type
+        init = ROPE_INIT_FUNCTIONS.get(rope_type) or type(self.module).compute_default_rope_parameters
+        kwargs = {"layer_type": layer_type} if layer_type else {}
+        return init(self.module.config, "cpu", **kwargs)[0]
 
     def attention_scaling(self) -> float:
         """The factor transformers multiplies cos and sin by (yarn / longrope mscale), 1 otherwise."""

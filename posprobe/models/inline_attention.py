@@ -23,11 +23,6 @@ from torch import Tensor, nn
 @contextlib.contextmanager
 def inline_attention(module: nn.Module, family: str) -> Iterator[None]:
     """Run ``module`` (one attention layer of ``family``) through posprobe's eager copy inside the block."""
-    if family == "falcon" and getattr(module.config, "alibi", False):
-        raise ValueError(
-            "attention sites of Falcon models with ALiBi (falcon-rw) are not supported: their bias is folded into the "
-            "mask; use a rotary Falcon or residual / MLP sites"
-        )
     forward = FORWARDS[family]
     module.forward = types.MethodType(forward, module)
     try:
