@@ -339,7 +339,7 @@ def test_falcon_with_alibi_reads_its_slopes_and_says_which_sites_it_lacks(tokeni
         plain = model.hf(input_ids=x).logits
     out = model.run(x, capture=[SiteKey("resid_post", 1), SiteKey("mlp_post", 0)])
     assert_logits_unchanged(out.logits, plain, same_kernel=True)
-    with pytest.raises(ValueError, match="'pattern' is not available.*folds its bias into the attention mask"):
+    with pytest.raises(ValueError, match=r"'pattern' is not available.*folds its bias into the attention mask"):
         model.run(x, capture=[SiteKey("pattern", 0)])
 
 
