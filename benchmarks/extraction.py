@@ -10,7 +10,7 @@ process CPU time, steadier on a loaded machine), with its ratio to the plain Hug
 - ``hf_forward``, ``hf_body``: the two baselines.
 - ``posprobe_resid_post``: ``extract`` of resid_post at every layer, shards written to disk.
 - ``posprobe_resid_post_memory``: the same capture held in memory (``model.capture``), no disk.
-- ``posprobe_rot_qk``: ``extract`` of rot_q and rot_k at every layer.
+- ``posprobe_rot_qk``: ``extract`` of rot_q and rot_k at every layer (q and k on a model without RoPE).
 - ``posprobe_pattern4``: ``extract`` of attention probabilities at 4 layers spread over the depth.
 - ``tl_filtered`` / ``tl_full``: TransformerLens 4 ``TransformerBridge.run_with_cache`` with a names
   filter for resid_post, and with no filter (every hook point), on a deep copy of the HF model.
@@ -100,9 +100,11 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-extraction-", dir=args.workdir))
         n_layers = self.model.info.n_layers
         spread = sorted({round(i * (n_layers - 1) / 3) for i in range(4)})
+        # a model without RoPE (GPT-2) has no rot_q / rot_k: its q and k, read inside the same attention function
+        self.qk_sites = ["rot_q", "rot_k"] if self.model.info.is_rotary else ["q", "k"]
         self.sites = {
             "posprobe_resid_post": (["resid_post"], None),
-            "posprobe_rot_qk": (["rot_q", "rot_k"], None),
+            "posprobe_rot_qk": (self.qk_sites, None),
             "posprobe_pattern4": (["pattern"], spread),
         }
         self.resid_keys = resolve_sites("resid_post", None, n_layers)
@@ -317,6 +319,7 @@ def main() -> None:
             "token_source": bench.tokens.source,
             "repeats": args.repeats,
             "pattern_layers": bench.sites["posprobe_pattern4"][1],
+            "posprobe_rot_qk sites": bench.qk_sites,
             "memory": "fresh child process per method; RSS sampled every 2 ms, above the RSS before the call"
             if args.memory
             else None,

@@ -232,27 +232,8 @@ def extract_remote(
     )
 
 
-def _site_module(model: PositionModel, key: SiteKey) -> tuple[str, str]:
-    """(module path, how to read it) of a boundary site in a Hugging Face model (see ``ModuleSite``)."""
-    layout = model.layout
-    if key.site == "embed":
-        return layout.embed, "out"
-    if key.site == "pos_embed":
-        return layout.pos_embed, "out"
-    block = f"{layout.layers}.{key.layer}"
-    if key.site in ("resid_pre", "resid_post"):
-        return block, "in" if key.site == "resid_pre" else "out"
-    if key.site not in layout.sites:
-        raise ValueError(
-            f"site {key.site!r} of {model.info.name} is computed inside its attention, which a remote server does not "
-            "run posprobe's attention function for; boundary sites only"
-        )
-    where = layout.sites[key.site]
-    return f"{block}.{where.path}", where.how
-
-
 def _hows(model: PositionModel, keys: list[SiteKey]) -> dict[SiteKey, str]:
-    return {key: _site_module(model, key)[1] for key in keys}
+    return {key: model.site_path(key)[1] for key in keys}
 
 
 def _boundary_plan(model: PositionModel, keys: list[SiteKey]) -> list[tuple[str, str, str]]:
@@ -268,7 +249,7 @@ def _boundary_plan(model: PositionModel, keys: list[SiteKey]) -> list[tuple[str,
     order = sorted(keys, key=lambda k: (k.layer is not None, k.layer or 0, supported.index(k.site)))
     plan = []
     for key in order:
-        path, how = _site_module(model, key)
+        path, how = model.site_path(key)
         plan.append((key.name, path, "input" if how == "in" else "output"))
     return plan
 
@@ -280,6 +261,8 @@ def _canonical(value: Any, how: str, d_head: int) -> Tensor:
     if how == "heads":
         b, s, _ = value.shape
         return value.reshape(b, s, -1, d_head)
+    if how == "bhsd":
+        return value.transpose(1, 2)
     return value
 
 

@@ -355,3 +355,33 @@ def test_rope_facts_of_a_model_on_the_meta_device(family, models, tokenizer):
     for ours, real in zip(info.rope_inv_freq, models(family).info.rope_inv_freq, strict=True):
         assert np.allclose(ours, real, rtol=1e-6)
     assert info.rope_types == models(family).info.rope_types
+
+
+@pytest.mark.parametrize("family", ["llama3", "gptj", "phi", "gemma3"])
+def test_q_read_inside_attention_equals_q_at_the_projection(family, models, tokenizer):
+    """Where no module gives q/k (fused qkv), posprobe turns the rotated ones back with the model's own frequencies.
+
+    Checked where both routes exist: the un-rotated q/k equal the projection's, and an edit of q made inside
+    attention (rotated forward again) changes the logits exactly as the same edit at the projection does.
+    """
+    import dataclasses
+
+    native = models(family)
+    inside_layout = dataclasses.replace(
+        native.layout, sites={k: v for k, v in native.layout.sites.items() if k not in ("q", "k")}
+    )
+    inside = HFModel(native.hf, tokenizer, layout=inside_layout)
+    x = random_ids(2, 12, seed=8)
+    keys = [SiteKey(s, layer) for s in ("q", "k") for layer in (0, 2)]
+    a, b = native.run(x, capture=keys).acts, inside.run(x, capture=keys).acts
+    for key in keys:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-5), key
+
+    def halve_head_0(t):
+        out = t.clone()
+        out[:, :, 0] *= 0.5
+        return out
+
+    edit = {SiteKey("q", 1): halve_head_0}
+    assert torch.allclose(native.run(x, hooks=edit).logits, inside.run(x, hooks=edit).logits, atol=1e-5)
+    assert not torch.allclose(native.run(x, hooks=edit).logits, native.run(x).logits, atol=1e-5)

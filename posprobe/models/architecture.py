@@ -43,7 +43,8 @@ class ModuleSite:
 
     ``how``: ``out`` (module output), ``out_copy`` (module output, handed on as a copy because the
     model changes it in place), ``out0`` (first element of a tuple output), ``in`` (first input),
-    ``heads`` (output [b s h*d] viewed as heads).
+    ``heads`` (output [b s h*d] viewed as heads), ``bshd`` (output already [b s h d]), ``bhsd``
+    (output [b h s d], read transposed).
     """
 
     path: str
@@ -229,6 +230,11 @@ def _encoder_layout(hf: nn.Module, family: str) -> Layout:
     )
 
 
+def get_module(root: nn.Module, path: str) -> Any:
+    """The submodule at ``path`` ('' is ``root`` itself)."""
+    return root.get_submodule(path) if path else root
+
+
 def _body(hf: nn.Module) -> str:
     """The path of the base model (``transformer``, ``model``, ``gpt_neox``…) or '' when ``hf`` is it."""
     prefix = getattr(hf, "base_model_prefix", "")
@@ -277,16 +283,33 @@ def _last_linear_to(root: nn.Module, d_model: int, skip: str | None = None) -> s
     return found
 
 
+#: Families whose per-head q/k norm sees [b, heads, s, d_head] ("bhsd") or [b, s, heads, d_head] ("bshd"): the
+#: shape alone cannot tell them apart when s equals the number of heads. A family not listed here reads q/k
+#: inside the attention function instead (un-rotated there), which works the same except through nnsight remote.
+QK_NORM_LAYOUT = {"gemma3_text": "bhsd", "gemma3": "bhsd", "qwen3": "bshd", "qwen3_moe": "bshd"}
+
+
 def _projection_sites(attn: nn.Module, attn_path: str, cfg: Any) -> dict[str, ModuleSite]:
-    """q/k as the output of separate query/key projections, where the attention has them and no q/k norm."""
+    """q/k at a module boundary: the query/key projections, or the q/k norms after them where there are norms.
+
+    Empty when neither gives them exactly (a fused qkv projection): q/k are then read inside attention.
+    """
     children = dict(attn.named_children())
-    if any("norm" in n.lower() for n in children):
-        return {}
     d_head = head_dim(cfg)
     widths = {"q": cfg.num_attention_heads * d_head, "k": n_kv_heads(cfg) * d_head}
     sites = {}
-    for site, names in (("q", ("q_proj", "query")), ("k", ("k_proj", "key"))):
-        name = next((n for n in names if n in children), None)
+    for site, projections in (("q", ("q_proj", "query")), ("k", ("k_proj", "key"))):
+        norm = children.get(f"{site}_norm")
+        if norm is not None:
+            width = getattr(norm, "weight", torch.empty(0)).shape[0]
+            # a norm per head (Qwen3, Gemma 3) or one over all heads at once (OLMo 2)
+            how = QK_NORM_LAYOUT.get(cfg.model_type) if width == d_head else "heads" if width == widths[site] else None
+            if how is not None:
+                sites[site] = ModuleSite(f"{attn_path}.{site}_norm", how)
+            continue
+        if any("norm" in n.lower() for n in children):
+            continue
+        name = next((n for n in projections if n in children), None)
         shape = linear_shape(children[name]) if name else None
         if shape is not None and shape[1] == widths[site]:
             sites[site] = ModuleSite(f"{attn_path}.{name}", "heads")

@@ -182,7 +182,7 @@ def _hook_name(site: str) -> str:
 
 def bridge_info(bridge: Any, tokenizer: Any, name: str) -> ModelInfo:
     """ModelInfo of a bridged model: sizes from the bridge's config, position facts from the HF modules."""
-    from posprobe.models.hf import _act_fn, _n_ctx, bos_facts, position_facts
+    from posprobe.models.facts import act_fn_name, bos_facts, context_length, position_facts
 
     hf = bridge.original_model
     cfg, tl = text_config(hf.config), bridge.cfg
@@ -201,9 +201,9 @@ def bridge_info(bridge: Any, tokenizer: Any, name: str) -> ModelInfo:
         d_model=tl.d_model,
         d_head=tl.d_head,
         d_mlp=getattr(tl, "d_mlp", None) or 4 * tl.d_model,
-        n_ctx=_n_ctx(cfg, tokenizer),
+        n_ctx=context_length(cfg, tokenizer),
         d_vocab=hf.get_input_embeddings().weight.shape[0],
-        act_fn=_act_fn(cfg),
+        act_fn=act_fn_name(cfg),
         **bos_facts(tokenizer),
         **facts,
         extra={"model_type": cfg.model_type, "attention": "transformer-lens bridge"},

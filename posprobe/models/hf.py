@@ -24,18 +24,13 @@ from torch import Tensor, nn
 from posprobe.models.architecture import (
     Layout,
     Rotary,
-    alibi_slopes,
     discover_layout,
-    head_dim,
-    linear_shape,
-    n_kv_heads,
-    rope_pairing_of,
-    rope_parameters,
+    get_module,
     rotary_per_layer,
     text_config,
-    uses_alibi,
 )
-from posprobe.models.base import Hook, ModelInfo, PositionModel
+from posprobe.models.base import Hook, PositionModel
+from posprobe.models.facts import read_info
 from posprobe.sites import SiteKey
 
 ATTN_IMPL = "posprobe"
@@ -240,9 +235,9 @@ class HFModel(PositionModel):
             if self.info.is_rotary
             else [None] * self.info.n_layers
         )
-        body = _get(hf, self.layout.body)
+        body = get_module(hf, self.layout.body)
         self._accepts = set(inspect.signature(body.forward).parameters)
-        pos = _get(hf, self.layout.pos_embed) if self.layout.pos_embed else None
+        pos = get_module(hf, self.layout.pos_embed) if self.layout.pos_embed else None
         # OPT's table adds its offset itself; RoBERTa's uses the ids it is given as rows
         self._row_offset = 0 if pos is None or hasattr(pos, "offset") else self.info.position_offset
 
@@ -324,34 +319,37 @@ class HFModel(PositionModel):
             try:
                 if return_logits and self.layout.lm_head is not None:
                     return self.hf(**kwargs).logits
-                _get(self.hf, self.layout.body)(**kwargs)
+                get_module(self.hf, self.layout.body)(**kwargs)
             except _Stop:
                 pass
         return None
+
+    def site_path(self, key: SiteKey) -> tuple[str, str]:
+        """(module path, how to read it) of a site outside attention (see ``ModuleSite``)."""
+        layout = self.layout
+        if key.site in ("embed", "pos_embed"):
+            return (layout.embed if key.site == "embed" else layout.pos_embed), "out"
+        block = f"{layout.layers}.{key.layer}"
+        if key.site in ("resid_pre", "resid_post"):
+            return block, "in" if key.site == "resid_pre" else "out"
+        if key.site not in layout.sites:
+            raise ValueError(f"site {key.site!r} of {self.info.name} is computed inside its attention, not by a module")
+        where = layout.sites[key.site]
+        return f"{block}.{where.path}", where.how
 
     @contextlib.contextmanager
     def _hooked(self, hooks: Mapping[SiteKey, Hook], stop_at_layer: int | None, position_ids: Tensor) -> Iterator[None]:
         layout = self.layout
         handles: list[torch.utils.hooks.RemovableHandle] = []
-        layers = _get(self.hf, layout.layers)
+        layers = get_module(self.hf, layout.layers)
         shape = (position_ids.shape[0], position_ids.shape[1])
         attn_hooks: dict[int, dict[str, Hook]] = {}
         for key, hook in hooks.items():
             if key.site in ATTENTION_SITES or (key.site in ("q", "k") and key.site not in layout.sites):
                 attn_hooks.setdefault(key.layer, {})[key.site] = hook
-            elif key.site == "embed":
-                handles.append(_hook_module(_get(self.hf, layout.embed), "out", hook, self.info.d_head, shape))
-            elif key.site == "pos_embed":
-                handles.append(_hook_module(_get(self.hf, layout.pos_embed), "out", hook, self.info.d_head, shape))
-            elif key.site == "resid_pre":
-                handles.append(_hook_module(layers[key.layer], "in", hook, self.info.d_head, shape))
-            elif key.site == "resid_post":
-                handles.append(_hook_module(layers[key.layer], "out", hook, self.info.d_head, shape))
-            else:
-                where = layout.sites[key.site]
-                handles.append(
-                    _hook_module(_get(layers[key.layer], where.path), where.how, hook, self.info.d_head, shape)
-                )
+                continue
+            path, how = self.site_path(key)
+            handles.append(_hook_module(get_module(self.hf, path), how, hook, self.info.d_head, shape))
         if stop_at_layer is not None:
             handles.append(layers[stop_at_layer].register_forward_hook(_raise_stop))
         table: dict[int, _LayerHooks] = {}
@@ -442,6 +440,9 @@ def _hook_module(
             b, s, _ = output.shape
             new = _apply(hook, output.view(b, s, -1, d_head))
             return None if new is None else new.reshape(b, s, -1)
+        if how == "bhsd":
+            new = _apply(hook, output.transpose(1, 2))
+            return new.transpose(1, 2)
         new = call(output)
         if how == "out_copy" and new is output:
             return output.clone()
@@ -454,15 +455,11 @@ def _execution_device(hf: nn.Module, path: str) -> torch.device:
     """The device accelerate runs the module at ``path`` on: its own hook's or its closest hooked parent's."""
     parts = path.split(".") if path else []
     for depth in range(len(parts), -1, -1):
-        hook = getattr(_get(hf, ".".join(parts[:depth])), "_hf_hook", None)
+        hook = getattr(get_module(hf, ".".join(parts[:depth])), "_hf_hook", None)
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device(device)
-    return _get(hf, path).weight.device
-
-
-def _get(root: nn.Module, path: str) -> Any:
-    return root.get_submodule(path) if path else root
+    return get_module(hf, path).weight.device
 
 
 def _configs(hf: nn.Module) -> list[Any]:
@@ -482,142 +479,3 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
     finally:
         torch.random.set_rng_state(state)
-
-
-# -- facts from the model -------------------------------------------------------------------
-
-NCTX_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
-
-
-def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = None) -> ModelInfo:
-    """ModelInfo read from the model: sizes from its config and modules, position facts from its modules."""
-    layout = layout or discover_layout(hf)
-    cfg = text_config(hf.config)
-    block = _get(hf, layout.layers)[0]
-    d_mlp = linear_shape(block.get_submodule(layout.mlp_down))
-    return ModelInfo(
-        name=name,
-        architecture=(getattr(hf.config, "architectures", None) or [type(hf).__name__])[0],
-        n_layers=cfg.num_hidden_layers,
-        n_heads=cfg.num_attention_heads,
-        n_kv_heads=n_kv_heads(cfg),
-        d_model=cfg.hidden_size,
-        d_head=head_dim(cfg),
-        d_mlp=d_mlp[0] if d_mlp else cfg.intermediate_size,
-        n_ctx=_n_ctx(cfg, tokenizer),
-        d_vocab=hf.get_input_embeddings().weight.shape[0],
-        causal=not layout.encoder,
-        parallel_residual=layout.parallel,
-        act_fn=_act_fn(cfg),
-        **bos_facts(tokenizer),
-        **position_facts(hf, layout.layers, layout.pos_embed, layout.encoder),
-        extra={"model_type": layout.family, "attention": layout.attention},
-    )
-
-
-def position_facts(hf: nn.Module, layers: str, pos_embed: str | None, encoder: bool = False) -> dict[str, Any]:
-    """ModelInfo's position fields, read from the model's modules and config.
-
-    RoPE frequencies are the model's own ``inv_freq`` buffers (so llama3 / yarn / linear / dynamic /
-    longrope scaling are as the model applies them), per layer type where it has several; the
-    config gives each layer type's ``rope_type`` and parameters. ALiBi slopes come from the
-    family's own bias builder, the learned table's offset from its module (OPT) or padding index
-    (RoBERTa). TransformerLens' ``cfg.rotary_base`` is wrong for SmolLM2 and Gemma 3 (DESIGN.md).
-    """
-    cfg = text_config(hf.config)
-    n_layers = cfg.num_hidden_layers
-    layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
-    rotary = [] if encoder else rotary_per_layer(hf, layers, layer_types)
-    slopes: tuple[float, ...] = ()
-    if encoder:
-        scheme = "learned" if getattr(cfg, "position_embedding_type", "absolute") == "absolute" else "relative"
-    elif uses_alibi(cfg):
-        scheme, slopes = "alibi", alibi_slopes(hf, cfg.num_attention_heads)
-    elif any(r is not None for r in rotary):
-        scheme = "rope"
-    elif pos_embed is not None:
-        scheme = "learned"
-    else:
-        scheme = "none"
-    nothing = (None,) * n_layers
-    rope = dict(
-        rope_bases=nothing, rotary_dims=nothing, rope_inv_freq=nothing, rope_types=nothing,
-        rope_attention_scaling=nothing, rope_parameters={}, rope_pairing=None,
-    )  # fmt: skip
-    if scheme == "rope":
-        rope = _rope_facts(cfg, rotary, layer_types, rope_pairing_of(hf))
-    window = getattr(cfg, "sliding_window", None)
-    return dict(
-        position_scheme=scheme,
-        alibi_slopes=slopes,
-        position_offset=_position_offset(hf, pos_embed),
-        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
-        final_softcap=getattr(cfg, "final_logit_softcapping", None),
-        sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
-        layer_types=layer_types,
-        **rope,
-    )
-
-
-def bos_facts(tokenizer: Any) -> dict[str, Any]:
-    """The tokenizer's BOS id and whether it prepends it."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    prepends = bool(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
-    return {"bos_token_id": bos, "prepends_bos": prepends}
-
-
-def _act_fn(cfg: Any) -> str:
-    for name in ("hidden_act", "hidden_activation", "activation_function"):
-        value = getattr(cfg, name, None)
-        if value:
-            return str(value)
-    return ""
-
-
-def _rope_facts(cfg: Any, rotary: list[Rotary | None], layer_types: tuple[str, ...], pairing: str) -> dict[str, Any]:
-    freqs, dims, bases, types, scaling = [], [], [], [], []
-    params_by_type: dict[str, dict[str, Any]] = {}
-    for r, layer_type in zip(rotary, layer_types, strict=True):
-        if r is None:
-            for values in (freqs, dims, bases, types, scaling):
-                values.append(None)
-            continue
-        theta = r.inv_freq().double().cpu()
-        params = params_by_type.setdefault(layer_type, rope_parameters(cfg, layer_type))
-        base = params.get("rope_theta") or getattr(cfg, "rope_theta", None)
-        if base is None:  # no base in the config (GPT-J): the one the model's frequencies imply
-            base = float(theta[1] ** (-theta.numel())) if theta.numel() > 1 else float("nan")
-        freqs.append(tuple(theta.tolist()))
-        dims.append(2 * theta.numel())
-        bases.append(float(base))
-        types.append(params["rope_type"])
-        scaling.append(r.attention_scaling())
-    return dict(
-        rope_inv_freq=tuple(freqs),
-        rotary_dims=tuple(dims),
-        rope_bases=tuple(bases),
-        rope_types=tuple(types),
-        rope_attention_scaling=tuple(scaling),
-        rope_parameters=params_by_type,
-        rope_pairing=pairing,
-    )
-
-
-def _n_ctx(cfg: Any, tokenizer: Any) -> int:
-    for name in NCTX_NAMES:
-        value = getattr(cfg, name, None)
-        if value:
-            return int(value)
-    limit = getattr(tokenizer, "model_max_length", None)  # BLOOM's config names no context length
-    return int(limit) if limit and limit < 1_000_000 else 2048
-
-
-def _position_offset(hf: nn.Module, pos_embed: str | None) -> int:
-    """The learned-table row of position 0: OPT's ``offset``, RoBERTa's padding_idx + 1, else 0."""
-    if pos_embed is None:
-        return 0
-    table = _get(hf, pos_embed)
-    if hasattr(table, "offset"):
-        return int(table.offset)
-    padding = getattr(_get(hf, pos_embed.rpartition(".")[0]), "padding_idx", None)
-    return int(padding) + 1 if padding is not None else 0
