@@ -31,8 +31,16 @@ from posprobe.devices import (
     site_shape,
 )
 from posprobe.models import ModelInfo, PositionModel, load_model
+from posprobe.models.base import Hook
 from posprobe.sites import ATTENTION_MAP_SITES, SiteKey, resolve_sites
-from posprobe.store import ActivationStore, mark_complete, prepare_store, token_hash, write_shard
+from posprobe.store import (
+    ActivationStore,
+    StreamedShard,
+    mark_complete,
+    prepare_store,
+    token_hash,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,17 @@ def extract(
             stop_at_layer=last_layer,
         )
 
+    def stream(start: int, stop: int, hooks: dict[SiteKey, Hook]) -> None:
+        model.run(
+            batch.tokens[start:stop],
+            attention_mask=batch.attention_mask[start:stop],
+            position_ids=batch.position_ids[start:stop],
+            hooks=hooks,
+            return_logits=False,
+            stop_at_layer=last_layer,
+        )
+
+    on_cpu = dev.type == "cpu" and model.device_map is None
     return _write_run(
         model.info,
         batch,
@@ -107,6 +126,7 @@ def extract(
         overwrite,
         progress,
         writers=_writer_count(dev),
+        stream=stream if on_cpu else None,
     )
 
 
@@ -123,11 +143,14 @@ def _write_run(
     overwrite: bool,
     progress: bool,
     writers: int = 1,
+    stream: Callable[[int, int, dict[SiteKey, Hook]], None] | None = None,
 ) -> ActivationStore:
     """Create the store, then for each missing shard: ``capture(start, stop)``, check, copy to host, write.
 
     ``writers`` threads write shards while the next batch is captured; at most ``writers``
-    shards wait in host memory, so memory does not grow with the number of tokens.
+    shards wait in host memory, so memory does not grow with the number of tokens. With
+    ``stream`` (a forward that calls the given hooks; used on CPU), each activation is instead
+    checked and written by a writer thread as soon as the forward produces it (``StreamedShard``).
     """
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="posprobe-store-"))
@@ -163,6 +186,10 @@ def _write_run(
     with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="posprobe-writer") as pool:
         for index in tqdm(store.missing_shards(), desc=f"extract {info.name}", unit="batch", disable=not progress):
             start, stop = bounds[index]
+            if stream is not None:
+                rows = {k.name: (stop - start, *shape) for k, shape in shapes.items()}
+                _stream_shard(store, index, start, stop, rows, store_dtype, stream, pool)
+                continue
             host = _to_host(capture(start, stop), store_dtype, start)
             while len(pending) >= writers:
                 pending.popleft().result()
@@ -171,6 +198,60 @@ def _write_run(
             pending.popleft().result()
     mark_complete(store)
     return store
+
+
+def _stream_shard(
+    store: ActivationStore,
+    index: int,
+    start: int,
+    stop: int,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    stream: Callable[[int, int, dict[SiteKey, Hook]], None],
+    pool: ThreadPoolExecutor,
+) -> None:
+    """One shard, each activation checked and written by ``pool`` while the forward goes on; all or nothing."""
+    shard = StreamedShard(store.shard_path(index), shapes, dtype)
+    futures: list[Future[tuple[SiteKey, Tensor] | None]] = []
+
+    def store_one(key: SiteKey, x: Tensor) -> tuple[SiteKey, Tensor] | None:
+        if bool(_nonfinite(key, x)):
+            return key, x
+        shard.write(key.name, x)
+        return None
+
+    def handoff(key: SiteKey) -> Hook:
+        def hook(x: Tensor) -> None:
+            futures.append(pool.submit(store_one, key, x.detach()))
+
+        return hook
+
+    try:
+        stream(start, stop, {SiteKey.parse(name): handoff(SiteKey.parse(name)) for name in shapes})
+        bad = [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        wait_all(futures)
+        shard.abort()
+        raise
+    failed = next((b for b in bad if b is not None), None)
+    if failed is not None:
+        shard.abort()
+        _raise_nonfinite(*failed, start)
+    commit_shard(shard)
+
+
+def wait_all(futures: Sequence[Future[Any]]) -> None:
+    """Wait for every future that was not cancelled (their errors are not raised: one is being already)."""
+    for f in futures:
+        if not f.cancelled():
+            f.exception()
+
+
+def commit_shard(shard: StreamedShard) -> None:
+    """Move a finished shard into place (one step of its own, as ``write_shard`` is)."""
+    shard.commit()
 
 
 #: Sites read at module boundaries, in the order a block computes them (nnsight reads them in that order).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -265,6 +266,64 @@ IDENTITY_FIELDS = ("model", "keys", "token_hash", "batch_size", "store_dtype", "
 def write_shard(store: ActivationStore, index: int, acts: dict[SiteKey, Tensor]) -> None:
     """Write one batch's activations atomically (temp file, then rename)."""
     _atomic_save({k.name: v.contiguous() for k, v in acts.items()}, store.shard_path(index))
+
+
+#: safetensors' names of the dtypes a store holds
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+class StreamedShard:
+    """One shard written tensor by tensor while the forward still runs, then moved into place.
+
+    The shapes are known before the forward, so the safetensors header (an 8-byte little-endian
+    size, a JSON table of dtypes, shapes and byte offsets padded to 8 bytes) goes first and each
+    activation is written at its offset as soon as it exists, from a writer thread: the disk write
+    overlaps the rest of the forward instead of following it. Until ``commit`` the file is a
+    ``.tmp`` that resume deletes; ``safe_open`` reads the result like any safetensors file.
+    """
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype):
+        self.path, self.tmp, self.dtype = path, path.with_name(path.name + ".tmp"), dtype
+        header: dict[str, Any] = {}
+        self.offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
+        offset, itemsize = 0, torch.empty((), dtype=dtype).element_size()
+        for name, shape in shapes.items():
+            size = itemsize * math.prod(shape)
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            self.offsets[name] = (offset, tuple(shape))
+            offset += size
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        self.base = 8 + len(head)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self.fd, len(head).to_bytes(8, "little") + head)
+        os.ftruncate(self.fd, self.base + offset)
+
+    def write(self, name: str, x: Tensor) -> None:
+        """Write ``x`` (any device, layout or dtype; converted here) at ``name``'s place in the file."""
+        offset, shape = self.offsets[name]
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name}: activation of shape {tuple(x.shape)}, the shard expects {shape}")
+        data = x.detach().to(device="cpu", dtype=self.dtype).contiguous().view(-1).view(torch.uint8).numpy()
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.base + offset + done)
+
+    def commit(self) -> None:
+        os.close(self.fd)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
 
 def mark_complete(store: ActivationStore) -> None:

@@ -119,15 +119,14 @@ def test_write_store_for_synthetic_data(tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
-    import posprobe.store as store_mod
     from posprobe.extract import extract
     from posprobe.models import load_model
-    write = store_mod.write_shard
-    def slow_write(*args):  # a slow disk, so the parent can kill us mid-run
-        write(*args)
-        time.sleep(0.3)
     ex = sys.modules["posprobe.extract"]  # the module: the attribute posprobe.extract is the function
-    ex.write_shard = slow_write
+    commit = ex.commit_shard  # on CPU every shard is streamed, then committed here
+    def slow_commit(*args):  # a slow disk, so the parent can kill us mid-run
+        commit(*args)
+        time.sleep(0.3)
+    ex.commit_shard = slow_commit
     model = load_model(sys.argv[1])
     tokens = torch.load(sys.argv[2], weights_only=True)
     extract(model, tokens, ["resid_post", "rot_k"], batch_size=2, out=sys.argv[3], resume=True, progress=False)
@@ -163,3 +162,25 @@ def test_resume_after_a_killed_extraction_equals_an_uninterrupted_run(tokenizer,
     assert resumed.complete and not list(out.glob("*.tmp"))
     for key in fresh.keys:
         assert torch.equal(resumed.get(key.site, key.layer), fresh.get(key.site, key.layer)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_streamed_shard_is_a_safetensors_file(dtype, tmp_path):
+    """Written tensor by tensor at offsets (any order, views included): what safetensors itself reads back."""
+    from safetensors.torch import load_file
+
+    from posprobe.store import StreamedShard
+
+    values = {"resid_post.0": torch.randn(2, 5, 8), "rot_q.1": torch.randn(2, 3, 5, 4).transpose(1, 2)}
+    shard = StreamedShard(tmp_path / "shard_00000.safetensors", {k: tuple(v.shape) for k, v in values.items()}, dtype)
+    for name in reversed(list(values)):
+        shard.write(name, values[name])
+    with pytest.raises(ValueError, match=r"shape \(5, 8\), the shard expects \(2, 5, 8\)"):
+        shard.write("resid_post.0", values["resid_post.0"][0])
+    shard.commit()
+    loaded = load_file(tmp_path / "shard_00000.safetensors")
+    for name, value in values.items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], value.to(dtype)), name
+    aborted = StreamedShard(tmp_path / "shard_00001.safetensors", {"x": (1,)}, dtype)
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_00000.safetensors"]

@@ -150,6 +150,29 @@ def test_rot_q_and_rot_k_equal_the_rotated_vectors_transformers_attends_with(fam
         assert torch.allclose(q.norm(dim=-1), rot_q.norm(dim=-1), atol=1e-4)  # rotation keeps norms
 
 
+def test_falcon_rot_q_equals_what_its_own_rotary_returns(models, monkeypatch):
+    """Falcon rotates inline (no attention function to read): record transformers' apply_rotary_pos_emb instead."""
+    import transformers.models.falcon.modeling_falcon as falcon
+
+    model = models("falcon")
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = falcon.apply_rotary_pos_emb
+
+    def recording(q, k, cos, sin, *args, **kwargs):
+        out = original(q, k, cos, sin, *args, **kwargs)
+        seen.append((out[0].clone(), out[1].clone()))
+        return out
+
+    x = random_ids(2, 11, seed=9)
+    monkeypatch.setattr(falcon, "apply_rotary_pos_emb", recording)
+    reference(model, x)
+    monkeypatch.setattr(falcon, "apply_rotary_pos_emb", original)
+    acts = model.run(x, capture=[SiteKey(s, layer) for s in ("rot_q", "rot_k") for layer in range(3)]).acts
+    for layer, (query, key) in enumerate(seen):
+        assert torch.allclose(acts[SiteKey("rot_q", layer)], query.transpose(1, 2), atol=1e-6)
+        assert torch.allclose(acts[SiteKey("rot_k", layer)], key.transpose(1, 2), atol=1e-6)
+
+
 @pytest.mark.parametrize("family", NAMES)
 def test_residual_stream_is_transformers_hidden_states(family, models):
     model = models(family)
@@ -223,6 +246,18 @@ def test_every_analysis_runs(family, models, tmp_path):
     else:
         with pytest.raises(ValueError, match=f"position scheme {model.info.position_scheme!r}"):
             pp.rope_frequency_usage(model, tokens)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_report_quick_composes_every_section(family, models, tmp_path):
+    from posprobe.report import ReportSettings, build_report
+
+    model = models(family)
+    page = build_report(model, tmp_path, settings=ReportSettings(n=6, seq_len=16, seed=0, device="cpu"), progress=False)
+    text = page.read_text()
+    for key in ("model", "probes", "neurons", "attention", "shift"):
+        assert f"<section id='{key}'>" in text, key
+    assert ("<section id='rope'>" in text) == (family in ROTARY)
 
 
 @pytest.mark.parametrize("family", [f for f in NAMES if f not in ENCODERS])  # TL adapts BertForMaskedLM, not BertModel
