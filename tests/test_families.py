@@ -67,6 +67,7 @@ def test_position_facts_come_from_the_model(family, models):
     if family in LEARNED:
         assert "pos_embed" in model.available_sites()
         assert info.position_offset == (2 if family in ("opt", "roberta") else 0)
+        assert info.n_ctx == 128  # RoBERTa: 130 table rows, the first two for padding
     assert model.info.summary()
 
 

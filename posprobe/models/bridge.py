@@ -133,13 +133,9 @@ class BridgeModel(PositionModel):
         return super().check_site(site)
 
     def random_init_copy(self, seed: int = 0) -> BridgeModel:
-        import copy
+        from posprobe.models.hf import fresh_like
 
-        from posprobe.models.hf import _seeded
-
-        with _seeded(seed):
-            fresh = type(self.hf)(copy.deepcopy(self.hf.config))
-        fresh.to(dtype=self.dtype).eval()
+        fresh = fresh_like(self.hf, seed)
         name = f"{self.info.name}[random-init seed={seed}]"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

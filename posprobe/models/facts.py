@@ -37,6 +37,10 @@ def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = 
     cfg = text_config(hf.config)
     block = get_module(hf, layout.layers)[0]
     d_mlp = linear_shape(block.get_submodule(layout.mlp_down))
+    facts = position_facts(hf, layout.layers, layout.pos_embed, layout.encoder)
+    n_ctx = context_length(cfg, tokenizer)
+    if layout.pos_embed is not None:  # RoBERTa's table has 514 rows for 512 positions (rows 0, 1 are padding)
+        n_ctx = min(n_ctx, get_module(hf, layout.pos_embed).num_embeddings - facts["position_offset"])
     return ModelInfo(
         name=name,
         architecture=(getattr(hf.config, "architectures", None) or [type(hf).__name__])[0],
@@ -46,13 +50,13 @@ def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = 
         d_model=cfg.hidden_size,
         d_head=head_dim(cfg),
         d_mlp=d_mlp[0] if d_mlp else cfg.intermediate_size,
-        n_ctx=context_length(cfg, tokenizer),
+        n_ctx=n_ctx,
         d_vocab=hf.get_input_embeddings().weight.shape[0],
         causal=not layout.encoder,
         parallel_residual=layout.parallel,
         act_fn=act_fn_name(cfg),
         **bos_facts(tokenizer),
-        **position_facts(hf, layout.layers, layout.pos_embed, layout.encoder),
+        **facts,
         extra={"model_type": layout.family, "attention": layout.attention},
     )
 

@@ -283,13 +283,8 @@ class HFModel(PositionModel):
         return super().check_site(site)
 
     def random_init_copy(self, seed: int = 0) -> HFModel:
-        config = copy.deepcopy(self.hf.config)
-        with _seeded(seed):
-            fresh = type(self.hf)(config)
-        fresh.to(dtype=self.dtype)
         name = f"{self.info.name}[random-init seed={seed}]"
-        clone = HFModel(fresh, self.tokenizer, name, source="random-init", layout=self.layout)
-        return clone
+        return HFModel(fresh_like(self.hf, seed), self.tokenizer, name, source="random-init", layout=self.layout)
 
     def forward_kwargs(self, tokens: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict[str, Any]:
         """The keyword arguments of one forward: ids, mask, and position ids / token types / cache where accepted."""
@@ -469,6 +464,13 @@ def _configs(hf: nn.Module) -> list[Any]:
         if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
             seen.setdefault(id(cfg), cfg)
     return list(seen.values())
+
+
+def fresh_like(hf: nn.Module, seed: int) -> nn.Module:
+    """The same class and config as ``hf`` with freshly initialised weights (seeded), in its dtype, eval mode."""
+    with _seeded(seed):
+        fresh = type(hf)(copy.deepcopy(hf.config))
+    return fresh.to(dtype=next(hf.parameters()).dtype).eval()
 
 
 @contextlib.contextmanager
