@@ -220,9 +220,11 @@ def from_texts(
     if padding_side not in ("left", "right"):
         raise ValueError(f"unknown padding_side {padding_side!r}; use 'left' or 'right'")
     prepend_bos, bos = _bos_id(model, prepend_bos)
-    rows = [([bos] if prepend_bos else []) + _encode(model.tokenizer, t) for t in texts]
-    if any(len(r) == 0 for r in rows):
-        raise ValueError("from_texts got an empty text")
+    encoded = [_encode(model.tokenizer, t) for t in texts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"from_texts got empty texts (no tokens) at {empty}; every text needs at least one token")
+    rows = [([bos] if prepend_bos else []) + ids for ids in encoded]
     width = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -224,17 +224,25 @@ def prepare_store(
     if (path / MANIFEST).exists():
         old = json.loads((path / MANIFEST).read_text())
         same = all(old.get(k) == manifest.get(k) for k in IDENTITY_FIELDS)
+        if same and old.get("complete") and not overwrite:
+            log.warning("%s already holds this exact run (same model, tokens, sites and dtype): reusing it", path)
+            return ActivationStore(path)
         if resume and same:
             _drop_temporaries(path)
             _drop_corrupt_shards(path)
             return ActivationStore(path)
         if not overwrite:
-            why = [k for k in IDENTITY_FIELDS if old.get(k) != manifest.get(k)]
             old_name = old.get("model", {}).get("name")
+            if same:
+                raise StoreError(
+                    f"{path} holds an unfinished run of this same extraction (model {old_name!r}); pass resume=True "
+                    "(CLI: --resume) to finish it, overwrite=True (--overwrite) to start again, or choose another "
+                    "folder"
+                )
+            why = [k for k in IDENTITY_FIELDS if old.get(k) != manifest.get(k)]
             raise StoreError(
-                f"{path} holds another run (model {old_name!r}; differs in {', '.join(why) or 'nothing'}"
-                f"{'' if why else ', and resume=False'}); pass overwrite=True to replace it, resume=True to continue "
-                "the same run, or choose another folder"
+                f"{path} holds another run (model {old_name!r}; differs in {', '.join(why)}); pass overwrite=True "
+                "(CLI: --overwrite) to replace it, or choose another folder"
             )
         shutil.rmtree(path)
     elif path.exists() and any(path.iterdir()):

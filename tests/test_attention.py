@@ -302,8 +302,8 @@ def test_bad_arguments(tiny_llama, tmp_path):
         attention_variance(tiny_llama, tokens, site="resid_post")
     with pytest.raises(ValueError, match="window"):
         attention_stats(tiny_llama, tokens, window=0)
-    with pytest.raises(ValueError, match="layer 7"):
-        attention_stats(tiny_llama, tokens, layers=[7])
+    with pytest.raises(ValueError, match=r"^layer 99 out of range; this model has layers 0\.\.2$"):
+        attention_stats(tiny_llama, tokens, layers=[99])  # the layer, not the attention implementation
     with pytest.raises(StoreError, match="'pattern' is not in this store"):
         attention_stats(store)
     with pytest.raises(ValueError, match="one vector per token"):

@@ -71,6 +71,27 @@ def test_refuses_a_folder_holding_another_models_run(tiny_llama, tiny_gemma3, tm
     assert open_store(tmp_path / "s").model_name == "tiny-gemma3"
 
 
+def test_an_empty_text_is_an_error_not_a_one_token_store(tiny_llama):
+    with pytest.raises(ValueError, match=r"empty texts \(no tokens\) at \[1\]"):
+        pp.data.from_texts(tiny_llama, ["t3 t4", ""], prepend_bos=True)
+
+
+def test_the_same_run_twice_reuses_the_store_and_an_unfinished_one_says_resume(tiny_llama, tmp_path, caplog):
+    tokens = random_ids(4, 8)
+    first = extract(tiny_llama, tokens, "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False)
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("shard_*")}
+    with caplog.at_level("WARNING", logger="posprobe.store"):
+        again = extract(tiny_llama, tokens, "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False)
+    assert "already holds this exact run" in caplog.text and "reusing it" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("shard_*")} == written  # nothing recomputed
+    assert torch.equal(again.get("resid_post", 0), first.get("resid_post", 0))
+    (tmp_path / "s" / "shard_00001.safetensors").unlink()
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(StoreError, match=r"unfinished run of this same extraction.*resume=True \(CLI: --resume\)"):
+        extract(tiny_llama, tokens, "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False)
+
+
 def test_non_finite_activations_are_reported_and_not_written(tiny_llama, tmp_path):
     with torch.no_grad():
         tiny_llama.hf.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from posprobe.data import TokenBatch
 from posprobe.models.base import PositionModel
-from posprobe.stats.streaming import Batch, Source, as_source
+from posprobe.stats.streaming import Batch, LayerOutOfRange, Source, as_source
 from posprobe.store import ActivationStore
 
 #: Head roles, in the order ``HeadRoleRules.classify`` tries them (the last is the fallback).
@@ -230,6 +230,8 @@ def attention_stats(
         )
     try:
         layer_list = source.resolve_layers("pattern", layers)
+    except LayerOutOfRange:
+        raise
     except ValueError as err:
         raise ValueError(f"{source.name} does not expose attention weights (site 'pattern'): {err}") from err
     sums = _PatternSums(source, n_pos)

@@ -23,6 +23,10 @@ from posprobe.sites import LAYERLESS_SITES, SiteKey, check_site
 from posprobe.store import ActivationStore
 
 
+class LayerOutOfRange(ValueError):
+    """A requested layer the model or store does not have (said before anything else is checked)."""
+
+
 @dataclass(frozen=True)
 class Batch:
     """Rows ``start:start+b`` of a run; mask and position ids [b s] live on the activations' device."""
@@ -89,9 +93,11 @@ class Source:
         n = self.info.get("n_layers") or (max(x for x in available if x is not None) + 1)
         out = []
         for layer in wanted:
+            if self.model is not None and not -n <= layer < n:
+                raise LayerOutOfRange(f"layer {layer} out of range; this model has layers 0..{n - 1}")
             resolved = layer % n if -n <= layer < n else layer
             if resolved not in available:
-                raise ValueError(f"layer {layer} of site {site!r} is not available; available layers: {available}")
+                raise LayerOutOfRange(f"layer {layer} of site {site!r} is not available; available layers: {available}")
             out.append(resolved)
         return sorted(set(out))
 
