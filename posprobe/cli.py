@@ -127,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _figure_args(p)
 
-    p = add("train", "train a zoo model (arguments passed to posprobe.train)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    add("train", "train a zoo model (posprobe train --help lists its flags)")
 
     p = add("report", "one HTML report on a model")
     _common(p, default_out="report")
@@ -167,7 +166,12 @@ def _check_args(args: argparse.Namespace) -> None:
 def _windows(model, args: argparse.Namespace):
     import posprobe as pp
 
-    return pp.data.text_windows(model, n=args.n, seq_len=min(args.seq_len, model.info.n_ctx), seed=args.seed)
+    if args.seq_len > model.info.n_ctx and not model.extrapolates:
+        raise UsageError(
+            f"--seq-len {args.seq_len} is beyond {model.info.name}'s context of {model.info.n_ctx} tokens; "
+            f"use --seq-len {model.info.n_ctx} or less"
+        )
+    return pp.data.text_windows(model, n=args.n, seq_len=args.seq_len, seed=args.seed)
 
 
 def _save(out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Sequence[str] = ()) -> None:
@@ -293,14 +297,6 @@ def cmd_patch(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from posprobe.train import main_train
-
-    code = main_train(args.args)
-    if code:
-        raise SystemExit(code)
-
-
 def cmd_report(args: argparse.Namespace) -> None:
     from posprobe.report import ReportSettings, build_report
 
@@ -318,7 +314,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "attention": cmd_attention,
     "patch": cmd_patch,
     "positions": cmd_positions,
-    "train": cmd_train,
     "report": cmd_report,
 }
 
@@ -328,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from posprobe.plots.export import ExportError
     from posprobe.store import StoreError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # posprobe.train's own parser reads every flag (--pe, --steps, …) and its --help
+        from posprobe.train import main_train
+
+        return main_train(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,

@@ -344,3 +344,20 @@ def test_quick_report_on_a_tiny_gpt2_and_pythia_from_disk(family, scheme, tmp_pa
     assert ("<section id='rope'>" in text) == (scheme == "rope")
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["models"]) == [str(folder)]
+
+
+def test_train_takes_the_flags_of_posprobe_train(tmp_path):
+    """`posprobe train --pe rope …` as the README writes it (it used to stop at 'unrecognized arguments: --pe')."""
+    out = tmp_path / "rope"
+    tiny = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-head", "16", "--d-mlp", "64", "--n-ctx", "16"]
+    proc = run_cli("train", "--pe", "rope", "--steps", "2", "--out", str(out), *tiny, "--eval-windows", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["pe"] == "rope"
+    helped = run_cli("train", "--help")
+    assert helped.returncode == 0 and "--pe" in helped.stdout and "--steps" in helped.stdout
+
+
+def test_seq_len_beyond_the_context_is_refused_not_capped(tmp_path):
+    proc = run_cli("probe", "--model", "zoo:learned", "--seq-len", "5000", "--n", "4", "--out", str(tmp_path / "p"))
+    assert_one_line_error(proc, "probe", "--seq-len 5000 is beyond zoo:learned's context of 256 tokens")
+    assert not (tmp_path / "p").exists()
