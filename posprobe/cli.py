@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 EXAMPLES = {
     "models": "posprobe models\n  posprobe models --model gemma-3-270m",
@@ -30,6 +30,25 @@ EXAMPLES = {
 
 class UsageError(ValueError):
     """Bad command-line input."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line the README promises (exit 2), naming the flag."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return size
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True, default_out: str | None = None) -> None:
@@ -63,7 +82,7 @@ def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posprobe", description="Where does a transformer keep position?")
+    parser = OneLineParser(prog="posprobe", description="Where does a transformer keep position?")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -84,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tokens_args(p)
     p.add_argument("--sites", nargs="+", default=["resid_post"])
     p.add_argument("--layers", nargs="*", type=int, default=None)
-    p.add_argument("--batch-size", default="16")
+    p.add_argument("--batch-size", type=_batch_size, default=16, help="sequences per forward, or auto")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, bf16, fp16")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -201,7 +220,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from posprobe.extract import extract
 
     model = _load(args)
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    batch_size = args.batch_size
     store = extract(
         model,
         _windows(model, args),
@@ -334,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        out = getattr(args, "out", None)
+        if out is not None and Path(out).exists() and not Path(out).is_dir():
+            raise UsageError(f"--out {out} is an existing file; give a folder")
         _check_args(args)
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:

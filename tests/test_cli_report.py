@@ -361,3 +361,16 @@ def test_seq_len_beyond_the_context_is_refused_not_capped(tmp_path):
     proc = run_cli("probe", "--model", "zoo:learned", "--seq-len", "5000", "--n", "4", "--out", str(tmp_path / "p"))
     assert_one_line_error(proc, "probe", "--seq-len 5000 is beyond zoo:learned's context of 256 tokens")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_bad_typed_flag_is_one_line_naming_the_flag(tmp_path):
+    proc = run_cli("extract", "--model", "zoo:rope", "--batch-size", "abc", "--out", str(tmp_path / "s"))
+    assert_one_line_error(proc, "extract", "argument --batch-size: expected a positive integer or 'auto', got 'abc'")
+
+
+def test_out_naming_an_existing_file_is_refused_before_any_work(tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    proc = run_cli("rope", "--model", "zoo:rope", "--out", str(taken))
+    assert_one_line_error(proc, "rope", f"--out {taken} is an existing file; give a folder")
+    assert taken.read_text() == "keep me"
