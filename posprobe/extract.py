@@ -187,7 +187,7 @@ def _write_run(
         for index in tqdm(store.missing_shards(), desc=f"extract {info.name}", unit="batch", disable=not progress):
             start, stop = bounds[index]
             if stream is not None:
-                rows = {k.name: (stop - start, *shape) for k, shape in shapes.items()}
+                rows = {k: (stop - start, *shape) for k, shape in shapes.items()}
                 _stream_shard(store, index, start, stop, rows, store_dtype, stream, pool)
                 continue
             host = _to_host(capture(start, stop), store_dtype, start)
@@ -205,13 +205,13 @@ def _stream_shard(
     index: int,
     start: int,
     stop: int,
-    shapes: dict[str, tuple[int, ...]],
+    shapes: dict[SiteKey, tuple[int, ...]],
     dtype: torch.dtype,
     stream: Callable[[int, int, dict[SiteKey, Hook]], None],
     pool: ThreadPoolExecutor,
 ) -> None:
     """One shard, each activation checked and written by ``pool`` while the forward goes on; all or nothing."""
-    shard = StreamedShard(store.shard_path(index), shapes, dtype)
+    shard = StreamedShard(store.shard_path(index), {k.name: shape for k, shape in shapes.items()}, dtype)
     futures: list[Future[tuple[SiteKey, Tensor] | None]] = []
 
     def store_one(key: SiteKey, x: Tensor) -> tuple[SiteKey, Tensor] | None:
@@ -227,12 +227,12 @@ def _stream_shard(
         return hook
 
     try:
-        stream(start, stop, {SiteKey.parse(name): handoff(SiteKey.parse(name)) for name in shapes})
+        stream(start, stop, {key: handoff(key) for key in shapes})
         bad = [f.result() for f in futures]
     except BaseException:
         for f in futures:
             f.cancel()
-        wait_all(futures)
+        _wait_all(futures)
         shard.abort()
         raise
     failed = next((b for b in bad if b is not None), None)
@@ -242,7 +242,7 @@ def _stream_shard(
     commit_shard(shard)
 
 
-def wait_all(futures: Sequence[Future[Any]]) -> None:
+def _wait_all(futures: Sequence[Future[Any]]) -> None:
     """Wait for every future that was not cancelled (their errors are not raised: one is being already)."""
     for f in futures:
         if not f.cancelled():

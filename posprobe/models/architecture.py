@@ -96,7 +96,7 @@ def discover_layout(hf: nn.Module) -> Layout:
     head_dim(cfg)  # a config whose heads do not tile d_model is refused before anything else
     names = {id(m): n for n, m in hf.named_modules()}
     n_layers = cfg.num_hidden_layers
-    layers = _find_layers(hf, n_layers)
+    layers = find_layers(hf, n_layers)
     if layers is None:
         raise UnsupportedModelError(family, f"no list of {n_layers} blocks among its modules")
     embed = names.get(id(hf.get_input_embeddings()))
@@ -241,7 +241,8 @@ def _body(hf: nn.Module) -> str:
     return prefix if prefix and isinstance(getattr(hf, prefix, None), nn.Module) else ""
 
 
-def _find_layers(hf: nn.Module, n_layers: int) -> str | None:
+def find_layers(hf: nn.Module, n_layers: int) -> str | None:
+    """The path of the block list: the first ModuleList of ``n_layers`` blocks that hold an attention module."""
     for name, module in hf.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
             first = module[0]

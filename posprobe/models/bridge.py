@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from posprobe.models.architecture import UnsupportedModelError, _find_layers, text_config
+from posprobe.models.architecture import UnsupportedModelError, find_layers, text_config
 from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.sites import LAYERLESS_SITES, SITES, SiteKey
 
@@ -182,7 +182,7 @@ def bridge_info(bridge: Any, tokenizer: Any, name: str) -> ModelInfo:
 
     hf = bridge.original_model
     cfg, tl = text_config(hf.config), bridge.cfg
-    layers = _find_layers(hf, cfg.num_hidden_layers)
+    layers = find_layers(hf, cfg.num_hidden_layers)
     if layers is None:
         raise UnsupportedModelError(cfg.model_type, "no list of blocks for posprobe to read position facts from")
     facts = position_facts(hf, layers, None)
