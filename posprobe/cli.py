@@ -1,7 +1,15 @@
 """The ``posprobe`` command line: one subcommand per job, consistent flags, clean errors.
 
-Every subcommand takes ``--model``, ``--device``, ``--seed`` and ``--out``; bad input exits
-with status 2 and one line on stderr (``--debug`` shows the traceback).
+The contract every subcommand keeps (``tests/test_cli_contract.py`` walks the parsers to check it):
+
+- ``--help`` shows each flag's default and accepted values, and an example that runs as printed;
+- bad input exits with status 2 and one line on stderr naming the flag (``--debug`` shows the
+  traceback), and errors speak in flags (``--overwrite``), never in Python parameters;
+- the output folder is checked before any work; a failed run leaves no new or partial folder
+  behind (outputs are written to a hidden staging folder and moved into place at the end; a
+  resumable extraction or training keeps what it finished, and says ``--resume``);
+- every run writes ``settings.json`` (command line, model, seed, versions) beside its outputs;
+- ``-q/--quiet`` silences progress bars.
 """
 
 from __future__ import annotations
@@ -9,10 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
+import re
+import shlex
+import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from posprobe.devices import DTYPES
+from posprobe.sites import SITES
 
 EXAMPLES = {
     "models": "posprobe models\n  posprobe models --model gemma-3-270m",
@@ -23,9 +40,15 @@ EXAMPLES = {
     "positions": "posprobe positions --model minilm-l6 --out out/positions",
     "attention": "posprobe attention --model smollm2-135m --seq-len 1024 --n 4 --out out/attention",
     "patch": "posprobe patch --model zoo:learned --shift 8 --out out/patch",
-    "train": "posprobe train --pe rope --steps 2000 --out data/zoo/rope",
+    "train": "posprobe train --pe rope --steps 2000 --out data/zoo/rope-retrained",
     "report": "posprobe report --model smollm2-135m --out report/\n  posprobe report --quick --compare zoo:none",
 }
+
+#: The file every run writes beside its outputs.
+SETTINGS_FILE = "settings.json"
+
+#: Commands whose output folder holds resumable progress (kept after a failure, continued by --resume).
+RESUMABLE = ("extract", "train")
 
 
 class UsageError(ValueError):
@@ -37,6 +60,62 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the example's line breaks and show every flag's default."""
+
+
+# -- argparse types: each names what it expects; argparse prefixes the flag ------------------------
+
+
+def positive(kind: type = int) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not number > 0 or number != number:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"expected a positive {_noun(kind)}, got {value!r}")
+        return number
+
+    parse.__name__ = f"positive {_noun(kind)}"
+    return parse
+
+
+def non_negative(kind: type = int) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not number >= 0:
+            raise argparse.ArgumentTypeError(f"expected a non-negative {_noun(kind)}, got {value!r}")
+        return number
+
+    parse.__name__ = f"non-negative {_noun(kind)}"
+    return parse
+
+
+def fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def _noun(kind: type) -> str:
+    return "integer" if kind is int else "number"
 
 
 def _batch_size(value: str) -> int | str:
@@ -51,19 +130,39 @@ def _batch_size(value: str) -> int | str:
     return size
 
 
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, mps, cuda or cuda:<index>, got {value!r}")
+    return value
+
+
+# -- the parser -------------------------------------------------------------------------------------
+
+
+def _quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and info logs")
+
+
 def _common(p: argparse.ArgumentParser, model: bool = True, default_out: str | None = None) -> None:
     if model:
-        p.add_argument("--model", default="smollm2-135m", help="packaged name, zoo:<variant>, HF id or path")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--model",
+            default="smollm2-135m",
+            help="a packaged name (posprobe models lists them: smollm2-135m, gemma-3-270m, minilm-l6, zoo:<scheme>), "
+            "a Hugging Face id or a local path",
+        )
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
+    p.add_argument("--seed", type=non_negative(int), default=0, help="seeds the text windows and random controls")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive(int),
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy shared machine)",
     )
-    p.add_argument("--out", default=default_out, required=default_out is None, help="output folder")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    out_help = "output folder (created; files of the same name in it are replaced)"
+    p.add_argument("--out", default=default_out, required=default_out is None, help=out_help)
+    _quiet(p)
 
 
 def _figure_args(p: argparse.ArgumentParser) -> None:
@@ -77,13 +176,17 @@ def _figure_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) -> None:
-    p.add_argument("--n", type=int, default=n, help="number of text windows")
-    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per window")
+    p.add_argument("--n", type=positive(int), default=n, help="number of text windows (State of the Union)")
+    p.add_argument("--seq-len", type=positive(int), default=seq_len, help="tokens per window, at most the context")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from posprobe.stats.probes import KINDS, TARGETS
+    from posprobe.train import add_train_arguments
+
     parser = OneLineParser(prog="posprobe", description="Where does a transformer keep position?")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -91,29 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_,
             description=help_,
             epilog="example:\n  " + EXAMPLES[name],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
 
     p = add("models", "list the models posprobe loads offline, or describe one")
-    p.add_argument("--model", default=None)
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--model", default=None, help="describe this model (its facts as JSON) instead of listing")
+    _quiet(p)
 
     p = add("extract", "extract sites into an on-disk activation store")
     _common(p)
     _tokens_args(p)
-    p.add_argument("--sites", nargs="+", default=["resid_post"])
-    p.add_argument("--layers", nargs="*", type=int, default=None)
+    p.add_argument("--sites", nargs="+", default=["resid_post"], choices=SITES, metavar="SITE", help="sites to store, of: %(choices)s")
+    p.add_argument(
+        "--layers", nargs="*", type=integer, default=None, help="layers to store (negative counts from the end)"
+    )
     p.add_argument("--batch-size", type=_batch_size, default=16, help="sequences per forward, or auto")
-    p.add_argument("--dtype", default=None, help="compute dtype: float32, bf16, fp16")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype (default: the model's)")
+    p.add_argument("--resume", action="store_true", help="finish an unfinished store in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever store --out holds")
 
     p = add("probe", "linear position probes per layer, with controls")
     _common(p)
     _tokens_args(p)
-    p.add_argument("--site", default="resid_post")
-    p.add_argument("--target", default="absolute")
-    p.add_argument("--kind", default="ridge")
+    p.add_argument("--site", default="resid_post", choices=SITES, metavar="SITE", help="site to probe, of: %(choices)s")
+    p.add_argument("--target", default="absolute", choices=TARGETS, help="what the probe predicts")
+    p.add_argument("--kind", default="ridge", choices=KINDS, help="probe estimator")
+    p.add_argument("--n-splits", type=positive(int), default=5, help="cross-validation folds (split by window)")
     _figure_args(p)
 
     p = add("rope", "RoPE frequency usage per layer and head")
@@ -123,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("positions", "geometry of a learned or sinusoidal position table W_pos: PCA periods, helix, smoothness")
     _common(p)
-    p.add_argument("--components", type=int, default=6, help="principal components to report")
+    p.add_argument("--components", type=positive(int), default=6, help="principal components to report")
     _figure_args(p)
 
     p = add("neurons", "positional neurons in the MLPs")
@@ -139,47 +245,65 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("patch", "position-shift patching and shift invariance")
     _common(p)
     _tokens_args(p, n=8, seq_len=64)
-    p.add_argument("--shift", type=int, default=8)
-    p.add_argument("--sites", nargs="+", default=["resid_pre"])
+    p.add_argument("--shift", type=positive(int), default=8, help="positions the corrupted run is shifted by")
+    p.add_argument("--sites", nargs="+", default=["resid_pre"], choices=SITES, metavar="SITE", help="sites to patch, of: %(choices)s")
     p.add_argument(
         "--per-position", action="store_true", help="patch each position separately (n_layers × seq_len runs)"
     )
     _figure_args(p)
 
-    add("train", "train a zoo model (posprobe train --help lists its flags)")
+    p = add("train", "train a zoo model on the State of the Union train split")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
+    p.add_argument("--seed", type=non_negative(int), default=0, help="seeds the initialisation and the batch order")
+    p.add_argument("--threads", type=positive(int), default=None, help="CPU threads for torch")
+    add_train_arguments(p, positive, non_negative, fraction)
+    _quiet(p)
 
     p = add("report", "one HTML report on a model")
     _common(p, default_out="report")
     p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
     p.add_argument("--compare", default=None, help="a second model shown side by side, e.g. zoo:none")
-    p.add_argument("--n", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--n", type=positive(int), default=None, help="text windows (default: 32, --quick 8)")
+    p.add_argument("--seq-len", type=positive(int), default=None, help="tokens per window (default: 256, --quick 128)")
     return parser
 
 
-def _load(args: argparse.Namespace):
-    import posprobe as pp
+def subparsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser, by name."""
+    parser = parser or build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
 
-    if not args.debug:  # weight loading takes a second; its bar would bury a one-line error
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    return pp.load_model(args.model, device=args.device)
+# -- checks before any work -------------------------------------------------------------------------
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Reject unknown sites, targets and probe kinds before a model is loaded."""
-    from posprobe.sites import check_site
+    """What can be refused from the flags alone, before a model is loaded."""
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise UsageError("--resume and --overwrite contradict each other; give one")
+    if args.command == "probe" and args.n < max(args.n_splits, 2):
+        raise UsageError(
+            f"--n {args.n} windows cannot make --n-splits {args.n_splits} folds split by window; "
+            f"raise --n to {max(args.n_splits, 2)} or more, or lower --n-splits (at least 2)"
+        )
+    if args.command == "probe" and args.n_splits < 2:
+        raise UsageError(f"--n-splits must be at least 2, got {args.n_splits}")
+    out = getattr(args, "out", None)
+    if out is not None:
+        _check_out(Path(out))
 
-    for site in [getattr(args, "site", None), *(getattr(args, "sites", None) or [])]:
-        if site is not None:
-            check_site(site)
-    if args.command == "probe":
-        from posprobe.stats.probes import KINDS, TARGETS
 
-        for value, accepted, what in ((args.target, TARGETS, "target"), (args.kind, KINDS, "kind")):
-            if value not in accepted:
-                raise UsageError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
 
 
 def _windows(model, args: argparse.Namespace):
@@ -193,6 +317,23 @@ def _windows(model, args: argparse.Namespace):
     return pp.data.text_windows(model, n=args.n, seq_len=args.seq_len, seed=args.seed)
 
 
+def _load(args: argparse.Namespace):
+    import posprobe as pp
+
+    model = pp.load_model(args.model, device=args.device)
+    args.loaded_models = [*getattr(args, "loaded_models", []), _model_facts(model)]
+    return model
+
+
+def _model_facts(model) -> dict[str, Any]:
+    info = model.info
+    return {"name": info.name, "architecture": info.architecture, "position_scheme": info.position_scheme,
+            "source": getattr(model, "source", None)}  # fmt: skip
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+
 def _save(out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Sequence[str] = ()) -> None:
     from posprobe.plots.export import save_figure
 
@@ -203,7 +344,55 @@ def _save(out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Se
     for name, fig in figures.items():
         save_figure(fig, folder / f"{name}.html", formats)
     logging.getLogger("posprobe").info("wrote %s", folder)
-    print(f"wrote {', '.join(list(tables) + list(figures))} to {folder}")
+
+
+def _write_settings(folder: Path, args: argparse.Namespace, argv: Sequence[str], seconds: float) -> None:
+    flags = {k: v for k, v in vars(args).items() if k not in ("loaded_models", "real_out")}
+    if "out" in flags:
+        flags["out"] = str(getattr(args, "real_out", args.out))
+    settings = {
+        "command": shlex.join(["posprobe", *argv]),
+        "subcommand": args.command,
+        "flags": flags,
+        "models": getattr(args, "loaded_models", []),
+        "seed": getattr(args, "seed", None),
+        "versions": _versions(),
+        "machine": platform.platform(),
+        "seconds": round(seconds, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, default=str) + "\n")
+
+
+def _move_into(stage: Path, out: Path) -> list[str]:
+    """Move every entry of ``stage`` into ``out`` (replacing entries of the same name), then drop ``stage``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in stage.iterdir())
+    for name in names:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(stage / name, target)
+    stage.rmdir()
+    return names
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"posprobe": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+def _version() -> str:
+    from posprobe import __version__
+
+    return __version__
+
+
+# -- the commands ------------------------------------------------------------------------------------
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -220,13 +409,12 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from posprobe.extract import extract
 
     model = _load(args)
-    batch_size = args.batch_size
     store = extract(
         model,
         _windows(model, args),
         args.sites,
         args.layers,
-        batch_size=batch_size,
+        batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
         out=args.out,
@@ -240,7 +428,15 @@ def cmd_probe(args: argparse.Namespace) -> None:
     from posprobe.stats.probes import probe_model
 
     model = _load(args)
-    result = probe_model(model, _windows(model, args), args.site, seed=args.seed, target=args.target, kind=args.kind)
+    result = probe_model(
+        model,
+        _windows(model, args),
+        args.site,
+        seed=args.seed,
+        target=args.target,
+        kind=args.kind,
+        n_splits=args.n_splits,
+    )
     _save(args.out, {"probes": result.table}, {"probes": result.plot()}, args.formats)
 
 
@@ -316,12 +512,24 @@ def cmd_patch(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from posprobe.train import run_train
+
+    state = run_train(args)
+    ev = state.get("eval", {})
+    print(f"zoo:{args.pe} trained for {state['step']} steps into {args.out}; held-out loss {ev.get('loss', '?')}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from posprobe.report import ReportSettings, build_report
 
     settings = ReportSettings.make(quick=args.quick, n=args.n, seq_len=args.seq_len, seed=args.seed, device=args.device)
-    page = build_report(args.model, args.out, compare=args.compare, settings=settings)
-    print(f"report written to {page}")
+    model = _load(args)
+    compare = None
+    if args.compare is not None:
+        compare = _load(argparse.Namespace(**{**vars(args), "model": args.compare}))
+        args.loaded_models.append(_model_facts(compare))
+    build_report(model, args.out, compare=compare, settings=settings)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -333,51 +541,105 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "attention": cmd_attention,
     "patch": cmd_patch,
     "positions": cmd_positions,
+    "train": cmd_train,
     "report": cmd_report,
 }
 
 
+# -- errors in the command line's words ---------------------------------------------------------------
+
+
+def speak_in_flags(message: str, parser: argparse.ArgumentParser) -> str:
+    """Rewrite an API error for the command line: ``resume=True`` → ``--resume``, ``n_splits`` → ``--n-splits``."""
+    flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+
+    def flag(name: str) -> str | None:
+        candidate = "--" + name.replace("_", "-")
+        return candidate if candidate in flags else None
+
+    message = re.sub(r"\s*\(CLI: [^)]*\)", "", message)
+    message = re.sub(r"\b(?:rerun )?\w+\(\.\.\., (\w+)=True\)", lambda m: f"rerun with {flag(m[1]) or m[0]}", message)
+    message = re.sub(r"\b(\w+)=(True|False)\b", lambda m: (flag(m[1]) or m[0]) if m[2] == "True" else m[0], message)
+    return re.sub(r"\b([a-z]+(?:_[a-z0-9]+)+)\b", lambda m: flag(m[1]) or m[0], message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``posprobe`` command."""
+    from posprobe.finite import NonFiniteError
     from posprobe.plots.export import ExportError
+    from posprobe.progress import set_quiet
     from posprobe.store import StoreError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # posprobe.train's own parser reads every flag (--pe, --steps, …) and its --help
-        from posprobe.train import main_train
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_quiet(args.quiet)
+    if not debug:  # weight loading takes a second; its bar would bury a one-line error
+        from transformers.utils import logging as hf_logging
 
-        return main_train(argv[1:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "debug", False) else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+        hf_logging.disable_progress_bar()
+    out = Path(args.out) if getattr(args, "out", None) is not None else None
+    existed = out is not None and out.exists()
+    stage = None
+    started = time.perf_counter()
     try:
-        out = getattr(args, "out", None)
-        if out is not None and Path(out).exists() and not Path(out).is_dir():
-            raise UsageError(f"--out {out} is an existing file; give a folder")
         _check_args(args)
         if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise UsageError(f"--threads must be at least 1, got {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)
+        if out is not None and args.command not in RESUMABLE:  # written aside, moved into place when done
+            stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+            args.real_out, args.out = args.out, str(stage)
         COMMANDS[args.command](args)
+        if out is not None:
+            _write_settings(stage or out, args, argv, time.perf_counter() - started)
+        if stage is not None:
+            names = _move_into(stage, out)
+            print(f"wrote {', '.join(names)} to {out}")
     except (
         ValueError,
         StoreError,
         ExportError,
         FileNotFoundError,
+        FileExistsError,
         ModuleNotFoundError,
         NotImplementedError,
         KeyError,
+        NonFiniteError,
     ) as err:
-        if getattr(args, "debug", False):
+        kept = _clean_up(out, stage, existed, args)
+        if debug:
             raise
-        print(f"posprobe {args.command}: error: {err}", file=sys.stderr)
+        text = " ".join(str(err).split()) or type(err).__name__
+        message = speak_in_flags(text, subparsers(parser)[args.command])
+        print(f"posprobe {args.command}: error: {message}{kept}", file=sys.stderr)
         return 2
+    except BaseException:
+        _clean_up(out, stage, existed, args)
+        raise
     return 0
+
+
+def _clean_up(out: Path | None, stage: Path | None, existed: bool, args: argparse.Namespace) -> str:
+    """Remove what a failed run created; a resumable run that finished some work keeps it (returns the note)."""
+    if stage is not None and stage.exists():
+        shutil.rmtree(stage, ignore_errors=True)
+    if out is None or existed or not out.exists():
+        return ""
+    if args.command in RESUMABLE and _has_progress(out):
+        advice = "" if args.resume else ": rerun with --resume to continue"
+        return f" (the finished part is kept in {out}{advice})"
+    shutil.rmtree(out, ignore_errors=True)
+    return ""
+
+
+def _has_progress(out: Path) -> bool:
+    from posprobe.models.zoo import STATE_FILE
+
+    return any(out.glob("shard_*.safetensors")) or (out / STATE_FILE).exists()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.devices import (
@@ -30,9 +29,11 @@ from posprobe.devices import (
     shard_bytes_per_sequence,
     site_shape,
 )
+from posprobe.finite import NonFiniteError, nonfinite_flag, raise_nonfinite
 from posprobe.models import ModelInfo, PositionModel, load_model
 from posprobe.models.base import Hook
-from posprobe.sites import ATTENTION_MAP_SITES, SiteKey, resolve_sites
+from posprobe.progress import tqdm
+from posprobe.sites import SiteKey, resolve_sites
 from posprobe.store import (
     ActivationStore,
     StreamedShard,
@@ -45,8 +46,8 @@ from posprobe.store import (
 log = logging.getLogger(__name__)
 
 
-class NonFiniteActivationError(ValueError):
-    """An activation held NaN or inf; it is reported with its site and layer and never written."""
+#: An activation held NaN or inf; it is reported with its site and layer and never written.
+NonFiniteActivationError = NonFiniteError
 
 
 def extract(
@@ -100,6 +101,7 @@ def extract(
             attention_mask=batch.attention_mask[start:stop],
             position_ids=batch.position_ids[start:stop],
             stop_at_layer=last_layer,
+            check_finite=False,  # _to_host checks them where they live, before the copy
         )
 
     def stream(start: int, stop: int, hooks: dict[SiteKey, Hook]) -> None:
@@ -190,7 +192,7 @@ def _write_run(
                 rows = {k: (stop - start, *shape) for k, shape in shapes.items()}
                 _stream_shard(store, index, start, stop, rows, store_dtype, stream, pool)
                 continue
-            host = _to_host(capture(start, stop), store_dtype, start)
+            host = _to_host(capture(start, stop), store_dtype, start, info.name)
             while len(pending) >= writers:
                 pending.popleft().result()
             pending.append(pool.submit(write_shard, store, index, host))
@@ -215,7 +217,7 @@ def _stream_shard(
     futures: list[Future[tuple[SiteKey, Tensor] | None]] = []
 
     def store_one(key: SiteKey, x: Tensor) -> tuple[SiteKey, Tensor] | None:
-        if bool(_nonfinite(key, x)):
+        if bool(nonfinite_flag(key.site, x)):
             return key, x
         shard.write(key.name, x)
         return None
@@ -238,7 +240,7 @@ def _stream_shard(
     failed = next((b for b in bad if b is not None), None)
     if failed is not None:
         shard.abort()
-        _raise_nonfinite(*failed, start)
+        _raise_nonfinite(*failed, start, store.model_name)
     commit_shard(shard)
 
 
@@ -373,7 +375,7 @@ def _writer_count(device: torch.device) -> int:
     return min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
-def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int) -> dict[SiteKey, Tensor]:
+def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int, name: str) -> dict[SiteKey, Tensor]:
     """Check ``acts`` for NaN/inf where they live and copy them to host memory in ``dtype``.
 
     GPU tensors go to pinned buffers with non-blocking copies, all queued before one wait, so
@@ -381,7 +383,7 @@ def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int) -> dic
     Host tensors are taken out of ``acts`` as they are converted, so a view (rot_q) stops holding
     its base tensor alive once its contiguous copy exists.
     """
-    flags = {k: _nonfinite(k, v) for k, v in acts.items()}
+    flags = {k: nonfinite_flag(k.site, v) for k, v in acts.items()}
     host: dict[SiteKey, Tensor] = {}
     storages: set[int] = set()
     for key in list(acts):
@@ -403,24 +405,12 @@ def _to_host(acts: dict[SiteKey, Tensor], dtype: torch.dtype, start: int) -> dic
         torch.cuda.current_stream(cuda_device).synchronize()
     for key, flag in flags.items():
         if bool(flag):
-            _raise_nonfinite(key, acts.get(key, host[key]), start)
+            _raise_nonfinite(key, acts.get(key, host[key]), start, name)
     return host
 
 
-def _raise_nonfinite(key: SiteKey, x: Tensor, start: int) -> None:
-    bad = x.isnan() | (x == float("inf") if key.site in ATTENTION_MAP_SITES else x.isinf())
-    seq = int(bad.nonzero()[0, 0]) + start
-    raise NonFiniteActivationError(
-        f"non-finite values in site {key.site!r} layer {key.layer} (first in sequence {seq}); nothing was written "
-        "for this batch — check the model's dtype (fp16 overflows) and its weights"
-    )
-
-
-def _nonfinite(key: SiteKey, x: Tensor) -> Tensor:
-    """A 0-d bool tensor on ``x``'s device: any NaN or inf (attention maps: NaN or +inf; -inf marks masked keys)."""
-    if key.site in ATTENTION_MAP_SITES:
-        return ~(x < float("inf")).all()
-    return ~torch.isfinite(x).all()
+def _raise_nonfinite(key: SiteKey, x: Tensor, start: int, name: str) -> None:
+    raise_nonfinite(key.site, key.layer, x, start=start, where=f"of {name} (nothing was written for this batch)")
 
 
 def _versions() -> dict[str, str]:

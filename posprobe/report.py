@@ -21,9 +21,9 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from tqdm.auto import tqdm
 
 from posprobe.models import PositionModel, load_model
+from posprobe.progress import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,6 @@ def build_report(
     """Analyse ``model`` (and ``compare`` side by side) and write ``out/index.html``; returns its path."""
     settings = settings or ReportSettings.make(quick=quick)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     reports = []
     for m in [model] + ([compare] if compare is not None else []):
@@ -349,6 +348,7 @@ def build_report(
         "seconds": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder
     _write_tables(reports, out)
     (out / "summary.json").write_text(
         json.dumps({"meta": meta, "models": {r.model_name: r.headline for r in reports}}, indent=1, default=str)

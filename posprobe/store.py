@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from posprobe.finite import check_finite
 from posprobe.sites import SiteKey
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class ActivationStore:
                 raise StoreError(
                     f"shard {path} is corrupt ({err}); delete it and rerun extract(..., resume=True)"
                 ) from err
+            for key, x in acts.items():
+                check_finite(key.site, key.layer, x, start=start, where=f"read from shard {path}")
             yield Shard(
                 index,
                 start,
@@ -236,19 +239,19 @@ def prepare_store(
             if same:
                 raise StoreError(
                     f"{path} holds an unfinished run of this same extraction (model {old_name!r}); pass resume=True "
-                    "(CLI: --resume) to finish it, overwrite=True (--overwrite) to start again, or choose another "
-                    "folder"
+                    "to finish it, overwrite=True to start again, or choose another folder"
                 )
             why = [k for k in IDENTITY_FIELDS if old.get(k) != manifest.get(k)]
+            resuming = "resume=True continues only the same run; " if resume else ""
             raise StoreError(
-                f"{path} holds another run (model {old_name!r}; differs in {', '.join(why)}); pass overwrite=True "
-                "(CLI: --overwrite) to replace it, or choose another folder"
+                f"{path} holds another run (model {old_name!r}; differs in {', '.join(why)}); {resuming}pass "
+                "overwrite=True to replace it, or choose another folder"
             )
         shutil.rmtree(path)
     elif path.exists() and any(path.iterdir()):
         if not overwrite:
             raise StoreError(
-                f"{path} exists and is not an empty posprobe store; choose another folder or overwrite=True"
+                f"{path} exists and is not an empty posprobe store; choose another folder or pass overwrite=True"
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from posprobe.models.zoo import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.models.zoo_tokenizer import TOKENIZER_PATH, load_zoo_tokenizer
+from posprobe.progress import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -273,51 +274,51 @@ def _restore(
     return state
 
 
-def main_train(argv: Sequence[str] | None = None) -> int:
-    """``posprobe train``: parse ``--pe rope --steps N --out DIR ...`` and train one zoo model."""
+def add_train_arguments(p: argparse.ArgumentParser, positive: Any, non_negative: Any, fraction: Any) -> None:
+    """The flags of ``posprobe train`` (``positive`` / ``non_negative`` / ``fraction``: the CLI's argparse types)."""
+    from posprobe.models.base import POSITION_SCHEMES
+
     defaults = ZooConfig()
-    p = argparse.ArgumentParser(prog="posprobe train", description="Train a zoo model on the sotu train split.")
-    p.add_argument("--pe", default=defaults.pe, help="position scheme: none, learned, sinusoidal, rope, alibi")
-    p.add_argument("--out", required=True, help="checkpoint folder")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    for field in (
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "d_head",
-        "d_mlp",
-        "n_ctx",
-        "rope_base",
-        "rotary_fraction",
-        "p_rope",
-    ):
+    p.add_argument("--pe", default=defaults.pe, choices=POSITION_SCHEMES, help="position scheme")
+    p.add_argument("--out", required=True, help="checkpoint folder (zoo:<this folder> loads it)")
+    p.add_argument("--steps", type=positive(int), default=400, help="AdamW steps")
+    p.add_argument("--batch-size", type=positive(int), default=16, help="windows per step")
+    p.add_argument("--lr", type=positive(float), default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative(int), default=None, help="warmup steps (default: steps / 10, ≤ 100)")
+    p.add_argument("--checkpoint-every", type=positive(int), default=100, help="steps between checkpoints")
+    p.add_argument("--eval-windows", type=positive(int), default=64, help="held-out windows for the final loss")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    helps = {
+        "d_model": "residual width", "n_layers": "blocks", "n_heads": "attention heads", "d_head": "head width",
+        "d_mlp": "MLP width", "n_ctx": "context (training window)", "rope_base": "RoPE base θ",
+    }  # fmt: skip
+    for field, help_ in helps.items():
         value = getattr(defaults, field)
-        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        p.add_argument(f"--{field.replace('_', '-')}", type=positive(type(value)), default=value, help=help_)
+    p.add_argument("--rotary-fraction", type=fraction, default=defaults.rotary_fraction, help="share of rotated dims")
+    p.add_argument("--p-rope", type=fraction, default=defaults.p_rope, help="p-RoPE: share of frequencies kept")
     p.add_argument("--untied", action="store_true", help="separate unembedding matrix")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train from parsed ``posprobe train`` flags; returns ``train``'s state dict."""
     config = ZooConfig(
         d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_head=args.d_head, d_mlp=args.d_mlp,
         n_ctx=args.n_ctx, pe=args.pe, rope_base=args.rope_base, rotary_fraction=args.rotary_fraction,
         p_rope=args.p_rope, tie_embeddings=not args.untied, seed=args.seed,
     )  # fmt: skip
-    train(
+    return train(
         config, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, resume=args.resume, warmup=args.warmup, checkpoint_every=args.checkpoint_every,
         eval_windows=args.eval_windows,
     )  # fmt: skip
-    return 0
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    """``python -m posprobe.train …``: the same command, flags and errors as ``posprobe train …``."""
+    from posprobe.cli import main
+
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

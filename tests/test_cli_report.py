@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from posprobe.cli import COMMANDS, EXAMPLES, build_parser, main
+from posprobe.cli import COMMANDS, main
 from posprobe.plots.export import ExportError, image_export_problem, save_figure
 
 ZOO_NONE = Path(__file__).resolve().parents[1] / "data" / "zoo" / "none"
@@ -56,17 +56,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, command: str, *frag
 # -- help and model list ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_subcommand_help_shows_an_example(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([command, "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "example:" in out
-    assert EXAMPLES[command].splitlines()[0] in out
-    assert f"posprobe {command}" in EXAMPLES[command]
-
-
 def test_top_level_help_lists_every_subcommand():
     proc = run_cli("--help")
     assert proc.returncode == 0, proc.stderr
@@ -101,11 +90,6 @@ def test_unknown_model_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_site_is_one_line_before_any_model_loads(tmp_path):
-    proc = run_cli("probe", "--model", "smollm2-135m", "--site", "resid", "--out", str(tmp_path / "out"))
-    assert_one_line_error(proc, "probe", "unknown site 'resid'", "resid_post")
-
-
 def test_layer_out_of_range_is_one_line(tmp_path):
     assert (ZOO_NONE / "config.json").exists(), f"the zoo checkpoint {ZOO_NONE} is missing (shipped in data/zoo)"
     proc = run_cli(
@@ -124,25 +108,10 @@ def test_layer_out_of_range_is_one_line(tmp_path):
     assert_one_line_error(proc, "extract", "layer 99", "0..3")
 
 
-@pytest.mark.parametrize(
-    ("argv", "fragment"),
-    [
-        (["probe", "--target", "middle"], "unknown target 'middle'"),
-        (["probe", "--kind", "mlp"], "unknown kind 'mlp'"),
-        (["patch", "--sites", "resid_pre", "atn_out"], "unknown site 'atn_out'"),
-        (["report", "--threads", "0"], "--threads must be at least 1"),
-    ],
-)
-def test_bad_flags_exit_2_in_process(argv, fragment, tmp_path, capsys):
-    assert main([*argv, "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and fragment in err[0]
-
-
 def test_positions_writes_tables_figures_and_a_summary(tmp_path, capsys):
     out = tmp_path / "positions"
     assert main(["positions", "--model", "zoo:learned", "--components", "4", "--out", str(out)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert summary["shape"] == [256, 128] and len(summary["explained_variance_pc1_3"]) == 3
     assert "random_init_neighbour_cos_d1" in summary
     assert len(pd.read_csv(out / "components.csv")) == 4
@@ -361,11 +330,6 @@ def test_seq_len_beyond_the_context_is_refused_not_capped(tmp_path):
     proc = run_cli("probe", "--model", "zoo:learned", "--seq-len", "5000", "--n", "4", "--out", str(tmp_path / "p"))
     assert_one_line_error(proc, "probe", "--seq-len 5000 is beyond zoo:learned's context of 256 tokens")
     assert not (tmp_path / "p").exists()
-
-
-def test_a_bad_typed_flag_is_one_line_naming_the_flag(tmp_path):
-    proc = run_cli("extract", "--model", "zoo:rope", "--batch-size", "abc", "--out", str(tmp_path / "s"))
-    assert_one_line_error(proc, "extract", "argument --batch-size: expected a positive integer or 'auto', got 'abc'")
 
 
 def test_out_naming_an_existing_file_is_refused_before_any_work(tmp_path):

@@ -272,11 +272,11 @@ def test_host_copies_are_pinned_non_blocking_and_exact():
         SiteKey("rot_q", 0): torch.randn(4, 2, 64, 8, device="cuda", generator=g).transpose(1, 2),
         SiteKey("pattern", 0): torch.rand(4, 2, 64, 64, device="cuda", generator=g).to(torch.bfloat16),
     }
-    host = _to_host(acts, torch.float32, start=0)
+    host = _to_host(acts, torch.float32, start=0, name="m")
     for key, x in acts.items():
         assert host[key].device.type == "cpu" and host[key].is_pinned() and host[key].dtype == torch.float32
         assert torch.equal(host[key], x.float().cpu()), key
-    low = _to_host(acts, torch.float16, start=0)
+    low = _to_host(acts, torch.float16, start=0, name="m")
     assert all(v.dtype == torch.float16 and v.is_pinned() for v in low.values())
 
 

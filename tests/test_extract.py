@@ -88,7 +88,7 @@ def test_the_same_run_twice_reuses_the_store_and_an_unfinished_one_says_resume(t
     (tmp_path / "s" / "shard_00001.safetensors").unlink()
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
-    with pytest.raises(StoreError, match=r"unfinished run of this same extraction.*resume=True \(CLI: --resume\)"):
+    with pytest.raises(StoreError, match=r"unfinished run of this same extraction.*pass resume=True to finish it"):
         extract(tiny_llama, tokens, "resid_post", layers=0, batch_size=2, out=tmp_path / "s", progress=False)
 
 

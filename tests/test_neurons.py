@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from posprobe.finite import NonFiniteError
 from posprobe.stats.neurons import (
     CATEGORIES,
     NOT_POSITIONAL,
@@ -212,9 +213,12 @@ def test_nan_activations_name_the_layer(tmp_path, data):
     bad = acts.clone()
     bad[1, 20, 3, 7] = float("nan")
     store = write_store(tmp_path / "n", {"mlp_post.0": bad[0], "mlp_post.1": bad[1]}, tokens, batch_size=8)
-    with pytest.raises(ValueError, match=r"NaN or infinite activations in mlp_post layer\(s\) \[1\] \(rows 16:24\)"):
+    message = r"1 non-finite value \(NaN/inf\) in site 'mlp_post' layer 1 \(first in sequence 20\) read from shard"
+    with pytest.raises(NonFiniteError, match=message):
         positional_neurons(store, device="cpu")
     mask = torch.ones(N_SEQ, SEQ, dtype=torch.long)
+    with pytest.raises(NonFiniteError, match=r"in site 'mlp_post' layer 0 \(first in sequence 20\)"):
+        positional_neurons(bad[1], device="cpu")
     mask[20, 3] = 0  # a NaN under padding is ignored
     assert not positional_neurons(bad[1], attention_mask=mask, device="cpu").table.empty
 

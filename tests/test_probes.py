@@ -13,6 +13,7 @@ from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from posprobe.finite import NonFiniteError
 from posprobe.stats.probes import (
     LogisticProbe,
     ProbeResult,
@@ -319,7 +320,7 @@ def test_empty_activations():
 def test_nan_activations_name_the_layer():
     acts = planted_acts()
     acts[2, 3, 4, 5] = math.nan
-    with pytest.raises(ValueError, match="layer 2 contain NaN"):
+    with pytest.raises(NonFiniteError, match=r"1 non-finite value \(NaN/inf\) in site 'resid_post' layer 2"):
         probe_position(acts, device="cpu")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posprobe.finite import FiniteGuard
 from posprobe.sites import LAYERLESS_SITES, ROTARY_SITES, SITES, SiteKey, check_site
 
 POSITION_SCHEMES = ("none", "learned", "sinusoidal", "rope", "alibi")
@@ -188,6 +189,7 @@ class PositionModel(ABC):
         capture: Iterable[SiteKey] = (),
         return_logits: bool = True,
         stop_at_layer: int | None = None,
+        check_finite: bool = True,
     ) -> RunOutput:
         """Run ``tokens`` [b s] with ``hooks`` applied and ``capture`` sites recorded.
 
@@ -195,7 +197,8 @@ class PositionModel(ABC):
         (``cumsum(attention_mask) - 1``), so left- and right-padded batches give every real
         token the same position as unpadded. Captured tensors are the values after hooks,
         detached, on the model's device. ``stop_at_layer=L`` skips blocks after L and the
-        unembedding (logits are then None).
+        unembedding (logits are then None). Captured tensors and logits are checked for NaN/inf
+        (``posprobe.finite``: one synchronisation) unless ``check_finite=False``.
         """
         tokens, attention_mask, position_ids = self.prepare_inputs(tokens, attention_mask, position_ids)
         hooks = dict(hooks or {})
@@ -209,6 +212,13 @@ class PositionModel(ABC):
             raise ValueError(f"stop_at_layer {stop_at_layer} out of range 0..{self.info.n_layers - 1}")
         with torch.inference_mode():
             logits = self._run(tokens, attention_mask, position_ids, hooks, return_logits, stop_at_layer)
+        if check_finite:
+            guard = FiniteGuard(where=f"of {self.info.name}")
+            for key, x in acts.items():
+                guard.add(key.site, key.layer, x)
+            if logits is not None:
+                guard.add("logits", None, logits)
+            guard.check()
         return RunOutput(logits=logits, acts=acts)
 
     def capture(self, tokens: Tensor, keys: Iterable[SiteKey], **kwargs: Any) -> dict[SiteKey, Tensor]:

@@ -172,7 +172,10 @@ def explicit_attention(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     scores = _apply(hooks.get("attn_scores"), scores)
-    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+    weights = torch.softmax(scores.float(), dim=-1)
+    if allowed is not None:  # a query that may see no key (padding) attends nowhere; a NaN from the model stays NaN
+        weights = weights.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    weights = weights.to(query.dtype)
     weights = _apply(hooks.get("pattern"), weights)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
 

@@ -180,7 +180,7 @@ def head_role_map(roles: pd.DataFrame, title: str = "Head roles") -> go.Figure:
     text = np.full((len(layers), len(heads)), "", dtype=object)
     for r in roles.itertuples(index=False):
         i, j = layers.index(r.layer), heads.index(r.head)
-        z[i, j] = code[r.role]
+        z[i, j] = code.get(r.role, np.nan)  # an undetermined head stays blank
         text[i, j] = (
             f"layer {r.layer} head {r.head}: <b>{r.role}</b><br>first-token mass {r.first_token_mass:.2f}"
             f"<br>previous-token {r.previous_token:.2f}<br>local mass {r.local_mass:.2f}"

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from posprobe.data import TokenBatch
+from posprobe.finite import UNDETERMINED, undetermined
 from posprobe.models.base import PositionModel
 from posprobe.stats.streaming import Batch, LayerOutOfRange, Source, as_source
 from posprobe.store import ActivationStore
@@ -76,7 +77,9 @@ class HeadRoleRules:
                 raise ValueError(f"HeadRoleRules.{name} must lie in (0, 1], got {value}")
 
     def classify(self, previous_token: float, first_token_mass: float, local_mass: float) -> str:
-        """The role of one head (see the class docstring)."""
+        """The role of one head (see the class docstring); ``UNDETERMINED`` when a score is NaN."""
+        if undetermined({"p": previous_token, "f": first_token_mass, "l": local_mass}):
+            return UNDETERMINED
         if previous_token >= self.previous_token and previous_token > first_token_mass:
             return ROLES[0]
         if first_token_mass >= self.sink:
@@ -109,7 +112,8 @@ class AttentionStats:
     the attention, in tokens), first_token_mass (attention sink; BOS when ``prepend_bos``),
     previous_token (mean attention on t − 1), diagonal (on t), local_mass (on |Δ| < window).
     ``roles``: one row per (layer, head) with its role and the scores it was read from
-    (include_pos0 False). ``rules``: the thresholds; ``rules_table``: them as text.
+    (include_pos0 False); role ``"undetermined"`` and a ``note`` naming the score when one of them
+    is NaN. ``rules``: the thresholds; ``rules_table``: them as text.
     ``notes``: how the statistics read for non-causal models (empty for causal ones).
     """
 
@@ -247,6 +251,12 @@ def attention_stats(
         "role",
         [rules.classify(r.previous_token, r.first_token_mass, r.local_mass) for r in roles.itertuples(index=False)],
     )
+    roles["note"] = [
+        undetermined(
+            {"previous_token": r.previous_token, "first_token_mass": r.first_token_mass, "local_mass": r.local_mass}
+        )
+        for r in roles.itertuples(index=False)
+    ]
     return AttentionStats(
         heads=heads,
         roles=roles,

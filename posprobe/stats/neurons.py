@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posprobe.finite import UNDETERMINED, FiniteGuard, undetermined
 from posprobe.models.base import positions_from_mask
 from posprobe.sites import SiteKey, check_site
 from posprobe.store import ActivationStore
@@ -135,7 +136,8 @@ class PositionalNeurons:
     """What ``positional_neurons`` returns: one row per neuron, a per-layer summary, and the sums.
 
     ``table``: layer, neuron, mi (bits), mi_bias, mi_norm, eta2, period, period_power,
-    firing_rate, mean, std, peak_position, dead, always_on, is_positional, category.
+    firing_rate, mean, std, peak_position, dead, always_on, is_positional, category, note (why a
+    neuron got no category: ``"undetermined"`` when its score is NaN).
     ``layer_summary``: layer, n_neurons, dead, always_on, positional, and one count per category.
     ``params``: site, threshold, exclude_bos, mi_threshold, always_on_rate, oscillation_power.
     """
@@ -185,8 +187,8 @@ class _Accumulator:
         self.sums: Tensor | None = None  # [3 L P N]: firing counts, sums, sums of squares
         self.n_tokens = torch.zeros(size, dtype=torch.float64, device=device)
 
-    def update(self, acts: Sequence[Tensor], attention_mask: Tensor, position_ids: Tensor, rows: str) -> None:
-        """Add a batch: ``acts`` one [b s N] tensor per layer, mask and position ids [b s]."""
+    def update(self, acts: Sequence[Tensor], attention_mask: Tensor, position_ids: Tensor, start: int) -> None:
+        """Add a batch: ``acts`` one [b s N] tensor per layer, mask and position ids [b s]; ``start``: its first row."""
         for layer, a in zip(self.layers, acts, strict=True):
             if a.ndim != 3 or a.shape[:2] != attention_mask.shape:
                 raise ValueError(
@@ -203,6 +205,9 @@ class _Accumulator:
         if self.exclude_bos:
             keep &= position_ids > 0
         acts = [a.to(self.device) for a in acts]
+        guard = FiniteGuard(start)
+        for layer, a in zip(self.layers, acts, strict=True):
+            guard.add(self.site, layer, a, mask=keep)
         fire, total, squares = self.sums
         for i in range(keep.shape[0]):
             cols = torch.nonzero(keep[i]).squeeze(1)
@@ -223,12 +228,7 @@ class _Accumulator:
                 _add(fire[li], at, x.gt(self.threshold).to(torch.float64))
                 _add(total[li], at, x)
                 _add(squares[li], at, x * x)
-        finite = torch.isfinite(self.sums[1:].flatten(2)).all(dim=2).all(dim=0)
-        if not bool(finite.all()):
-            bad = [self.layers[j] for j in torch.nonzero(~finite).squeeze(1).tolist()]
-            raise ValueError(
-                f"NaN or infinite activations in {self.site} layer(s) {bad} (rows {rows}); check the extraction"
-            )
+        guard.check()
 
     def result(self) -> NeuronPositionStats:
         if float(self.n_tokens.sum()) == 0:
@@ -268,7 +268,7 @@ def _check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def _in_memory_batches(source: Tensor, layers, attention_mask: Tensor | None, position_ids: Tensor | None):
+def _in_memory_batches(source: Tensor, site: str, layers, attention_mask: Tensor | None, position_ids: Tensor | None):
     source = torch.as_tensor(source)
     if source.ndim == 3:
         source = source.unsqueeze(0)
@@ -286,7 +286,7 @@ def _in_memory_batches(source: Tensor, layers, attention_mask: Tensor | None, po
     if mask.shape != (n, s) or pos.shape != (n, s):
         raise ValueError(f"attention_mask {tuple(mask.shape)} / position_ids {tuple(pos.shape)} must be {(n, s)}")
     chunks = [slice(i, min(i + _ROW_CHUNK, n)) for i in range(0, n, _ROW_CHUNK)]
-    return names, pos, (([t[c] for t in source], mask[c], pos[c], f"{c.start}:{c.stop}") for c in chunks)
+    return names, pos, (([t[c] for t in source], mask[c], pos[c], c.start) for c in chunks)
 
 
 def _store_batches(store: ActivationStore, site: str, layers):
@@ -299,7 +299,7 @@ def _store_batches(store: ActivationStore, site: str, layers):
         raise ValueError(f"store {store.path} is empty (0 sequences)")
     keys = [SiteKey(site, layer) for layer in names]
     batches = (
-        ([shard.acts[k] for k in keys], shard.attention_mask, shard.position_ids, f"{shard.start}:{shard.stop}")
+        ([shard.acts[k] for k in keys], shard.attention_mask, shard.position_ids, shard.start)
         for shard in store.iter_shards(keys)
     )
     return names, store.position_ids, batches
@@ -330,13 +330,13 @@ def neuron_position_stats(
         names, all_pos, batches = _store_batches(source, site, layers)
         act_fn = source.model_info.get("act_fn")
     else:
-        names, all_pos, batches = _in_memory_batches(source, layers, attention_mask, position_ids)
+        names, all_pos, batches = _in_memory_batches(source, site, layers, attention_mask, position_ids)
         act_fn = None
     threshold = active_threshold(act_fn) if threshold is None else _check_threshold(threshold)
     size = max(int(all_pos.max()) + 1, all_pos.shape[1])
     acc = _Accumulator(site, names, threshold, exclude_bos, size, dev)
-    for acts, mask, pos, rows in batches:
-        acc.update(acts, mask, pos, rows)
+    for acts, mask, pos, start in batches:
+        acc.update(acts, mask, pos, start)
     return acc.result()
 
 
@@ -416,8 +416,11 @@ def _score_layer(stats: NeuronPositionStats, li: int, mi_threshold, always_on_ra
     std, peak = (total_ss / n_total).sqrt(), mean_filled.argmax(0) + lo
     columns.update(firing_rate=rate, mean=mean, std=std, peak_position=peak)
     columns.update(dead=fire.sum(0) == 0, always_on=rate >= always_on_rate, is_positional=positional)
+    nan_mi = mi.isnan().numpy()
+    category[nan_mi] = UNDETERMINED  # no category from a NaN score
     table = pd.DataFrame({"layer": stats.layers[li], "neuron": range(stats.n_neurons)})
     table = table.assign(**{k: v.numpy() for k, v in columns.items()}, category=category)
+    table["note"] = np.where(nan_mi, undetermined({"mi": math.nan}), "")
     table.insert(3, "mi_bias", bias)
     return table
 

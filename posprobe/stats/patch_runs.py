@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
+from posprobe.progress import tqdm
 from posprobe.sites import ATTENTION_MAP_SITES, HEAD_SITES, SiteKey
 
 MODES = ("offset", "filler")

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from posprobe.finite import check_finite
 from posprobe.models.base import positions_from_mask
 from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site
 from posprobe.stats.probe_cv import FoldPlan, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
@@ -445,10 +446,10 @@ def _check_same_tokens(real: _Inputs, random: _Inputs) -> None:
 
 
 def _check_finite(inputs: _Inputs, site: str, which: str) -> None:
-    seq, col = inputs.mask.nonzero(as_tuple=True)
     for li, layer in enumerate(inputs.layers):
-        if not torch.isfinite(inputs.acts[li, seq, col]).all():
-            raise ValueError(f"{which}activations of {site!r} at layer {layer} contain NaN or infinite values")
+        check_finite(
+            site, layer, inputs.acts[li], mask=inputs.mask, where=f"of the {which}activations".replace("  ", " ")
+        )
 
 
 def probe_model(

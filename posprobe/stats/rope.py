@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
+from posprobe.progress import tqdm
 from posprobe.sites import SiteKey, resolve_sites
 from posprobe.stats.rope_roles import PatternScores, classify_heads
 

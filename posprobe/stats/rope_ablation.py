@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import Hook, ModelInfo, PositionModel
+from posprobe.progress import tqdm
 from posprobe.sites import SiteKey, resolve_sites
 from posprobe.stats.rope import LayerPlanes, layer_planes, require_rope
 from posprobe.stats.rope_roles import PatternScores

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
+from posprobe.finite import UNDETERMINED, undetermined
 from posprobe.models.base import Hook, positions_from_mask
 from posprobe.sites import SiteKey
 
@@ -86,7 +87,9 @@ def classify_heads(
 
     - positional: high_freq_share ≥ high_threshold AND max(prev_token_score, diag_score) ≥ pattern_threshold;
     - semantic: low_freq_share ≥ low_threshold;
-    - mixed: otherwise.
+    - mixed: otherwise;
+    - undetermined: a share it needs is NaN, or (not semantic) both pattern scores are NaN — no
+      verdict is drawn from NaN; ``rule`` names the NaN statistic.
 
     Defaults: ``high_threshold`` 0.25 asks a head to give the high band at least the share a uniform
     spread over the planes would (the band is a quarter of them), where heads of SmolLM2-135M and
@@ -135,6 +138,9 @@ def _role(
     low_threshold: float,
     pattern_threshold: float,
 ) -> tuple[str, str]:
+    nan = undetermined({"high_freq_share": high, "low_freq_share": low})
+    if nan:
+        return UNDETERMINED, nan
     sharp_name, sharp = ("diag_score", diag) if diag > prev or math.isnan(prev) else ("prev_token_score", prev)
     if high >= high_threshold and sharp >= pattern_threshold:
         return "positional", (
@@ -142,6 +148,10 @@ def _role(
         )
     if low >= low_threshold:
         return "semantic", f"low_freq_share {low:.3f} ≥ {low_threshold}"
+    if math.isnan(sharp):  # "mixed" says "not positional", which needs a pattern score
+        return UNDETERMINED, (
+            f"prev_token_score and diag_score are NaN: no verdict (low_freq_share {low:.3f} < {low_threshold})"
+        )
     return "mixed", (
         f"not positional (high_freq_share {high:.3f} vs {high_threshold}, {sharp_name} {sharp:.3f} vs "
         f"{pattern_threshold}) and low_freq_share {low:.3f} < {low_threshold}"

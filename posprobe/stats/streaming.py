@@ -15,10 +15,11 @@ from functools import partial
 from typing import Any
 
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from posprobe.data import TokenBatch, as_token_batch
+from posprobe.finite import check_finite
 from posprobe.models.base import PositionModel
+from posprobe.progress import tqdm
 from posprobe.sites import LAYERLESS_SITES, SiteKey, check_site
 from posprobe.store import ActivationStore
 
@@ -141,7 +142,11 @@ class Source:
                 tokens.position_ids[start:stop].to(model.device),
             )
             fired: set[int | None] = set()
-            hooks = {SiteKey(site, layer): partial(_observe_once, observe, layer, batch, fired) for layer in layers}
+            where = f"of {self.name}"
+            hooks = {
+                SiteKey(site, layer): partial(_observe_once, observe, site, layer, batch, fired, where)
+                for layer in layers
+            }
             model.run(
                 tokens.tokens[start:stop],
                 attention_mask=batch.attention_mask,
@@ -160,8 +165,11 @@ class Source:
                 )
 
 
-def _observe_once(observe: Observer, layer: int | None, batch: Batch, fired: set[int | None], x: Tensor) -> None:
+def _observe_once(
+    observe: Observer, site: str, layer: int | None, batch: Batch, fired: set[int | None], where: str, x: Tensor
+) -> None:
     fired.add(layer)
+    check_finite(site, layer, x, start=batch.start, where=where)  # before the observer folds it into a statistic
     observe(layer, x.detach(), batch)
 
 

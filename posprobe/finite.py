@@ -1,0 +1,124 @@
+"""The one NaN/inf check every analysis goes through: activations in, statistics out.
+
+Activations are checked where they live (a reduction on the device, flags gathered over a batch
+and read with one synchronisation); a non-finite value raises ``NonFiniteError`` naming the site,
+the layer, the first sequence and how many values. Statistics that decide something (a head role,
+a neuron category, a headline) go through ``undetermined``: a NaN input gives no verdict but a note.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posprobe.sites import ATTENTION_MAP_SITES
+
+#: The role / category / verdict given where a statistic it depends on is NaN.
+UNDETERMINED = "undetermined"
+
+
+class NonFiniteError(ValueError):
+    """An activation held NaN or inf; raised with its site, layer and how many values, before any result."""
+
+
+def nonfinite_flag(site: str, x: Tensor) -> Tensor:
+    """A 0-d bool tensor on ``x``'s device: any NaN or inf (attention scores: NaN or +inf; -inf marks masked keys)."""
+    if site in ATTENTION_MAP_SITES:
+        return ~(x < float("inf")).all()
+    return ~torch.isfinite(x).all()
+
+
+def _bad(site: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Where ``x`` is NaN/inf; with ``mask`` [b s] (per-token activations only) only at real tokens."""
+    bad = ~(x < float("inf")) if site in ATTENTION_MAP_SITES else ~torch.isfinite(x)
+    if mask is not None:
+        if tuple(x.shape[:2]) != tuple(mask.shape):
+            raise ValueError(f"mask {tuple(mask.shape)} does not match activations {tuple(x.shape)} of {site!r}")
+        bad &= mask.bool().to(bad.device).reshape(*mask.shape, *([1] * (x.ndim - 2)))
+    return bad
+
+
+def _rows(bad: Tensor) -> Tensor:
+    """Per-row flags [b] of a bad-value mask (a 0-d or 1-d tensor is one row)."""
+    return bad.reshape(1) if bad.ndim == 0 else bad.reshape(bad.shape[0], -1).any(1)
+
+
+def _error(site: str, layer: int | None, count: int, row: int | None, where: str) -> NonFiniteError:
+    seq = f" (first in sequence {row})" if row is not None else ""
+    layer_text = "" if layer is None else f" layer {layer}"
+    return NonFiniteError(
+        f"{count} non-finite value{'s' if count != 1 else ''} (NaN/inf) in site {site!r}{layer_text}{seq}"
+        f"{' ' + where if where else ''}; no result was computed from them — check the model's dtype "
+        "(fp16 overflows) and its weights"
+    )
+
+
+def raise_nonfinite(
+    site: str, layer: int | None, x: Tensor, *, start: int = 0, where: str = "", mask: Tensor | None = None
+) -> None:
+    """Raise ``NonFiniteError`` for ``x`` (call only when its flag is set); ``start``: row of ``x[0]`` in the run."""
+    bad = _bad(site, x, mask)
+    rows = _rows(bad).nonzero()
+    row = int(rows[0, 0]) + start if x.ndim and len(rows) else None
+    raise _error(site, layer, int(bad.sum()), row, where)
+
+
+def check_finite(
+    site: str, layer: int | None, x: Tensor, *, start: int = 0, where: str = "", mask: Tensor | None = None
+) -> None:
+    """Raise ``NonFiniteError`` if ``x`` holds NaN/inf (at real tokens when ``mask`` [b s] is given).
+
+    One reduction on ``x``'s device and one synchronisation; ``start`` is the row of ``x[0]`` in the run.
+    """
+    if bool(nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()):
+        raise_nonfinite(site, layer, x, start=start, where=where, mask=mask)
+
+
+class FiniteGuard:
+    """Gather the NaN/inf counts of many activations on their device and check them all with one ``check``.
+
+    Only a count and per-row flags are kept per activation, never the activation itself, so an
+    attention map is still freed as soon as its layer is done. A guard lives for one batch.
+    """
+
+    def __init__(self, start: int = 0, where: str = ""):
+        self.start, self.where = start, where
+        self._seen: list[tuple[str, int | None, Tensor, Tensor]] = []
+
+    def add(self, site: str, layer: int | None, x: Tensor, mask: Tensor | None = None) -> None:
+        """Count the NaN/inf of ``x`` (at real tokens when ``mask`` [b s] is given) without synchronising."""
+        bad = _bad(site, x.detach(), mask)
+        self._seen.append((site, layer, bad.sum(), _rows(bad)))
+
+    def check(self) -> None:
+        """Raise ``NonFiniteError`` for the first activation added that held NaN/inf; then start afresh."""
+        seen, self._seen = self._seen, []
+        if not seen:
+            return
+        counts = torch.stack([count.to(seen[0][2].device) for _, _, count, _ in seen]).cpu()
+        hits = counts.nonzero()
+        if len(hits):
+            site, layer, count, rows = seen[int(hits[0, 0])]
+            first = rows.nonzero()
+            row = int(first[0, 0]) + self.start if len(first) else None
+            raise _error(site, layer, int(count), row, self.where)
+
+
+def undetermined(stats: Mapping[str, Any]) -> str:
+    """A note naming the NaN statistics in ``stats`` ('' when all are numbers): no verdict is drawn from NaN."""
+    bad = [name for name, value in stats.items() if _is_nan(value)]
+    return f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} NaN: no verdict" if bad else ""
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return value is None or math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+__all__ = ["UNDETERMINED", "FiniteGuard", "NonFiniteError", "check_finite", "nonfinite_flag", "undetermined"]
