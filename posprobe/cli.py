@@ -204,7 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", "extract sites into an on-disk activation store")
     _common(p)
     _tokens_args(p)
-    p.add_argument("--sites", nargs="+", default=["resid_post"], choices=SITES, metavar="SITE", help="sites to store, of: %(choices)s")
+    p.add_argument(
+        "--sites",
+        nargs="+",
+        default=["resid_post"],
+        choices=SITES,
+        metavar="SITE",
+        help="sites to store, of: %(choices)s",
+    )
     p.add_argument(
         "--layers", nargs="*", type=integer, default=None, help="layers to store (negative counts from the end)"
     )
@@ -246,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _tokens_args(p, n=8, seq_len=64)
     p.add_argument("--shift", type=positive(int), default=8, help="positions the corrupted run is shifted by")
-    p.add_argument("--sites", nargs="+", default=["resid_pre"], choices=SITES, metavar="SITE", help="sites to patch, of: %(choices)s")
+    p.add_argument(
+        "--sites",
+        nargs="+",
+        default=["resid_pre"],
+        choices=SITES,
+        metavar="SITE",
+        help="sites to patch, of: %(choices)s",
+    )
     p.add_argument(
         "--per-position", action="store_true", help="patch each position separately (n_layers × seq_len runs)"
     )
