@@ -348,11 +348,17 @@ def _model_facts(model) -> dict[str, Any]:
 # -- outputs ----------------------------------------------------------------------------------------
 
 
-def _save(out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Sequence[str] = ()) -> None:
+def _save(
+    out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Sequence[str] = (), headline: str | None = None
+) -> None:
+    """Write tables (CSV), figures (HTML, ``formats``) and the headline (printed, and in ``summary.json``)."""
     from posprobe.plots.export import save_figure
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    if headline is not None:
+        print(headline)
+        (folder / "summary.json").write_text(json.dumps({"headline": headline}, indent=1) + "\n")
     for name, table in tables.items():
         table.to_csv(folder / f"{name}.csv", index=False)
     for name, fig in figures.items():
@@ -451,19 +457,27 @@ def cmd_probe(args: argparse.Namespace) -> None:
         kind=args.kind,
         n_splits=args.n_splits,
     )
-    _save(args.out, {"probes": result.table}, {"probes": result.plot()}, args.formats)
+    from posprobe.headlines import probe_headline
+
+    headline = probe_headline(result.table, args.site, args.target)
+    _save(args.out, {"probes": result.table}, {"probes": result.plot()}, args.formats, headline)
 
 
 def cmd_rope(args: argparse.Namespace) -> None:
+    from posprobe.headlines import roles_headline
     from posprobe.stats.rope import rope_frequency_usage
 
     model = _load(args)
-    usage = rope_frequency_usage(model, _windows(model, args), progress=True)
+    tokens = _windows(model, args)
+    usage = rope_frequency_usage(model, tokens, progress=True)
+    twin = rope_frequency_usage(model.random_init_copy(args.seed), tokens, progress=True)
+    headline = roles_headline(usage.head_roles, twin.head_roles, ("positional", "semantic", "mixed"), "mixed")
     _save(
         args.out,
         {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
         {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()},
         args.formats,
+        headline,
     )
 
 
@@ -484,34 +498,45 @@ def cmd_neurons(args: argparse.Namespace) -> None:
     import tempfile
 
     from posprobe.extract import extract
+    from posprobe.headlines import neurons_headline
     from posprobe.stats.neurons import positional_neurons
 
     model = _load(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = positional_neurons(extract(model, _windows(model, args), "mlp_post", out=tmp))
+    tokens = _windows(model, args)
+
+    def run(m):
+        with tempfile.TemporaryDirectory() as tmp:
+            return positional_neurons(extract(m, tokens, "mlp_post", out=tmp))
+
+    result, twin = run(model), run(model.random_init_copy(args.seed))
     figures = {"neuron_counts": result.figure("counts")}
     if result.table["is_positional"].any():  # the heatmap draws positional neurons only
         figures["neuron_heatmap"] = result.figure("heatmap")
-    _save(args.out, {"neurons": result.table, "layers": result.layer_summary}, figures, args.formats)
+    headline = neurons_headline(result.table, twin.table)
+    _save(args.out, {"neurons": result.table, "layers": result.layer_summary}, figures, args.formats, headline)
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
-    from posprobe.stats.attention import attention_stats
+    from posprobe.headlines import roles_headline
+    from posprobe.stats.attention import ROLES, attention_stats
     from posprobe.stats.variance import attention_variance
 
     model = _load(args)
     tokens = _windows(model, args)
     stats = attention_stats(model, tokens, progress=True)
+    twin = attention_stats(model.random_init_copy(args.seed), tokens, progress=True)
     variance = attention_variance(model, tokens, progress=True)
     _save(
         args.out,
         {"heads": stats.heads, "roles": stats.roles, "variance": variance.table, "exponents": variance.exponents},
         {"head_roles": stats.figure(), "variance": variance.figure()},
         args.formats,
+        roles_headline(stats.roles, twin.roles, ROLES, ROLES[-1]),
     )
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
+    from posprobe.headlines import shift_headline
     from posprobe.stats.patching import patch_positions, shift_invariance
 
     model = _load(args)
@@ -523,6 +548,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
         {"patching": result.table, "shift_invariance": invariance},
         {"patching": result.figure()},
         args.formats,
+        shift_headline(invariance),
     )
 
 

@@ -7,6 +7,7 @@ summary and the run's settings.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -22,6 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from posprobe.headlines import neurons_headline, probe_headline, roles_headline, shift_headline
 from posprobe.models import PositionModel, load_model
 from posprobe.progress import tqdm
 
@@ -30,13 +32,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReportSettings:
-    """What a report run measures on: token windows, seed, device."""
+    """What a report run measures on: token windows, seed, device; ``controls``: also run the random-init twin
+    (seed ``seed``) for the head-role and neuron headlines (the probes always use it)."""
 
     n: int = 32
     seq_len: int = 256
     seed: int = 0
     device: str = "auto"
     quick: bool = False
+    controls: bool = True
 
     @classmethod
     def make(cls, quick: bool = False, **overrides: Any) -> ReportSettings:
@@ -70,16 +74,17 @@ def analyse_model(model: PositionModel, settings: ReportSettings, progress: bool
     import posprobe.data as data
 
     tokens = data.text_windows(model, n=settings.n, seq_len=min(settings.seq_len, model.info.n_ctx), seed=settings.seed)
+    twin = functools.cache(lambda: model.random_init_copy(settings.seed)) if settings.controls else None
     stages: list[tuple[str, Callable[[], Section]]] = [
         ("model card", lambda: _model_card(model, tokens)),
         ("position probes", lambda: _probes(model, tokens, settings)),
     ]
     if model.info.is_rotary:
-        stages.append(("RoPE frequencies", lambda: _rope(model, tokens)))
+        stages.append(("RoPE frequencies", lambda: _rope(model, tokens, twin)))
     if "pos_embed" in model.available_sites():
         stages.append(("position table", lambda: _position_table(model, settings)))
-    stages.append(("positional neurons", lambda: _neurons(model, tokens)))
-    stages.append(("attention", lambda: _attention(model, tokens)))
+    stages.append(("positional neurons", lambda: _neurons(model, tokens, twin)))
+    stages.append(("attention", lambda: _attention(model, tokens, twin)))
     stages.append(("shift invariance", lambda: _shift(model, tokens)))
     sections = []
     bar = tqdm(stages, desc=f"report {model.info.name}", unit="stage", disable=not progress)
@@ -144,14 +149,7 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
     with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
         result = probe_model(model, tokens, "resid_post", seed=settings.seed, out=tmp)
     table = result.table
-    main = _probe_main_rows(table)
-    best = main.loc[main["r2"].idxmax()] if len(main) else None
-    summary = (
-        f"absolute position is linearly decodable best at layer {int(best['layer'])} (R² {best['r2']:.3f}, "
-        f"MAE {best['mae']:.1f} tokens); see the controls for how much is selective"
-        if best is not None
-        else "no probe rows"
-    )
+    summary = probe_headline(table)
     figure = result.plot("r2")
     clipped = sorted(table.loc[table["r2"] < R2_FLOOR, "layer"].dropna().astype(int).unique().tolist())
     if clipped:  # one diverging layer would squash every other curve against the axis
@@ -170,23 +168,15 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
 R2_FLOOR = -1.0
 
 
-def _probe_main_rows(table: pd.DataFrame) -> pd.DataFrame:
-    rows = table
-    for column, value in (("target", "absolute"), ("kind", "ridge")):
-        if column in rows:
-            rows = rows[rows[column] == value]
-    if "with_pos0" in rows:
-        rows = rows[~rows["with_pos0"].astype(bool)]
-    return rows
-
-
-def _rope(model: PositionModel, tokens) -> Section:
+def _rope(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
     from posprobe.stats.rope import rope_frequency_usage
 
-    usage = rope_frequency_usage(model, tokens[: min(len(tokens), 8)])
+    few = tokens[: min(len(tokens), 8)]
+    usage = rope_frequency_usage(model, few)
     roles = usage.head_roles
-    counts = roles["role"].value_counts().to_dict() if "role" in roles else {}
-    summary = "head roles from frequency use: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    twin_roles = rope_frequency_usage(twin(), few).head_roles if twin is not None else None
+    summary = roles_headline(roles, twin_roles, ("positional", "semantic", "mixed"), fallback="mixed")
+    summary = summary.replace("head roles", "head roles from frequency use", 1)
     return Section(
         "rope",
         "Which rotation frequencies does each head use? (Barbero et al. 2024)",
@@ -224,19 +214,18 @@ def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
     )
 
 
-def _neurons(model: PositionModel, tokens) -> Section:
+def _neurons(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
     from posprobe.extract import extract
     from posprobe.stats.neurons import positional_neurons
 
-    with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
-        store = extract(model, tokens, "mlp_post", out=tmp, progress=False)
-        result = positional_neurons(store)
+    def run(m: PositionModel):
+        with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
+            return positional_neurons(extract(m, tokens, "mlp_post", out=tmp, progress=False))
+
+    result = run(model)
     summary_table = result.layer_summary
     positional = result.table[result.table["is_positional"]]
-    summary = (
-        f"{len(positional)} of {len(result.table)} MLP neurons are positional (MI > 0.05 bits); "
-        "categories: " + ", ".join(f"{n} {c}" for c, n in positional["category"].value_counts().items())
-    )
+    summary = neurons_headline(result.table, run(twin()).table if twin is not None else None)
     figures = [result.figure("counts")]
     if len(positional):
         figures.append(result.figure("heatmap", top=20))
@@ -249,8 +238,8 @@ def _neurons(model: PositionModel, tokens) -> Section:
     )
 
 
-def _attention(model: PositionModel, tokens) -> Section:
-    from posprobe.stats.attention import attention_stats
+def _attention(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
+    from posprobe.stats.attention import ROLES, attention_stats
     from posprobe.stats.similarity import embedding_similarity
     from posprobe.stats.variance import attention_variance
 
@@ -258,15 +247,11 @@ def _attention(model: PositionModel, tokens) -> Section:
     variance = attention_variance(model, tokens)
     similarity = embedding_similarity(model, tokens)
     roles = stats.roles
-    counts = roles["role"].value_counts().to_dict() if "role" in roles else {}
     exps = variance.exponents
-    summary = (
-        "head roles: "
-        + ", ".join(f"{v} {k}" for k, v in counts.items())
-        + f"; attention-output variance ∝ position^-a with median a = {exps['exponent'].median():.2f}"
-        if "exponent" in exps
-        else ""
-    )
+    twin_roles = attention_stats(twin(), tokens).roles if twin is not None else None
+    summary = roles_headline(roles, twin_roles, ROLES, fallback=ROLES[-1])
+    if "exponent" in exps:
+        summary += f"; attention-output variance ∝ position^-a with median a = {exps['exponent'].median():.2f}"
     if stats.notes:  # a bidirectional model: say which statistics assume causal attention
         summary += " (bidirectional model: " + "; ".join(stats.notes) + ")"
     return Section(
@@ -306,15 +291,7 @@ def _shift(model: PositionModel, tokens) -> Section:
             shifts, keep = tuple(k for k in shifts if model.info.n_ctx - k >= 16), model.info.n_ctx - 1
         tokens = _first_columns(tokens, min(keep, tokens.shape[1]))
     table = shift_invariance(model, tokens, shifts=shifts)
-    if (table["output"] == "logits").all():
-        summary = "output change when every position id is shifted: " + ", ".join(
-            f"k={int(r.shift)}: KL {r.kl:.2e}" for r in table.itertuples()
-        )
-    else:  # an encoder without an LM head: its last hidden state is what moves
-        summary = (
-            "change of the last layer's hidden state when every position id is shifted (no LM head): "
-            + ", ".join(f"k={int(r.shift)}: mean |Δ| {r.mean_abs_logit_diff:.2e}" for r in table.itertuples())
-        )
+    summary = shift_headline(table)
     return Section(
         "shift", "Relative or absolute? Shifting every position", summary, tables={"shift_invariance": table}
     )

@@ -7,7 +7,8 @@
 Batches are a pure function of (seed, step) and every CPU kernel used is deterministic, so CPU
 training is reproducible bit for bit (any thread count) and a resumed run matches one trained
 straight through; on CUDA it matched too where checked (H200), but cuBLAS promises less.
-``main_train(argv)`` is the ``posprobe train`` CLI; ``data/zoo/README.md`` has the zoo's recipe.
+``add_train_arguments`` / ``run_train`` are ``posprobe train``'s flags and body (``python -m
+posprobe.train`` runs the same command); ``data/zoo/README.md`` has the zoo's recipe.
 """
 
 from __future__ import annotations
