@@ -589,12 +589,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 # -- errors in the command line's words ---------------------------------------------------------------
 
 
+#: API parameter names whose flag is spelled differently.
+API_NAMES = {"out_dir": "out"}
+
+
 def speak_in_flags(message: str, parser: argparse.ArgumentParser) -> str:
     """Rewrite an API error for the command line: ``resume=True`` → ``--resume``, ``n_splits`` → ``--n-splits``."""
     flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
 
     def flag(name: str) -> str | None:
-        candidate = "--" + name.replace("_", "-")
+        candidate = "--" + API_NAMES.get(name, name).replace("_", "-")
         return candidate if candidate in flags else None
 
     message = re.sub(r"\s*\(CLI: [^)]*\)", "", message)

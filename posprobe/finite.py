@@ -47,8 +47,10 @@ def _rows(bad: Tensor) -> Tensor:
     return bad.reshape(1) if bad.ndim == 0 else bad.reshape(bad.shape[0], -1).any(1)
 
 
-def _error(site: str, layer: int | None, count: int, row: int | None, where: str) -> NonFiniteError:
-    seq = f" (first in sequence {row})" if row is not None else ""
+def _error(
+    site: str, layer: int | None, count: int, row: int | None, where: str, unit: str = "sequence"
+) -> NonFiniteError:
+    seq = f" (first in {unit} {row})" if row is not None else ""
     layer_text = "" if layer is None else f" layer {layer}"
     return NonFiniteError(
         f"{count} non-finite value{'s' if count != 1 else ''} (NaN/inf) in site {site!r}{layer_text}{seq}"
@@ -58,24 +60,41 @@ def _error(site: str, layer: int | None, count: int, row: int | None, where: str
 
 
 def raise_nonfinite(
-    site: str, layer: int | None, x: Tensor, *, start: int = 0, where: str = "", mask: Tensor | None = None
+    site: str,
+    layer: int | None,
+    x: Tensor,
+    *,
+    start: int = 0,
+    where: str = "",
+    mask: Tensor | None = None,
+    unit: str = "sequence",
 ) -> None:
-    """Raise ``NonFiniteError`` for ``x`` (call only when its flag is set); ``start``: row of ``x[0]`` in the run."""
+    """Raise ``NonFiniteError`` for ``x`` (call only when its flag is set); ``start``: row of ``x[0]`` in the run.
+
+    ``unit`` names what a row of ``x`` is ("sequence"; "position" for a position table).
+    """
     bad = _bad(site, x, mask)
     rows = _rows(bad).nonzero()
     row = int(rows[0, 0]) + start if x.ndim and len(rows) else None
-    raise _error(site, layer, int(bad.sum()), row, where)
+    raise _error(site, layer, int(bad.sum()), row, where, unit)
 
 
 def check_finite(
-    site: str, layer: int | None, x: Tensor, *, start: int = 0, where: str = "", mask: Tensor | None = None
+    site: str,
+    layer: int | None,
+    x: Tensor,
+    *,
+    start: int = 0,
+    where: str = "",
+    mask: Tensor | None = None,
+    unit: str = "sequence",
 ) -> None:
     """Raise ``NonFiniteError`` if ``x`` holds NaN/inf (at real tokens when ``mask`` [b s] is given).
 
     One reduction on ``x``'s device and one synchronisation; ``start`` is the row of ``x[0]`` in the run.
     """
     if bool(nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()):
-        raise_nonfinite(site, layer, x, start=start, where=where, mask=mask)
+        raise_nonfinite(site, layer, x, start=start, where=where, mask=mask, unit=unit)
 
 
 class FiniteGuard:

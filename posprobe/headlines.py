@@ -6,7 +6,7 @@ Used by the report, the command line and ``summary.json``. The rules, one per an
   ``MARGIN`` above the shuffled-label control → "no more than shuffled labels"; no layer more
   than ``MARGIN`` above the random-init twin → "no more than the random-init twin" (the
   architecture gives the position, not training); otherwise the best layer, with its gain over
-  the twin and the layer where that gain is largest.
+  the twin, the layer where that gain is largest and at how many layers the twin keeps up.
 - **roles** (attention heads, RoPE heads) and **neurons**: each count beside the random-init
   twin's; a count that does not exceed the twin's is "no more than the random-init twin".
   Heads or neurons whose score is NaN are counted as undetermined, never as a role.
@@ -63,6 +63,9 @@ def probe_headline(table: pd.DataFrame, site: str = "resid_post", target: str = 
     gain_at = (
         "" if top.name == best.name else f"; the largest gain is at layer {_layer(top['layer'])} ({top_gain:+.3f})"
     )
+    matched = int((gain <= MARGIN).sum())
+    if matched:
+        gain_at += f"; the twin comes within {MARGIN:g} or above at {matched} of {len(rows)} layers"
     return (
         f"{what} is linearly decodable from {site}, {score}: {r2 - twin_best:+.3f} R² above the random-init twin "
         f"(R² {twin_best:.3f}){gain_at}; shuffled labels R² {shuffled:.3f}"

@@ -66,6 +66,7 @@ def test_probe_headline_rules_on_tables():
     # the best layer is no win but another layer is: that layer is named
     mixed = probe_headline(probe_table([0.9, 0.6], [0.88, 0.1]))
     assert "best at layer 0" in mixed and "the largest gain is at layer 1 (+0.500)" in mixed
+    assert "the twin comes within 0.05 or above at 1 of 2 layers" in mixed
     assert "than shuffled labels" in probe_headline(probe_table([0.3], [0.0], shuffled=0.28))
     assert "random-init control was not run" in probe_headline(probe_table([0.7], [math.nan]))
 

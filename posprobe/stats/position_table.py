@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from posprobe.finite import check_finite
 from posprobe.models.base import PositionModel
 from posprobe.sites import SiteKey
 
@@ -143,8 +144,7 @@ def _as_table(table: np.ndarray | torch.Tensor) -> np.ndarray:
         raise ValueError(f"a position table is [positions d_model]; got shape {tuple(table.shape)}")
     if table.shape[0] < 4 or table.shape[1] < 1:
         raise ValueError(f"a position table needs at least 4 positions and 1 dimension; got shape {table.shape}")
-    if not np.isfinite(table).all():
-        raise ValueError(f"the position table holds {int((~np.isfinite(table)).sum())} NaN/inf values")
+    check_finite("pos_embed", None, torch.from_numpy(table), where="of the position table", unit="position")
     return table
 
 
