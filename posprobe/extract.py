@@ -29,7 +29,7 @@ from posprobe.devices import (
     shard_bytes_per_sequence,
     site_shape,
 )
-from posprobe.finite import NonFiniteError, nonfinite_flag, raise_nonfinite
+from posprobe.finite import NonFiniteError, count_nonfinite, nonfinite_flag, raise_nonfinite
 from posprobe.models import ModelInfo, PositionModel, load_model
 from posprobe.models.base import Hook
 from posprobe.progress import tqdm
@@ -217,7 +217,7 @@ def _stream_shard(
     futures: list[Future[tuple[SiteKey, Tensor] | None]] = []
 
     def store_one(key: SiteKey, x: Tensor) -> tuple[SiteKey, Tensor] | None:
-        if bool(nonfinite_flag(key.site, x)):
+        if bool(nonfinite_flag(key.site, x)) and count_nonfinite(key.site, x):
             return key, x
         shard.write(key.name, x)
         return None

@@ -26,10 +26,21 @@ class NonFiniteError(ValueError):
 
 
 def nonfinite_flag(site: str, x: Tensor) -> Tensor:
-    """A 0-d bool tensor on ``x``'s device: any NaN or inf (attention scores: NaN or +inf; -inf marks masked keys)."""
+    """A 0-d bool tensor on ``x``'s device, set when ``x`` may hold NaN or inf; no synchronisation.
+
+    One read of ``x``: its sum (in float32, float64 for float64 input) is NaN or inf exactly when
+    some value is, or when the sum itself overflows, so a set flag is confirmed with
+    ``count_nonfinite`` before anything is said. Attention scores may hold -inf (masked keys), so
+    for them the flag is exact: NaN or +inf.
+    """
     if site in ATTENTION_MAP_SITES:
         return ~(x < float("inf")).all()
-    return ~torch.isfinite(x).all()
+    return ~torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+
+
+def count_nonfinite(site: str, x: Tensor, mask: Tensor | None = None) -> int:
+    """How many values of ``x`` are NaN or inf (attention scores: NaN or +inf); with ``mask`` at real tokens only."""
+    return int(_bad(site, x, mask).sum())
 
 
 def _bad(site: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -69,14 +80,18 @@ def raise_nonfinite(
     mask: Tensor | None = None,
     unit: str = "sequence",
 ) -> None:
-    """Raise ``NonFiniteError`` for ``x`` (call only when its flag is set); ``start``: row of ``x[0]`` in the run.
+    """Raise ``NonFiniteError`` if ``x`` holds NaN/inf (call when its flag is set: this confirms it exactly).
 
-    ``unit`` names what a row of ``x`` is ("sequence"; "position" for a position table).
+    ``start`` is the row of ``x[0]`` in the run; ``unit`` names what a row is ("sequence"; "position"
+    for a position table).
     """
     bad = _bad(site, x, mask)
+    count = int(bad.sum())
+    if count == 0:  # the flag's sum overflowed: every value is finite
+        return
     rows = _rows(bad).nonzero()
     row = int(rows[0, 0]) + start if x.ndim and len(rows) else None
-    raise _error(site, layer, int(bad.sum()), row, where, unit)
+    raise _error(site, layer, count, row, where, unit)
 
 
 def check_finite(
@@ -91,40 +106,39 @@ def check_finite(
 ) -> None:
     """Raise ``NonFiniteError`` if ``x`` holds NaN/inf (at real tokens when ``mask`` [b s] is given).
 
-    One reduction on ``x``'s device and one synchronisation; ``start`` is the row of ``x[0]`` in the run.
+    One read of ``x`` on its device and one synchronisation; the exact count only when flagged.
     """
     if bool(nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()):
         raise_nonfinite(site, layer, x, start=start, where=where, mask=mask, unit=unit)
 
 
 class FiniteGuard:
-    """Gather the NaN/inf counts of many activations on their device and check them all with one ``check``.
+    """Gather the NaN/inf flags of many activations on their device and check them all with one ``check``.
 
-    Only a count and per-row flags are kept per activation, never the activation itself, so an
-    attention map is still freed as soon as its layer is done. A guard lives for one batch.
+    A flag is one reduction per activation; the activations are referenced until ``check`` (they are
+    alive anyway: captured, or in the batch being folded in) so the message can count and locate the
+    bad values. A guard lives for one batch.
     """
 
     def __init__(self, start: int = 0, where: str = ""):
         self.start, self.where = start, where
-        self._seen: list[tuple[str, int | None, Tensor, Tensor]] = []
+        self._seen: list[tuple[str, int | None, Tensor, Tensor | None, Tensor]] = []
 
     def add(self, site: str, layer: int | None, x: Tensor, mask: Tensor | None = None) -> None:
-        """Count the NaN/inf of ``x`` (at real tokens when ``mask`` [b s] is given) without synchronising."""
-        bad = _bad(site, x.detach(), mask)
-        self._seen.append((site, layer, bad.sum(), _rows(bad)))
+        """Flag NaN/inf in ``x`` (at real tokens when ``mask`` [b s] is given) without synchronising."""
+        x = x.detach()
+        flag = nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()
+        self._seen.append((site, layer, x, mask, flag))
 
     def check(self) -> None:
         """Raise ``NonFiniteError`` for the first activation added that held NaN/inf; then start afresh."""
         seen, self._seen = self._seen, []
         if not seen:
             return
-        counts = torch.stack([count.to(seen[0][2].device) for _, _, count, _ in seen]).cpu()
-        hits = counts.nonzero()
-        if len(hits):
-            site, layer, count, rows = seen[int(hits[0, 0])]
-            first = rows.nonzero()
-            row = int(first[0, 0]) + self.start if len(first) else None
-            raise _error(site, layer, int(count), row, self.where)
+        flags = torch.stack([flag.to(seen[0][4].device) for *_, flag in seen]).cpu()
+        for hit in flags.nonzero()[:, 0].tolist():  # in the order added; a flag is confirmed before it is said
+            site, layer, x, mask, _ = seen[hit]
+            raise_nonfinite(site, layer, x, start=self.start, where=self.where, mask=mask)
 
 
 def undetermined(stats: Mapping[str, Any]) -> str:
@@ -140,4 +154,13 @@ def _is_nan(value: Any) -> bool:
         return False
 
 
-__all__ = ["UNDETERMINED", "FiniteGuard", "NonFiniteError", "check_finite", "nonfinite_flag", "undetermined"]
+__all__ = [
+    "UNDETERMINED",
+    "FiniteGuard",
+    "NonFiniteError",
+    "check_finite",
+    "count_nonfinite",
+    "nonfinite_flag",
+    "raise_nonfinite",
+    "undetermined",
+]

@@ -9,7 +9,7 @@ import torch
 from conftest import random_ids, tiny_llama_hf
 
 import posprobe as pp
-from posprobe.finite import FiniteGuard, NonFiniteError, check_finite, undetermined
+from posprobe.finite import FiniteGuard, NonFiniteError, check_finite, nonfinite_flag, undetermined
 from posprobe.models.hf import HFModel
 from posprobe.stats.attention import UNDETERMINED, HeadRoleRules
 
@@ -142,3 +142,15 @@ def test_no_neuron_category_from_a_nan_score():
     row = table[table["neuron"] == 2].iloc[0]
     assert row["category"] == UNDETERMINED and row["note"] == "mi is NaN: no verdict"
     assert (table.loc[table["neuron"] != 2, "note"] == "").all()
+
+
+def test_a_sum_that_overflows_is_not_called_non_finite():
+    big = torch.full((4, 10), 3e38)  # finite values whose float32 sum is inf: the cheap flag fires, the count clears it
+    assert bool(nonfinite_flag("resid_post", big))
+    check_finite("resid_post", 0, big)
+    guard = FiniteGuard()
+    guard.add("resid_post", 0, big)
+    guard.check()
+    big[2, 3] = math.nan
+    with pytest.raises(NonFiniteError, match=r"^1 non-finite value .* \(first in sequence 2\)"):
+        check_finite("resid_post", 0, big)
