@@ -37,7 +37,7 @@ def parse_args(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small inputs: minutes on 2 CPU cores")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default analyses/out)")
-    parser.add_argument("--zoo-root", default=None, help="folder holding the zoo checkpoints (default data/zoo)")
+    parser.add_argument("--zoo-root", default=None, help="folder of zoo checkpoints (default: the shipped zoo)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     if extra is not None:
@@ -113,7 +113,7 @@ class Output:
             "quick": args.quick,
             "seed": args.seed,
             "threads": args.threads,
-            "zoo_root": args.zoo_root or "data/zoo",
+            "zoo_root": args.zoo_root or "posprobe/zoo_checkpoints",
         }
         self._write_plotlyjs()
 

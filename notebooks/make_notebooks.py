@@ -419,7 +419,7 @@ pd.concat([
     md("""
 **What to look for.** Whether the learned-embedding model, which is handed position at the
 input, grows more position-dependent MLP units than the NoPE model, which must compute position
-from causal attention. Our zoo models are small and briefly trained (see `data/zoo/README.md`),
+from causal attention. Our zoo models are small and briefly trained (see `posprobe/zoo_checkpoints/README.md`),
 so expect far weaker positional neurons than in OPT: compare the η² columns, not only the
 counts above the MI threshold.
 """),

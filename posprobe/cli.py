@@ -40,7 +40,8 @@ EXAMPLES = {
     "positions": "posprobe positions --model minilm-l6 --out out/positions",
     "attention": "posprobe attention --model smollm2-135m --seq-len 1024 --n 4 --out out/attention",
     "patch": "posprobe patch --model zoo:learned --shift 8 --out out/patch",
-    "train": "posprobe train --pe rope --steps 2000 --out data/zoo/rope-retrained",
+    "train": "posprobe train --pe rope --steps 2000 --out runs/zoo/rope\n"
+    "  posprobe report --quick --model zoo:runs/zoo/rope",
     "report": "posprobe report --model smollm2-135m --out report/\n  posprobe report --quick --compare zoo:none",
 }
 

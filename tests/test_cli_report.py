@@ -22,7 +22,7 @@ import pytest
 from posprobe.cli import COMMANDS, main
 from posprobe.plots.export import ExportError, image_export_problem, save_figure
 
-ZOO_NONE = Path(__file__).resolve().parents[1] / "data" / "zoo" / "none"
+ZOO_NONE = Path(__file__).resolve().parents[1] / "posprobe" / "zoo_checkpoints" / "none"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -91,7 +91,7 @@ def test_unknown_model_is_one_line(tmp_path):
 
 
 def test_layer_out_of_range_is_one_line(tmp_path):
-    assert (ZOO_NONE / "config.json").exists(), f"the zoo checkpoint {ZOO_NONE} is missing (shipped in data/zoo)"
+    assert (ZOO_NONE / "config.json").exists(), f"the zoo checkpoint {ZOO_NONE} is missing (shipped in the package)"
     proc = run_cli(
         "extract",
         "--model",

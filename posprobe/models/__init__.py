@@ -29,9 +29,10 @@ def known_models() -> dict[str, str]:
     """Names ``load_model`` accepts without a network, with a one-line description."""
     names = {name: spec.description for name, spec in PACKAGED.items()}
     try:
-        from posprobe.models.zoo import ZOO_VARIANTS
+        from posprobe.models.zoo import ZOO_VARIANTS, user_variants
 
         names.update({f"zoo:{v}": f"posprobe zoo decoder: {what}" for v, what in ZOO_VARIANTS.items()})
+        names.update({f"zoo:{v}": f"your zoo variant in {path}" for v, path in user_variants().items()})
     except ImportError:
         pass
     return names

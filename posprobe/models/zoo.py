@@ -1,15 +1,21 @@
 """The position zoo: small decoders trained alike, differing only in how they encode position.
 
-``load_zoo("rope")`` reads ``data/zoo/rope/`` (safetensors + JSON config) into a ``ZooModel``,
+``load_zoo("rope")`` reads ``posprobe/zoo_checkpoints/rope/`` (safetensors + JSON config, shipped
+in the wheel) into a ``ZooModel``,
 posprobe's ``PositionModel`` over the TransformerLens-hooked ``ZooTransformer`` (``model.net``).
 ``load_zoo("rope", random_init=True, seed=0)`` is the same architecture freshly initialised: the
 control every probe needs (Hewitt & Liang 2019). The checkpoints come from ``posprobe.train``;
-``data/zoo/README.md`` gives the recipe and their held-out losses.
+``posprobe/zoo_checkpoints/README.md`` gives the recipe and their held-out losses.
+
+Your own variants: ``posprobe train --out DIR`` writes a checkpoint folder that ``zoo:DIR`` (a
+path) loads; folders listed in ``$POSPROBE_ZOO`` (``os.pathsep``-separated) hold named variants
+(``$POSPROBE_ZOO/<name>/config.json``) that ``zoo:<name>`` finds before the shipped ones.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,20 @@ from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.models.zoo_tokenizer import ZOO_DIR, load_zoo_tokenizer
 from posprobe.sites import SiteKey
 
-__all__ = ["ZOO_DIR", "ZOO_VARIANTS", "ZooConfig", "ZooModel", "ZooTransformer", "load_checkpoint", "load_zoo"]
+__all__ = [
+    "ZOO_DIR",
+    "ZOO_ENV",
+    "ZOO_VARIANTS",
+    "ZooConfig",
+    "ZooModel",
+    "ZooTransformer",
+    "load_checkpoint",
+    "load_zoo",
+    "user_variants",
+    "zoo_roots",
+]
 
-#: the shipped checkpoints in ``data/zoo/<variant>/`` and what sets each apart: one per position
+#: the shipped checkpoints in ``posprobe/zoo_checkpoints/<variant>/`` and what sets each apart: one per position
 #: scheme, plus p-RoPE (Barbero et al. 2024), RoPE whose lowest quarter of frequencies never rotates
 ZOO_VARIANTS = {
     "none": "no positional encoding (NoPE): only the causal mask",
@@ -38,6 +55,8 @@ ZOO_VARIANTS = {
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.json"
+#: Folders of your own zoo variants, searched before the shipped ones.
+ZOO_ENV = "POSPROBE_ZOO"
 
 
 class ZooModel(PositionModel):
@@ -158,18 +177,46 @@ def load_checkpoint(path: str | Path, random_init: bool = False, seed: int = 0, 
     return ZooModel(net, name=name, extra=extra)
 
 
+def zoo_roots() -> list[Path]:
+    """Folders searched for ``zoo:<name>``, in order: those in ``$POSPROBE_ZOO``, then the shipped zoo."""
+    user = [Path(p).expanduser() for p in os.environ.get(ZOO_ENV, "").split(os.pathsep) if p]
+    return [*user, ZOO_DIR]
+
+
+def user_variants() -> dict[str, Path]:
+    """Checkpoint folders found under ``$POSPROBE_ZOO``: name → folder (the first root wins)."""
+    found: dict[str, Path] = {}
+    for root in zoo_roots()[:-1]:
+        if root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if (folder / CONFIG_FILE).exists():
+                    found.setdefault(folder.name, folder)
+    return found
+
+
 def load_zoo(variant: str, random_init: bool = False, seed: int = 0, root: str | Path | None = None) -> ZooModel:
-    """Load a shipped zoo model: ``none``, ``learned``, ``sinusoidal``, ``rope``, ``alibi`` or ``p-rope``.
+    """Load a zoo model: a shipped variant (``none``, ``learned``, ``sinusoidal``, ``rope``, ``alibi``,
+    ``p-rope``), a variant in a ``$POSPROBE_ZOO`` folder, or a checkpoint folder path (``posprobe train --out``).
 
     ``random_init=True`` gives the seeded, untrained twin (built on demand, not shipped).
-    ``root`` overrides the folder holding the variants (default ``data/zoo``).
+    ``root`` searches only that folder of variants.
     """
     if variant.startswith("zoo:"):
         variant = variant[4:]
-    if variant not in ZOO_VARIANTS:
-        raise ValueError(f"unknown zoo variant {variant!r}; known variants: {', '.join(ZOO_VARIANTS)}")
-    folder = Path(root) if root is not None else ZOO_DIR
-    return load_checkpoint(folder / variant, random_init=random_init, seed=seed, name=f"zoo:{variant}")
+    roots = [Path(root)] if root is not None else zoo_roots()
+    for folder in roots:
+        if (folder / variant / CONFIG_FILE).exists() and "/" not in variant and os.sep not in variant:
+            return load_checkpoint(folder / variant, random_init=random_init, seed=seed, name=f"zoo:{variant}")
+    path = Path(variant).expanduser()
+    if (path / CONFIG_FILE).exists():
+        return load_checkpoint(path, random_init=random_init, seed=seed, name=f"zoo:{variant}")
+    if path.exists() or "/" in variant or os.sep in variant:
+        raise FileNotFoundError(f"no zoo checkpoint in {path}: expected {CONFIG_FILE} there (posprobe train --out)")
+    known = [*ZOO_VARIANTS, *user_variants()]
+    raise ValueError(
+        f"unknown zoo variant {variant!r}; known variants: {', '.join(known)} (or a checkpoint folder path; "
+        f"${ZOO_ENV} adds folders of your own)"
+    )
 
 
 def _as_tl_hook(fn: Hook):

