@@ -642,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out is not None:
             _write_settings(stage or out, args, argv, time.perf_counter() - started)
         if stage is not None:
+            assert out is not None  # a stage is only made for an out folder
             names = _move_into(stage, out)
             print(f"wrote {', '.join(names)} to {out}")
     except (

@@ -11,7 +11,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -168,6 +168,7 @@ def text_windows(
         )
     tokens = torch.tensor(windows[:n], dtype=torch.long)
     if prepend_bos:
+        assert bos is not None  # _bos_id returns an id whenever prepend_bos is set
         tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)
     return TokenBatch(
         tokens,
@@ -188,6 +189,7 @@ def random_tokens(
     low = _first_plain_id(model)
     tokens = torch.randint(low, model.info.d_vocab, (n, seq_len - int(prepend_bos)), generator=gen)
     if prepend_bos:
+        assert bos is not None  # _bos_id returns an id whenever prepend_bos is set
         tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)
     return TokenBatch(
         tokens, torch.ones_like(tokens), prepend_bos, "random", _str_tokens(model.tokenizer, tokens), {"seed": seed}
@@ -203,6 +205,7 @@ def repeated_tokens(
     block = torch.randint(_first_plain_id(model), model.info.d_vocab, (n, half_len), generator=gen)
     tokens = torch.cat([block, block], dim=1)
     if prepend_bos:
+        assert bos is not None  # _bos_id returns an id whenever prepend_bos is set
         tokens = torch.cat([torch.full((n, 1), bos, dtype=torch.long), tokens], dim=1)
     return TokenBatch(
         tokens, torch.ones_like(tokens), prepend_bos, "repeated", _str_tokens(model.tokenizer, tokens), {"seed": seed}
@@ -224,7 +227,7 @@ def from_texts(
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"from_texts got empty texts (no tokens) at {empty}; every text needs at least one token")
-    rows = [([bos] if prepend_bos else []) + ids for ids in encoded]
+    rows = [([cast(int, bos)] if prepend_bos else []) + ids for ids in encoded]  # bos is set when prepend_bos
     width = max(len(r) for r in rows)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -154,6 +154,7 @@ def auto_batch_size(
         raise ValueError(f"budget_fraction must lie in (0, 1], got {budget_fraction}")
     keys = list(keys)
     device = model.device
+    free: int | None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cap = GPU_BATCH_CAP if cap is None else cap

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ from posprobe.store import (
     token_hash,
     write_shard,
 )
+
+if TYPE_CHECKING:
+    from posprobe.models.hf import HFModel
 
 log = logging.getLogger(__name__)
 
@@ -315,11 +318,11 @@ def extract_remote(
     )
 
 
-def _hows(model: PositionModel, keys: list[SiteKey]) -> dict[SiteKey, str]:
+def _hows(model: HFModel, keys: list[SiteKey]) -> dict[SiteKey, str]:
     return {key: model.site_path(key)[1] for key in keys}
 
 
-def _boundary_plan(model: PositionModel, keys: list[SiteKey]) -> list[tuple[str, str, str]]:
+def _boundary_plan(model: HFModel, keys: list[SiteKey]) -> list[tuple[str, str, str]]:
     """(key name, module path, ``input``/``output``) for every key, in the order the forward reaches them."""
     supported = ("embed", "pos_embed", *BOUNDARY_SITES)
     for key in keys:

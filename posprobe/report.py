@@ -283,7 +283,7 @@ def _shift(model: PositionModel, tokens) -> Section:
     from posprobe.stats.patching import shift_invariance
 
     tokens = tokens[: min(len(tokens), 4)]
-    shifts = (1, 8, 64)
+    shifts: tuple[int, ...] = (1, 8, 64)
     if not model.extrapolates and tokens.shape[1] + max(shifts) > model.info.n_ctx:
         # sequences that fill a learned table leave no room to shift: shorten them to make that room
         keep = model.info.n_ctx - max(shifts)

@@ -26,6 +26,7 @@ pattern        b n_heads s t                         attention probabilities
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -92,8 +93,8 @@ def check_site(site: str) -> str:
 
 
 def resolve_sites(
-    sites: str | list[str] | tuple[str, ...],
-    layers: int | list[int] | range | None,
+    sites: str | Sequence[str],
+    layers: int | Sequence[int] | None,
     n_layers: int,
 ) -> list[SiteKey]:
     """Expand site names × layers into SiteKeys, validating both.

@@ -184,7 +184,7 @@ class ActivationStore:
         self._check_keys([key])
         return torch.cat([shard.acts[key] for shard in self.iter_shards([key])])
 
-    def stack(self, site: str, layers: Iterable[int] | None = None) -> Tensor:
+    def stack(self, site: str, layers: Iterable[int | None] | None = None) -> Tensor:
         """One site over several layers: [n_layers n_seq seq ...]."""
         layers = self.layers(site) if layers is None else list(layers)
         keys = self._check_keys([SiteKey(site, layer) for layer in layers])
@@ -323,7 +323,7 @@ class StreamedShard:
         if tuple(x.shape) != shape:
             raise ValueError(f"{name}: activation of shape {tuple(x.shape)}, the shard expects {shape}")
         data = x.detach().to(device="cpu", dtype=self.dtype).contiguous().view(-1).view(torch.uint8).numpy()
-        view = memoryview(data)
+        view = memoryview(data)  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], self.base + offset + done)

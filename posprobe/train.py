@@ -161,7 +161,7 @@ def train(
     """
     out = Path(out_dir)
     config = config.replace(seed=seed)
-    hparams = {
+    hparams: dict[str, Any] = {
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "warmup": warmup if warmup is not None else max(1, min(100, steps // 10)),
         "min_lr_ratio": min_lr_ratio, "weight_decay": weight_decay, "grad_clip": grad_clip,

@@ -23,10 +23,13 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Families whose attention is inline code (no AttentionInterface): posprobe runs its own eager
 #: copy of their attention when an attention site is requested.
@@ -94,16 +97,17 @@ def discover_layout(hf: nn.Module) -> Layout:
     if family in ENCODERS:
         return _encoder_layout(hf, family)
     head_dim(cfg)  # a config whose heads do not tile d_model is refused before anything else
+    pretrained = cast("PreTrainedModel", hf)  # a transformers model: its embedding getters exist
     names = {id(m): n for n, m in hf.named_modules()}
     n_layers = cfg.num_hidden_layers
     layers = find_layers(hf, n_layers)
     if layers is None:
         raise UnsupportedModelError(family, f"no list of {n_layers} blocks among its modules")
-    embed = names.get(id(hf.get_input_embeddings()))
+    embed = names.get(id(pretrained.get_input_embeddings()))
     if embed is None:
         raise UnsupportedModelError(family, "no input embedding (get_input_embeddings())")
     body = _body(hf)
-    block = hf.get_submodule(layers)[0]
+    block = cast(nn.ModuleList, hf.get_submodule(layers))[0]
     d_model = cfg.hidden_size
     attn = _child(
         block, ("self_attn", "attn", "attention", "self_attention"), lambda m: "Attention" in type(m).__name__
@@ -180,7 +184,9 @@ def discover_layout(hf: nn.Module) -> Layout:
         mlp_down=mlp_down,
         sites=sites,
         pos_embed=_pos_embed(hf, embed, layers),
-        lm_head=names.get(id(hf.get_output_embeddings())) if hf.get_output_embeddings() is not None else None,
+        lm_head=names.get(id(pretrained.get_output_embeddings()))
+        if pretrained.get_output_embeddings() is not None
+        else None,
         parallel=parallel,
         attention=attention,
         missing=missing,
@@ -264,7 +270,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.nx, module.nf
+        return cast("tuple[int, int]", (module.nx, module.nf))  # Conv1D's int attributes
     return None
 
 
@@ -365,6 +371,13 @@ def n_kv_heads(cfg: Any) -> int:
 # -- position facts read from modules ----------------------------------------------------------------
 
 
+class _RopeInit(Protocol):
+    """A transformers rotary-embedding class: it carries the initialiser of the default rope type."""
+
+    @staticmethod
+    def compute_default_rope_parameters(config: Any, device: Any = None, **kwargs: Any) -> tuple[Tensor, float]: ...
+
+
 @dataclass(frozen=True)
 class Rotary:
     """Where one layer's RoPE frequencies live: a module and the buffer (or GPT-J table) holding them."""
@@ -391,7 +404,10 @@ class Rotary:
         layer_type = self.buffer.removesuffix("_inv_freq") if self.buffer != "inv_freq" else None
         rope_type = getattr(self.module, "rope_type", "default")
         rope_type = rope_type.get(layer_type, "default") if isinstance(rope_type, dict) else rope_type
-        init = ROPE_INIT_FUNCTIONS.get(rope_type) or type(self.module).compute_default_rope_parameters
+        init = (
+            ROPE_INIT_FUNCTIONS.get(rope_type)
+            or cast("type[_RopeInit]", type(self.module)).compute_default_rope_parameters
+        )
         kwargs = {"layer_type": layer_type} if layer_type else {}
         return init(self.module.config, "cpu", **kwargs)[0]
 

@@ -233,6 +233,8 @@ class PositionModel(ABC):
     ) -> Tensor:
         """Per-token next-token loss [b s-1] in nats (NaN where the target is padding)."""
         out = self.run(tokens, attention_mask=attention_mask, hooks=hooks)
+        if out.logits is None:
+            raise ValueError(f"{self.info.name} has no language-model head, so it has no next-token loss")
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
         targets = tokens[:, 1:].to(logp.device)
         nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

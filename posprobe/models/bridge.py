@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from posprobe.models.architecture import UnsupportedModelError, find_layers, text_config
 from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.sites import LAYERLESS_SITES, SITES, SiteKey
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class BridgeFallbackWarning(UserWarning):
@@ -38,7 +41,7 @@ def boot_bridge(hf: nn.Module, tokenizer: Any, name: str | None = None, why: str
 
     cfg = text_config(hf.config)
     architecture = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
-    hf.config.architectures = [architecture]
+    cast("PreTrainedModel", hf).config.architectures = [architecture]
     with tempfile.TemporaryDirectory(prefix="posprobe-tokenizer-") as folder:
         # TransformerLens reloads the tokenizer from its name_or_path: give it one that exists offline
         tokenizer.save_pretrained(folder)

@@ -7,9 +7,9 @@ is right for one family only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from posprobe.models.architecture import (
     Layout,
@@ -27,6 +27,9 @@ from posprobe.models.architecture import (
     uses_alibi,
 )
 from posprobe.models.base import ModelInfo
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NCTX_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
@@ -51,7 +54,7 @@ def read_info(hf: nn.Module, tokenizer: Any, name: str, layout: Layout | None = 
         d_head=head_dim(cfg),
         d_mlp=d_mlp[0] if d_mlp else cfg.intermediate_size,
         n_ctx=n_ctx,
-        d_vocab=hf.get_input_embeddings().weight.shape[0],
+        d_vocab=cast(Tensor, cast("PreTrainedModel", hf).get_input_embeddings().weight).shape[0],
         causal=not layout.encoder,
         parallel_residual=layout.parallel,
         act_fn=act_fn_name(cfg),
@@ -121,7 +124,11 @@ def act_fn_name(cfg: Any) -> str:
 
 
 def _rope_facts(cfg: Any, rotary: list[Rotary | None], layer_types: tuple[str, ...], pairing: str) -> dict[str, Any]:
-    freqs, dims, bases, types, scaling = [], [], [], [], []
+    freqs: list[tuple[float, ...] | None] = []
+    dims: list[int | None] = []
+    bases: list[float | None] = []
+    types: list[str | None] = []
+    scaling: list[float | None] = []
     params_by_type: dict[str, dict[str, Any]] = {}
     for r, layer_type in zip(rotary, layer_types, strict=True):
         if r is None:

@@ -93,6 +93,7 @@ def posprobe_attention(
         )
     if layer is not None:
         query, key = qk_hooks(layer, query, key)
+    weights: Tensor | None
     if "pattern" in hooks or "attn_scores" in hooks or softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out, weights = explicit_attention(
@@ -326,7 +327,9 @@ class HFModel(PositionModel):
         """(module path, how to read it) of a site outside attention (see ``ModuleSite``)."""
         layout = self.layout
         if key.site in ("embed", "pos_embed"):
-            return (layout.embed if key.site == "embed" else layout.pos_embed), "out"
+            path = layout.embed if key.site == "embed" else layout.pos_embed
+            assert path is not None  # pos_embed is a site only of models with a position table
+            return path, "out"
         block = f"{layout.layers}.{key.layer}"
         if key.site in ("resid_pre", "resid_post"):
             return block, "in" if key.site == "resid_pre" else "out"
@@ -344,6 +347,7 @@ class HFModel(PositionModel):
         attn_hooks: dict[int, dict[str, Hook]] = {}
         for key, hook in hooks.items():
             if key.site in ATTENTION_SITES or (key.site in ("q", "k") and key.site not in layout.sites):
+                assert key.layer is not None  # attention sites have layers (checked by run)
                 attn_hooks.setdefault(key.layer, {})[key.site] = hook
                 continue
             path, how = self.site_path(key)

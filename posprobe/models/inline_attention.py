@@ -14,10 +14,15 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+    from transformers.models.mpt.modeling_mpt import MptAttention
 
 
 @contextlib.contextmanager
@@ -45,7 +50,7 @@ def _hooked(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, allowe
     return out.reshape(out.shape[0], out.shape[1], -1), weights
 
 
-def _bloom(self: nn.Module, hidden_states: Tensor, residual: Tensor, alibi: Tensor, attention_mask: Tensor | None,
+def _bloom(self: BloomAttention, hidden_states: Tensor, residual: Tensor, alibi: Tensor, attention_mask: Tensor | None,
            layer_past: Any = None, use_cache: bool = False, output_attentions: bool = False,
            **kwargs: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
     from transformers.models.bloom.modeling_bloom import dropout_add
@@ -58,7 +63,7 @@ def _bloom(self: nn.Module, hidden_states: Tensor, residual: Tensor, alibi: Tens
     return dropout_add(self.dense(out), residual, self.hidden_dropout, self.training), weights
 
 
-def _mpt(self: nn.Module, hidden_states: Tensor, position_bias: Tensor, cache: Any = None,
+def _mpt(self: MptAttention, hidden_states: Tensor, position_bias: Tensor, cache: Any = None,
          attention_mask: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
     b, s = hidden_states.shape[:2]
     qkv = self.Wqkv(hidden_states)
@@ -70,18 +75,19 @@ def _mpt(self: nn.Module, hidden_states: Tensor, position_bias: Tensor, cache: A
         t = key.shape[-2]
         bias = position_bias[:, max(0, position_bias.size(1) - s) :, max(0, position_bias.size(2) - t) :]
     allowed = _allowed_from(attention_mask, masked_when_true=True)
-    out, weights = _hooked(self, query, key, value, allowed, self.softmax_scale, bias)
+    scale = cast(float, self.softmax_scale)  # MptAttention.__init__ replaces a None scale by 1/sqrt(head_dim)
+    out, weights = _hooked(self, query, key, value, allowed, scale, bias)
     return self.out_proj(out), weights
 
 
-def _falcon(self: nn.Module, hidden_states: Tensor, alibi: Tensor | None, attention_mask: Tensor | None,
+def _falcon(self: FalconAttention, hidden_states: Tensor, alibi: Tensor | None, attention_mask: Tensor | None,
             position_ids: Tensor | None = None, layer_past: Any = None, use_cache: bool = False,
             output_attentions: bool = False, position_embeddings: tuple[Tensor, Tensor] | None = None,
             **kwargs: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
     query, key, value = self._split_heads(self.query_key_value(hidden_states))  # [b s heads d]
-    kv = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+    kv = self.num_heads if self.new_decoder_architecture else cast(int, self.num_kv_heads)  # config fills None
     b, s = query.shape[:2]
     query = query.transpose(1, 2).reshape(b, self.num_heads, s, self.head_dim)
     key = key.transpose(1, 2).reshape(b, kv, s, self.head_dim)

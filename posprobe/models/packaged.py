@@ -118,7 +118,7 @@ def load_packaged(name: str, dtype: torch.dtype = torch.float32):
     if hasattr(hf, "hf_quantizer"):
         hf.hf_quantizer = None
     _save_atomically(hf, tok, cached)
-    return hf.to(dtype), tok
+    return hf.to(dtype), tok  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps, whose stub loses self
 
 
 def _save_atomically(hf, tok, target: Path) -> None:

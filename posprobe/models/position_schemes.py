@@ -144,6 +144,7 @@ class SinusoidalAbsolute(PositionScheme):
 
     extrapolates = False
     absolute = True
+    table: Tensor  # buffer [n_ctx d_model]
 
     def __init__(self, cfg: ZooConfig) -> None:
         super().__init__(cfg)
@@ -246,6 +247,7 @@ class ALiBi(PositionScheme):
     """Attention with linear biases: logit += −m_h · (q_pos − k_pos) (Press et al. 2022); no parameters."""
 
     additive = True
+    slopes: Tensor  # buffer [n_heads]
 
     def __init__(self, cfg: ZooConfig) -> None:
         super().__init__(cfg)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.models.zoo_tokenizer import ZOO_DIR, load_zoo_tokenizer
 from posprobe.sites import SiteKey
+
+if TYPE_CHECKING:
+    from posprobe.models.position_schemes import ALiBi, Rotary
 
 __all__ = [
     "ZOO_DIR",
@@ -82,7 +85,9 @@ class ZooModel(PositionModel):
         return_logits: bool,
         stop_at_layer: int | None,
     ) -> Tensor | None:
-        fwd_hooks = [(key.hook_name, _as_tl_hook(fn)) for key, fn in hooks.items()]
+        fwd_hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
+            (key.hook_name, _as_tl_hook(fn)) for key, fn in hooks.items()
+        ]
         want_logits = return_logits and stop_at_layer is None
         with self.net.hooks(fwd_hooks=fwd_hooks):
             out = self.net(tokens, position_ids, attention_mask, return_logits=want_logits, last_layer=stop_at_layer)
@@ -119,8 +124,9 @@ def zoo_info(net: ZooTransformer, tokenizer: Any, name: str, extra: Mapping[str,
     rotary_dims: tuple[int | None, ...] = (None,) * n
     rope_inv_freq: tuple[tuple[float, ...] | None, ...] = (None,) * n
     if scheme.rotary:
-        rope_bases, rotary_dims = (cfg.rope_base,) * n, (scheme.rotary_dims,) * n
-        rope_inv_freq = (tuple(scheme.inv_freq.double().tolist()),) * n
+        rotary = cast("Rotary", scheme)  # the scheme that rotates is a Rotary
+        rope_bases, rotary_dims = (cfg.rope_base,) * n, (rotary.rotary_dims,) * n
+        rope_inv_freq = (tuple(rotary.inv_freq.double().tolist()),) * n
     info_extra.update(extra or {})
     return ModelInfo(
         name=name,
@@ -141,7 +147,7 @@ def zoo_info(net: ZooTransformer, tokenizer: Any, name: str, extra: Mapping[str,
         rope_inv_freq=rope_inv_freq,
         rope_types=("default" if scheme.rotary else None,) * n,
         rope_attention_scaling=(1.0 if scheme.rotary else None,) * n,
-        alibi_slopes=tuple(scheme.slopes.tolist()) if cfg.pe == "alibi" else (),
+        alibi_slopes=tuple(cast("ALiBi", scheme).slopes.tolist()) if cfg.pe == "alibi" else (),
         sliding_windows=(None,) * n,
         layer_types=("full_attention",) * n,
         act_fn="gelu",

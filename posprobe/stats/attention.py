@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -233,7 +233,7 @@ def attention_stats(
             "attention statistics need sequences of at least 2 tokens"
         )
     try:
-        layer_list = source.resolve_layers("pattern", layers)
+        layer_list = cast("list[int]", source.resolve_layers("pattern", layers))  # pattern has layers
     except LayerOutOfRange:
         raise
     except ValueError as err:
@@ -274,6 +274,7 @@ def attention_stats(
 def _capped_batch(source: Source, batch_size: int) -> int:
     if source.model is None or not isinstance(batch_size, int) or batch_size < 1:
         return batch_size
+    assert source.tokens is not None  # a Source with a model holds its tokens
     s = source.tokens.tokens.shape[1]
     per_row = source.model.info.n_heads * s * s * 4
     return max(1, min(batch_size, PATTERN_BUDGET_BYTES // per_row))
@@ -446,6 +447,7 @@ def attention_patterns(
     keep = torch.nonzero(source.attention_mask[seq].bool()).squeeze(1)
     if source.model is not None:
         full, cols = source.tokens, keep[:max_tokens]
+        assert full is not None  # a Source with a model holds its tokens
         strs = None if full.str_tokens is None else [[full.str_tokens[seq][c] for c in cols.tolist()]]
         row = TokenBatch(
             full.tokens[seq : seq + 1, cols],
@@ -457,7 +459,7 @@ def attention_patterns(
         source = Source(source.model, None, row, source.info, source.prepend_bos)
         seq, keep = 0, torch.arange(len(cols))
     cols = keep[:max_tokens]
-    layer_list = source.resolve_layers("pattern", layers)
+    layer_list = cast("list[int]", source.resolve_layers("pattern", layers))  # pattern has layers
     maps: dict[int, Tensor] = {}
 
     def grab(layer: int, pattern: Tensor, batch: Batch) -> None:
@@ -499,6 +501,7 @@ def _token_strings(source: Source, seq: int, cols: Tensor) -> list[str]:
         ids = source.tokens.tokens[seq, cols].tolist()
         tok = getattr(source.model, "tokenizer", None)
         return [str(x) for x in (tok.convert_ids_to_tokens(ids) if tok is not None else ids)]
+    assert source.store is not None  # a Source without tokens reads a store
     strs = source.store.manifest.get("str_tokens")
     if strs is not None:
         return [str(strs[seq][c]) for c in cols.tolist()]

@@ -124,8 +124,8 @@ class NeuronPositionStats:
             mean_z = (mean - mean.mean()) / spread if spread > 0 else torch.zeros_like(mean)
             columns = {"position": pos, "n_tokens": n.long(), "firing_rate": self.n_active[li, pos, neuron] / n}
             columns.update(mean=mean, std=var.sqrt(), mean_z=mean_z)
-            columns = {k: v.numpy() for k, v in columns.items()}
-            frames.append(pd.DataFrame({"layer": layer, "neuron": neuron, **columns}))
+            arrays = {k: v.numpy() for k, v in columns.items()}
+            frames.append(pd.DataFrame({"layer": layer, "neuron": neuron, **arrays}))
         if not frames:
             raise ValueError("no neurons requested")
         return pd.concat(frames, ignore_index=True)
@@ -236,6 +236,7 @@ class _Accumulator:
             raise ValueError(f"no tokens to analyse in {self.site} ({what}and padding); the input is empty")
         if int((self.n_tokens > 0).sum()) < 2:
             raise ValueError(f"{self.site}: tokens at only one position; position scores need at least two positions")
+        assert self.sums is not None  # set by the first batch, and there were tokens
         cpu = self.sums.cpu()
         return NeuronPositionStats(
             self.site, self.layers, self.threshold, self.exclude_bos, self.n_tokens.cpu(), cpu[0], cpu[1], cpu[2]

@@ -354,6 +354,7 @@ def run_patches(
                 capture=list({*keys, *capture}),
             )
             index = corrupt.index.to(dev)
+            assert bad.logits is not None  # the clean run showed the model has a head
             bad_logp = torch.log_softmax(bad.logits[:, index].float(), dim=-1)
             totals.corrupt_logprob += float(_logprob(bad_logp, toks_d, mask_d).sum())
             totals.corrupt_kl += float(_kl(clean_p, clean_logp, bad_logp, mask_d).sum())
@@ -378,6 +379,7 @@ def run_patches(
                         hooks={key: hook},
                         capture=capture,
                     )
+                    assert out.logits is not None  # the clean run showed the model has a head
                     logp = torch.log_softmax(out.logits.float(), dim=-1).view(r, b, *out.logits.shape[1:])
                     totals.logprob[group] += _logprob(logp, toks_d, mask_d).sum(-1).cpu().numpy()
                     totals.kl[group] += _kl(clean_p, clean_logp, logp, mask_d).sum(-1).cpu().numpy()

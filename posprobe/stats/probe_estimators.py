@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -345,7 +346,12 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
 
     def fit(self, X: object, y: object) -> RidgeProbe:
         X, y = _check_Xy(X, y)
-        alphas = [float(self.alpha)] if np.isscalar(self.alpha) else [float(a) for a in self.alpha]
+        # np.isscalar's stub narrows to numpy scalars only: say which branch holds which declared type
+        alphas = (
+            [float(cast(float, self.alpha))]
+            if np.isscalar(self.alpha)
+            else [float(a) for a in cast("Sequence[float]", self.alpha)]
+        )
         if not alphas or min(alphas) < 0:
             raise ValueError(f"alpha must be a non-negative float or a non-empty grid of them, got {self.alpha!r}")
         self.coef_, self.intercept_, self.alpha_ = _ridge_fit(X, y.astype(np.float64), alphas, self.alpha_selection)

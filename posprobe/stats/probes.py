@@ -111,6 +111,7 @@ def _load(
         wanted = None  # embed / pos_embed have one "layer"; a layer list meant for other sites does not apply
     if isinstance(source, str | os.PathLike):
         source = ActivationStore(source)
+    toks: Tensor | None
     if isinstance(source, ActivationStore):
         stored = source.layers(site)
         chosen = stored if wanted is None else wanted
@@ -400,7 +401,7 @@ def probe_position(
                 token_r2 = math.nan if token_pred is None else float(_r2(y, token_pred[v, keep]))
                 chance = _chance_mad(tgt, cls)
                 for li, layer in enumerate(inputs.layers):
-                    row = {
+                    row: dict[str, Any] = {
                         "model": inputs.model,
                         "site": site,
                         "layer": layer,
@@ -474,7 +475,7 @@ def probe_model(
     batch = as_token_batch(model, tokens)
     with tempfile.TemporaryDirectory(prefix="posprobe-probe-") as tmp:
         root = tmp if out is None else os.fspath(out)
-        ext = {"sites": [site], "layers": layers, "batch_size": batch_size}
+        ext: dict[str, Any] = {"sites": [site], "layers": layers, "batch_size": batch_size}
         real = extract(model, batch, out=os.path.join(root, "real"), **ext)
         random = extract(model.random_init_copy(seed), batch, out=os.path.join(root, "random_init"), **ext)
         return probe_position(real, site, random_init_store=random, seed=seed, **kwargs)

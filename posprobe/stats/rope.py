@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -142,11 +142,12 @@ def layer_planes(info: ModelInfo, layer: int) -> LayerPlanes:
     freqs = info.rope_inv_freq[layer] if info.rope_inv_freq else None
     if base is None or rot is None or freqs is None:
         raise ValueError(f"{info.name} layer {layer} has no RoPE frequencies (the layer does not rotate)")
-    freqs = np.asarray(freqs, dtype=np.float64)
-    if freqs.shape != (rot // 2,):
-        raise ValueError(f"{info.name}: layer {layer} has {freqs.size} RoPE frequencies, expected {rot // 2}")
+    inv_freq = np.asarray(freqs, dtype=np.float64)
+    if inv_freq.shape != (rot // 2,):
+        raise ValueError(f"{info.name}: layer {layer} has {inv_freq.size} RoPE frequencies, expected {rot // 2}")
+    assert info.rope_pairing is not None  # require_rope checked it is one of PAIRINGS
     first, second = rope_planes(info.d_head, rot, info.rope_pairing)
-    theta = np.concatenate([freqs, np.zeros(info.d_head // 2 - rot // 2)])
+    theta = np.concatenate([inv_freq, np.zeros(info.d_head // 2 - rot // 2)])
     windows = info.sliding_windows or (None,) * info.n_layers
     layer_type = info.layer_types[layer] if info.layer_types else "full_attention"
     scaling = info.rope_attention_scaling[layer] if info.rope_attention_scaling else None
@@ -286,7 +287,7 @@ def rope_frequency_usage(
     if batch_size < 1 or max_delta < 0:
         raise ValueError(f"need batch_size ≥ 1 and max_delta ≥ 0, got batch_size={batch_size}, max_delta={max_delta}")
     batch = as_token_batch(model, tokens)
-    layer_list = [key.layer for key in resolve_sites("q", layers, info.n_layers)]
+    layer_list = cast("list[int]", [key.layer for key in resolve_sites("q", layers, info.n_layers)])  # q has layers
     planes = {layer: layer_planes(info, layer) for layer in layer_list}
     kv_map = kv_heads(info.n_heads, info.n_kv_heads)
     seq = batch.tokens.shape[1]

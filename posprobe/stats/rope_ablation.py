@@ -61,6 +61,7 @@ def frequency_ablation_hooks(
         raise ValueError(f"unknown ablation mode {mode!r}; accepted: {', '.join(MODES)}")
     hooks: dict[SiteKey, Hook] = {}
     for key in resolve_sites("q", list(layers), model.info.n_layers):
+        assert key.layer is not None  # q has layers
         planes = layer_planes(model.info, key.layer)
         chosen = ablated_planes(planes, p, which)
         dims = torch.as_tensor(np.concatenate([planes.first[chosen], planes.second[chosen]]), dtype=torch.long)
@@ -179,10 +180,10 @@ def rope_ablation(
     groups = dict(default_layer_groups(info) if layer_groups is None else layer_groups)
     if not groups or not ps or not which:
         raise ValueError("need at least one layer group, one p and one direction in which")
-    for name, group in groups.items():
-        if not group:
+    for name, members in groups.items():
+        if not members:
             raise ValueError(f"layer group {name!r} is empty")
-        resolve_sites("q", list(group), info.n_layers)
+        resolve_sites("q", list(members), info.n_layers)
     batch = as_token_batch(model, tokens)
     layers = range(info.n_layers)
     conditions = [(g, w, float(p)) for g in groups for w in which for p in ps]
@@ -220,6 +221,6 @@ def rope_ablation(
     columns = ["group", "layers", "which", "p", "mode", "layer", "head"]
     heads = pd.concat(head_frames, ignore_index=True)
     heads = heads[columns + [c for c in heads.columns if c not in columns]]
-    params = {"model": info.name, "ps": list(ps), "which": list(which), "mode": mode, "groups": groups}
+    params: dict[str, Any] = {"model": info.name, "ps": list(ps), "which": list(which), "mode": mode, "groups": groups}
     params.update(n_sequences=len(batch), seq_len=batch.tokens.shape[1], source=batch.source)
     return RopeAblation(loss_table, heads, params)

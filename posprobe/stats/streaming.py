@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from torch import Tensor
 
@@ -39,6 +39,8 @@ class Batch:
 
 #: ``observer(layer, activation, batch)``: the activation is in its canonical shape (``posprobe.sites``).
 Observer = Callable[[int | None, Tensor, Batch], None]
+#: The layer type a stream hands its observer: int for the layers of a site that has them, None for a layerless one.
+_Layer = TypeVar("_Layer", bound=int | None)
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,17 @@ class Source:
     @property
     def position_ids(self) -> Tensor:
         """Position ids of every row [n s] (0 on padding)."""
-        return self.tokens.position_ids if self.tokens is not None else self.store.position_ids
+        if self.tokens is not None:
+            return self.tokens.position_ids
+        assert self.store is not None  # a Source holds tokens or a store
+        return self.store.position_ids
 
     @property
     def attention_mask(self) -> Tensor:
-        return self.tokens.attention_mask if self.tokens is not None else self.store.attention_mask
+        if self.tokens is not None:
+            return self.tokens.attention_mask
+        assert self.store is not None  # a Source holds tokens or a store
+        return self.store.attention_mask
 
     @property
     def n_positions(self) -> int:
@@ -87,6 +95,7 @@ class Source:
             self.model.check_site(site)
             available = list(range(self.model.info.n_layers))
         else:
+            assert self.store is not None  # a Source without a model reads a store
             available = self.store.layers(site)
         if layers is None or site in LAYERLESS_SITES:
             return available
@@ -100,13 +109,13 @@ class Source:
             if resolved not in available:
                 raise LayerOutOfRange(f"layer {layer} of site {site!r} is not available; available layers: {available}")
             out.append(resolved)
-        return sorted(set(out))
+        return cast("list[int | None]", sorted(set(out)))  # ints, in the list type of the layerless branch
 
     def stream(
         self,
         site: str,
-        layers: Sequence[int | None],
-        observe: Observer,
+        layers: Sequence[_Layer],
+        observe: Callable[[_Layer, Tensor, Batch], None],
         batch_size: int,
         progress: bool = False,
         desc: str = "",
@@ -120,8 +129,14 @@ class Source:
             self._stream_model(site, layers, observe, batch_size, progress, desc)
 
     def _stream_store(
-        self, site: str, layers: Sequence[int | None], observe: Observer, progress: bool, desc: str
+        self,
+        site: str,
+        layers: Sequence[_Layer],
+        observe: Callable[[_Layer, Tensor, Batch], None],
+        progress: bool,
+        desc: str,
     ) -> None:
+        assert self.store is not None  # a Source without a model reads a store
         for layer in tqdm(layers, desc=desc or f"read {site}", unit="layer", disable=not progress):
             for shard in self.store.iter_shards([SiteKey(site, layer)]):
                 act = shard.acts[SiteKey(site, layer)]
@@ -129,9 +144,16 @@ class Source:
                 observe(layer, act, batch)
 
     def _stream_model(
-        self, site: str, layers: Sequence[int | None], observe: Observer, batch_size: int, progress: bool, desc: str
+        self,
+        site: str,
+        layers: Sequence[_Layer],
+        observe: Callable[[_Layer, Tensor, Batch], None],
+        batch_size: int,
+        progress: bool,
+        desc: str,
     ) -> None:
         model, tokens = self.model, self.tokens
+        assert model is not None and tokens is not None  # a Source with a model holds its tokens
         last = max((x for x in layers if x is not None), default=None)
         starts = range(0, len(tokens), batch_size)
         for start in tqdm(starts, desc=desc or f"run {self.name}", unit="batch", disable=not progress):
@@ -166,7 +188,13 @@ class Source:
 
 
 def _observe_once(
-    observe: Observer, site: str, layer: int | None, batch: Batch, fired: set[int | None], where: str, x: Tensor
+    observe: Callable[[_Layer, Tensor, Batch], None],
+    site: str,
+    layer: _Layer,
+    batch: Batch,
+    fired: set[int | None],
+    where: str,
+    x: Tensor,
 ) -> None:
     fired.add(layer)
     check_finite(site, layer, x, start=batch.start, where=where)  # before the observer folds it into a statistic

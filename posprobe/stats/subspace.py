@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ from posprobe.stats.patch_runs import (
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
+
+    from posprobe.models.zoo_net import Block, ZooTransformer
 
 __all__ = [
     "PATCH_KINDS",
@@ -66,19 +69,23 @@ def _residual_readers(site: str, layer: int | None, n_layers: int, scope: str) -
     """The sub-blocks reading a residual-stream site, in order: ("attn", l), ("mlp", l), ..., ("unembed", None)."""
     if site in ("embed", "pos_embed"):
         first = 0
-    elif site == "resid_pre":
-        first = 2 * layer
-    elif site in ("resid_mid", "attn_out"):
-        first = 2 * layer + 1
-    else:  # resid_post, mlp_out
-        first = 2 * layer + 2
-    stream = [("attn" if i % 2 == 0 else "mlp", i // 2) for i in range(first, 2 * n_layers)] + [("unembed", None)]
+    else:
+        assert layer is not None  # the other residual sites have layers (downstream_read_matrix checked the key)
+        if site == "resid_pre":
+            first = 2 * layer
+        elif site in ("resid_mid", "attn_out"):
+            first = 2 * layer + 1
+        else:  # resid_post, mlp_out
+            first = 2 * layer + 2
+    stream: list[tuple[str, int | None]] = [
+        ("attn" if i % 2 == 0 else "mlp", i // 2) for i in range(first, 2 * n_layers)
+    ] + [("unembed", None)]
     return stream[:2] if scope == "next_block" else stream
 
 
 def _norm_read(norm: nn.Module, weight: Tensor, centred: bool) -> Tensor:
     """``weight`` [m d] composed with a norm's gain (and LayerNorm's mean removal): the linear part of W·norm(x)."""
-    gain = norm.weight.detach().double()
+    gain = cast(Tensor, norm.weight).detach().double()  # LayerNorm / RMSNorm gain
     if type(norm).__name__.startswith("Gemma"):  # Gemma's RMSNorm scales by (1 + weight)
         gain = gain + 1
     read = weight.detach().double() * gain
@@ -87,11 +94,12 @@ def _norm_read(norm: nn.Module, weight: Tensor, centred: bool) -> Tensor:
     return read
 
 
-def _zoo_reader(net: nn.Module, kind: str, layer: int | None) -> Tensor:
+def _zoo_reader(net: ZooTransformer, kind: str, layer: int | None) -> Tensor:
     if kind == "unembed":
         W_U = net.W_E if net.W_U is None else net.W_U.T  # [vocab d]
         return _norm_read(net.ln_final, W_U, centred=True)
-    block = net.blocks[layer]
+    assert layer is not None  # attention and MLP readers belong to a layer
+    block = cast("Block", net.blocks[layer])
     if kind == "attn":
         a = block.attn
         w = torch.cat([W.permute(0, 2, 1).reshape(-1, W.shape[1]) for W in (a.W_Q, a.W_K, a.W_V)])
@@ -106,8 +114,10 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "ge
 
 def _hf_reader(hf: nn.Module, layers: nn.ModuleList, kind: str, layer: int | None) -> Tensor:
     if kind == "unembed":
-        return _norm_read(hf.model.norm, hf.lm_head.weight, centred=False)
-    block = layers[layer]
+        lm = cast("LlamaForCausalLM", hf)  # a LLAMA_LIKE model: Llama's module names and types
+        return _norm_read(lm.model.norm, lm.lm_head.weight, centred=False)
+    assert layer is not None  # attention and MLP readers belong to a layer
+    block = cast("LlamaDecoderLayer", layers[layer])  # a LLAMA_LIKE block: Llama's module names and types
     if kind == "attn":
         a = block.self_attn
         w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
@@ -149,25 +159,29 @@ def downstream_read_matrix(
     if isinstance(model, ZooModel):
         net = model.net
         if site == "mlp_post":
-            return net.blocks[layer].mlp.W_out.detach().double().T
+            assert layer is not None  # mlp_post has layers (checked above)
+            return cast("Block", net.blocks[layer]).mlp.W_out.detach().double().T
         if site == "z":
-            W_O = net.blocks[layer].attn.W_O.detach().double()
+            assert layer is not None  # z has layers (checked above)
+            W_O = cast("Block", net.blocks[layer]).attn.W_O.detach().double()
             return W_O.reshape(-1, W_O.shape[-1]).T
         parts = [_zoo_reader(net, k, i) for k, i in _residual_readers(site, layer, model.info.n_layers, scope)]
         return torch.cat(parts)
     if isinstance(model, HFModel) and not model.layout.encoder:
         layout = model.layout
-        block = model.hf.get_submodule(layout.layers)[layer] if layer is not None else None
+        block = cast(nn.ModuleList, model.hf.get_submodule(layout.layers))[layer] if layer is not None else None
         if site == "mlp_post":
+            assert block is not None  # mlp_post has layers (checked above)
             return _linear_weight(block.get_submodule(layout.mlp_down))
         if site == "z":
+            assert block is not None  # z has layers (checked above)
             return _linear_weight(block.get_submodule(layout.attn_out_proj))
         if layout.family not in LLAMA_LIKE:
             raise ValueError(
                 f"downstream_read_matrix reads residual sites of Llama-like / Gemma decoders ({', '.join(LLAMA_LIKE)}) "
                 f"and zoo models; {model.info.name} is a {layout.family!r} model (its mlp_post and z work)"
             )
-        layers = model.hf.get_submodule(layout.layers)
+        layers = cast(nn.ModuleList, model.hf.get_submodule(layout.layers))  # discover_layout's block list
         readers = _residual_readers(site, layer, model.info.n_layers, scope)
         return torch.cat([_hf_reader(model.hf, layers, k, i) for k, i in readers])
     raise ValueError(
@@ -178,7 +192,7 @@ def downstream_read_matrix(
 
 def _linear_weight(module: nn.Module) -> Tensor:
     """A linear map's weight as [out, in] float64 (GPT-2's Conv1D stores it transposed)."""
-    weight = module.weight.detach().double()
+    weight = cast(Tensor, module.weight).detach().double()
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -89,7 +89,7 @@ def attention_variance(
             f"sequences of {n_pos} token(s) leave fewer than 3 positions ≥ min_position={min_position} "
             "to fit a power law; use longer sequences"
         )
-    layer_list = source.resolve_layers(site, layers)
+    layer_list = cast("list[int]", source.resolve_layers(site, layers))  # attn_out and z have layers
     sums = _VarianceSums(n_pos, min_position)
     source.stream(site, layer_list, sums.add, batch_size, progress, "attention variance")
     table = pd.concat([sums.table(layer, source) for layer in layer_list], ignore_index=True)
