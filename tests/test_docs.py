@@ -45,7 +45,7 @@ def test_every_page_is_built_and_loads_nothing_from_the_network(site):
     for page in pages:
         text = (site / page).read_text()
         found = EXTERNAL.search(text)
-        assert not found, f"{page} loads {text[found.start():found.start() + 160]}"
+        assert not found, f"{page} loads {text[found.start() : found.start() + 160]}"
         assert "fonts.googleapis" not in text, page
 
 
