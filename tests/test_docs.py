@@ -27,7 +27,7 @@ OFFLINE = "--host-resolver-rules=MAP * ~NOTFOUND"
 def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "NO_MKDOCS_2_WARNING": "1", "POSPROBE_DOCS_EXECUTE": "true"}  # fmt: skip
+           "NO_MKDOCS_2_WARNING": "1", "POSPROBE_DOCS_EXECUTE": "true", "POSPROBE_DOCS_CACHE": "false"}  # fmt: skip
     mkdocs = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)]
     proc = subprocess.run(mkdocs, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-4000:]
