@@ -147,3 +147,36 @@ def test_the_guard_catches_a_read_of_the_repo(installed, tmp_path):
     peek.write_text(f"open({str(ROOT / 'README.md')!r}).read()")
     proc = run(installed, tmp_path, module=str(peek))
     assert proc.returncode != 0 and "read the repo tree" in proc.stderr
+
+
+#: declared dependencies that posprobe uses through another library rather than by importing them
+INDIRECT = {
+    "accelerate": "transformers' device_map loading",
+    "gguf": "transformers' GGUF loader (Gemma 3 and SmolLM2 ship as GGUF)",
+    "pyarrow": "pandas' to_parquet (the report's tables)",
+}
+IMPORT_NAMES = {"transformer-lens": "transformer_lens", "scikit-learn": "sklearn"}
+
+
+def test_every_declared_dependency_is_used():
+    import re
+
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M)[1]
+    declared = re.findall(r'^\s*"([^"]+)"', block, re.M)
+    assert any(r.startswith("torch") for r in declared) and len(declared) > 10, declared
+    source = "\n".join(p.read_text() for p in (ROOT / "posprobe").rglob("*.py"))
+    for requirement in declared:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)[0]
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        imported = re.search(rf"^\s*(import|from) {module}\b", source, re.MULTILINE)
+        assert imported or name in INDIRECT, f"{name} is declared but posprobe never uses it"
+
+
+def test_version_and_python_dash_m():
+    import posprobe
+
+    for argv in (["-m", "posprobe", "--version"], ["-m", "posprobe", "models"]):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    version = subprocess.run([sys.executable, "-m", "posprobe", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"posprobe {posprobe.__version__}"
