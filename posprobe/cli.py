@@ -466,13 +466,14 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 def cmd_rope(args: argparse.Namespace) -> None:
     from posprobe.headlines import roles_headline
+    from posprobe.labels import ROPE_ROLES
     from posprobe.stats.rope import rope_frequency_usage
 
     model = _load(args)
     tokens = _windows(model, args)
     usage = rope_frequency_usage(model, tokens, progress=True)
     twin = rope_frequency_usage(model.random_init_copy(args.seed), tokens, progress=True)
-    headline = roles_headline(usage.head_roles, twin.head_roles, ("positional", "semantic", "mixed"), "mixed")
+    headline = roles_headline(usage.head_roles, twin.head_roles, ROPE_ROLES, ROPE_ROLES[-1])
     _save(
         args.out,
         {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},

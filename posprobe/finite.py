@@ -15,10 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from posprobe.labels import UNDETERMINED
 from posprobe.sites import ATTENTION_MAP_SITES
-
-#: The role / category / verdict given where a statistic it depends on is NaN.
-UNDETERMINED = "undetermined"
 
 
 class NonFiniteError(ValueError):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from posprobe.finite import UNDETERMINED
+from posprobe.labels import UNDETERMINED
 
 #: An R² gain at or below this is not a win over a control (the spread of 5-fold R² on a few thousand tokens).
 MARGIN = 0.05

@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 import torch
 
 from posprobe.headlines import neurons_headline, probe_headline, roles_headline, shift_headline
+from posprobe.labels import ROPE_ROLES
 from posprobe.models import PositionModel, load_model
 from posprobe.progress import tqdm
 
@@ -175,7 +176,7 @@ def _rope(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None
     usage = rope_frequency_usage(model, few)
     roles = usage.head_roles
     twin_roles = rope_frequency_usage(twin(), few).head_roles if twin is not None else None
-    summary = roles_headline(roles, twin_roles, ("positional", "semantic", "mixed"), fallback="mixed")
+    summary = roles_headline(roles, twin_roles, ROPE_ROLES, fallback=ROPE_ROLES[-1])
     summary = summary.replace("head roles", "head roles from frequency use", 1)
     return Section(
         "rope",

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from posprobe.labels import ROLES
 from posprobe.plots._common import require_columns
-from posprobe.stats.attention import ROLES
 
 _ROLE_COLORS = {
     "previous-token": "#d62728",

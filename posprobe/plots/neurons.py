@@ -9,8 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from posprobe.labels import CATEGORIES
 from posprobe.plots._common import require_columns
-from posprobe.stats.neurons import CATEGORIES
 
 _COLORS = {
     "oscillatory": "#1f77b4",

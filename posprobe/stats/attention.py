@@ -29,13 +29,11 @@ import torch
 from torch import Tensor
 
 from posprobe.data import TokenBatch
-from posprobe.finite import UNDETERMINED, undetermined
+from posprobe.finite import undetermined
+from posprobe.labels import ROLES, UNDETERMINED
 from posprobe.models.base import PositionModel
 from posprobe.stats.streaming import Batch, LayerOutOfRange, Source, as_source
 from posprobe.store import ActivationStore
-
-#: Head roles, in the order ``HeadRoleRules.classify`` tries them (the last is the fallback).
-ROLES = ("previous-token", "sink", "local/positional", "broad/semantic")
 
 #: A batch is shrunk so that one layer's attention map [b heads s s] in float32 stays below this.
 PATTERN_BUDGET_BYTES = 1 << 30

@@ -27,15 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posprobe.finite import UNDETERMINED, FiniteGuard, undetermined
+from posprobe.finite import FiniteGuard, undetermined
+from posprobe.labels import CATEGORIES, NOT_POSITIONAL, UNDETERMINED
 from posprobe.models.base import positions_from_mask
 from posprobe.sites import SiteKey, check_site
 from posprobe.store import ActivationStore
 
 #: Categories of positional neurons, in the order plots stack them.
-CATEGORIES = ("oscillatory", "both-extremes", "one-extreme", "other-strong", "other-weak")
-#: The category of neurons that are not positional.
-NOT_POSITIONAL = "none"
 
 # Default "active" threshold per activation function: f(0), so that "active" means "the
 # pre-activation is positive" whatever f is (GELU(x) > 0 and SiLU(x) > 0 exactly when x > 0).

@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from posprobe.finite import UNDETERMINED, undetermined
+from posprobe.finite import undetermined
+from posprobe.labels import ROPE_ROLES, UNDETERMINED
 from posprobe.models.base import Hook, positions_from_mask
 from posprobe.sites import SiteKey
 
-ROLES = ("positional", "semantic", "mixed")
+ROLES = ROPE_ROLES
 
 
 class PatternScores:
