@@ -26,6 +26,7 @@ pattern        b n_heads s t                         attention probabilities
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,50 @@ def check_site(site: str) -> str:
     return site
 
 
+class LayerOutOfRange(ValueError):
+    """A requested layer the model or store does not have (said before anything else is checked)."""
+
+
+def as_layer_list(layers: int | Sequence[int] | None) -> list[int] | None:
+    """``layers`` as a list (None stays None: every layer)."""
+    return None if layers is None else [layers] if isinstance(layers, int) else list(layers)
+
+
+def check_layer_range(layers: Sequence[int], n_layers: int) -> list[int]:
+    """Each layer in ``-n_layers..n_layers-1`` (negative counts from the end), resolved to ``0..n_layers-1``."""
+    out = []
+    for layer in layers:
+        try:
+            index = operator.index(layer)  # ints, numpy ints; not floats or bools' look-alikes
+        except TypeError:
+            raise LayerOutOfRange(f"layer {layer!r} is not an integer") from None
+        if not -n_layers <= index < n_layers:
+            raise LayerOutOfRange(f"layer {layer} out of range; this model has layers 0..{n_layers - 1}")
+        out.append(index % n_layers)
+    return out
+
+
+def resolve_stored_layers(
+    site: str, layers: int | Sequence[int] | None, stored: Sequence[int | None], n_layers: int | None
+) -> list[int | None]:
+    """The stored layers of ``site`` that ``layers`` asks for (None: all), negative layers counting from the end.
+
+    ``n_layers`` is the model's layer count (negative layers count from it; without it, from the
+    largest stored layer + 1). One message for every reader of a store.
+    """
+    wanted = as_layer_list(layers)
+    if wanted is None:
+        return list(stored)
+    ints = [layer for layer in stored if layer is not None]
+    n = n_layers or (max(ints) + 1 if ints else 0)
+    resolved = [layer % n if n and isinstance(layer, int) and -n <= layer < 0 else layer for layer in wanted]
+    missing = [layer for layer, r in zip(wanted, resolved, strict=True) if r not in stored]
+    if missing or not resolved:
+        shown = missing or wanted
+        raise LayerOutOfRange(f"layers {shown} of {site!r} are not in the store; stored layers: {list(stored)}")
+    return list(dict.fromkeys(resolved))
+
+
 def resolve_sites(
     sites: str | Sequence[str],
     layers: int | Sequence[int] | None,
@@ -113,10 +158,7 @@ def resolve_sites(
     else:
         layer_list = list(layers)
     resolved = []
-    for layer in layer_list:
-        if not -n_layers <= layer < n_layers:
-            raise ValueError(f"layer {layer} out of range; this model has layers 0..{n_layers - 1}")
-    layer_list = sorted({layer % n_layers for layer in layer_list})
+    layer_list = sorted(set(check_layer_range(layer_list, n_layers)))
     for site in sites:
         check_site(site)
         if site in LAYERLESS_SITES:

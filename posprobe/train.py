@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from posprobe.devices import resolve_device
 from posprobe.models.zoo import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.models.zoo_tokenizer import TOKENIZER_PATH, load_zoo_tokenizer
@@ -168,9 +169,7 @@ def train(
     }  # fmt: skip
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps, batch_size and lr must be positive; got {steps}, {batch_size}, {lr}")
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    dev = resolve_device(device)
     tokenizer = load_zoo_tokenizer()
     if len(tokenizer) != config.d_vocab:
         raise ValueError(f"config.d_vocab={config.d_vocab} but the zoo tokenizer has {len(tokenizer)} ids")

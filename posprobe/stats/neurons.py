@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posprobe.devices import resolve_device
 from posprobe.finite import FiniteGuard, undetermined
 from posprobe.labels import CATEGORIES, NOT_POSITIONAL, UNDETERMINED
 from posprobe.models.base import positions_from_mask
-from posprobe.sites import SiteKey, check_site
+from posprobe.sites import SiteKey, check_site, resolve_stored_layers
 from posprobe.store import ActivationStore
 
 #: Categories of positional neurons, in the order plots stack them.
@@ -249,18 +250,6 @@ def _add(target: Tensor, at: slice | Tensor, value: Tensor) -> None:
         target.index_add_(0, at, value)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or a torch.device") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
-    return dev
-
-
 def _check_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number (or None for the act_fn rule), got {threshold!r}")
@@ -289,11 +278,7 @@ def _in_memory_batches(source: Tensor, site: str, layers, attention_mask: Tensor
 
 
 def _store_batches(store: ActivationStore, site: str, layers):
-    stored = store.layers(site)
-    names = tuple(stored if layers is None else [layers] if isinstance(layers, int) else layers)
-    missing = [layer for layer in names if layer not in stored]
-    if missing:
-        raise ValueError(f"layers {missing} of {site!r} are not in the store; stored layers: {stored}")
+    names = tuple(resolve_stored_layers(site, layers, store.layers(site), store.model_info.get("n_layers")))
     if store.n_seq == 0:
         raise ValueError(f"store {store.path} is empty (0 sequences)")
     keys = [SiteKey(site, layer) for layer in names]
@@ -324,7 +309,7 @@ def neuron_position_stats(
     ``threshold=None`` takes ``active_threshold(store.model_info["act_fn"])`` (0 for tensors).
     """
     check_site(site)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if isinstance(source, ActivationStore):
         names, all_pos, batches = _store_batches(source, site, layers)
         act_fn = source.model_info.get("act_fn")

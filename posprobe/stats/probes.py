@@ -20,9 +20,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from posprobe.devices import resolve_device
 from posprobe.finite import check_finite
 from posprobe.models.base import positions_from_mask
-from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site
+from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site, resolve_stored_layers
 from posprobe.stats.probe_cv import FoldPlan, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
 from posprobe.stats.probe_estimators import (
     ALPHA_SELECTIONS,
@@ -114,10 +115,7 @@ def _load(
     toks: Tensor | None
     if isinstance(source, ActivationStore):
         stored = source.layers(site)
-        chosen = stored if wanted is None else wanted
-        missing = [layer for layer in chosen if layer not in stored]
-        if missing or not chosen:
-            raise ValueError(f"layers {missing or chosen} of {site!r} are not in the store; stored layers: {stored}")
+        chosen: list[int | None] = resolve_stored_layers(site, wanted, stored, source.model_info.get("n_layers"))
         acts = source.stack(site, chosen)
         mask, pos, toks, model = source.attention_mask, source.position_ids, source.tokens, source.model_name
     else:
@@ -130,7 +128,7 @@ def _load(
                 "no activations given: pass an ActivationStore, a [L n_seq seq d] tensor or {layer: tensor}"
             )
         keys = [SiteKey.parse(k).layer if isinstance(k, str) else k for k in source]
-        chosen = keys if wanted is None else wanted
+        chosen = list(keys) if wanted is None else list(wanted)
         missing = [layer for layer in chosen if layer not in keys]
         if missing or not chosen:
             raise ValueError(f"layers {missing or chosen} not among the given activations; given layers: {keys}")
@@ -342,7 +340,7 @@ def probe_position(
     if n_pairs is not None and (not isinstance(n_pairs, int) or n_pairs < 1):
         raise ValueError(f"n_pairs must be a positive integer or None, got {n_pairs!r}")
     variants = {"both": (True, False), True: (False,), False: (True,)}[exclude_bos]
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     opts = {
         "alphas": alphas,
         "alpha_selection": alpha_selection,

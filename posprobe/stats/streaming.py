@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -20,12 +20,16 @@ from posprobe.data import TokenBatch, as_token_batch
 from posprobe.finite import check_finite
 from posprobe.models.base import PositionModel
 from posprobe.progress import tqdm
-from posprobe.sites import LAYERLESS_SITES, SiteKey, check_site
+from posprobe.sites import (
+    LAYERLESS_SITES,
+    LayerOutOfRange,
+    SiteKey,
+    as_layer_list,
+    check_layer_range,
+    check_site,
+    resolve_stored_layers,
+)
 from posprobe.store import ActivationStore
-
-
-class LayerOutOfRange(ValueError):
-    """A requested layer the model or store does not have (said before anything else is checked)."""
 
 
 @dataclass(frozen=True)
@@ -87,29 +91,22 @@ class Source:
         return windows[layer] if layer is not None and layer < len(windows) else None
 
     def resolve_layers(self, site: str, layers: int | Sequence[int] | None) -> list[int | None]:
-        """The layers of ``site`` to read: all stored / all of the model's when ``layers`` is None."""
+        """The layers of ``site`` to read: all stored / all of the model's when ``layers`` is None.
+
+        Negative layers count from the end; a layer out of range is said before anything else.
+        """
         check_site(site)
         if site in LAYERLESS_SITES:
-            available: list[int | None] = [None]
-        elif self.model is not None:
+            return [None]
+        if self.model is not None:
+            n = self.model.info.n_layers
+            wanted = as_layer_list(layers)
+            resolved = list(range(n)) if wanted is None else check_layer_range(wanted, n)
             self.model.check_site(site)
-            available = list(range(self.model.info.n_layers))
-        else:
-            assert self.store is not None  # a Source without a model reads a store
-            available = self.store.layers(site)
-        if layers is None or site in LAYERLESS_SITES:
-            return available
-        wanted = [layers] if isinstance(layers, int) else list(layers)
-        n = self.info.get("n_layers") or (max(x for x in available if x is not None) + 1)
-        out = []
-        for layer in wanted:
-            if self.model is not None and not -n <= layer < n:
-                raise LayerOutOfRange(f"layer {layer} out of range; this model has layers 0..{n - 1}")
-            resolved = layer % n if -n <= layer < n else layer
-            if resolved not in available:
-                raise LayerOutOfRange(f"layer {layer} of site {site!r} is not available; available layers: {available}")
-            out.append(resolved)
-        return cast("list[int | None]", sorted(set(out)))  # ints, in the list type of the layerless branch
+            return list[int | None](sorted(set(resolved)))
+        assert self.store is not None  # a Source without a model reads a store
+        found = resolve_stored_layers(site, layers, self.store.layers(site), self.info.get("n_layers"))
+        return sorted(found, key=lambda layer: -1 if layer is None else layer)
 
     def stream(
         self,
@@ -235,4 +232,4 @@ def sem(values: Tensor) -> float:
     return float(values.double().std() / values.numel() ** 0.5)
 
 
-__all__ = ["Batch", "Observer", "Source", "as_source", "sem", "spearman_rows"]
+__all__ = ["Batch", "LayerOutOfRange", "Observer", "Source", "as_source", "sem", "spearman_rows"]
