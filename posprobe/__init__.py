@@ -43,6 +43,11 @@ def report(model: Any = DEFAULT_MODEL, out: str = "report", **kwargs: Any):
     return build_report(model, out, **kwargs)
 
 
+def __dir__() -> list[str]:
+    """The module's names and the lazily loaded ones, so ``dir(pp)`` and tab completion list every analysis."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)

@@ -51,3 +51,21 @@ def test_one_device_resolution_everywhere(tiny_llama):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             pp.probe_position(acts, device="cuda")
+
+
+def test_dir_lists_the_lazily_loaded_analyses_and_device_defaults_agree():
+    import inspect
+
+    assert {"probe_position", "attention_stats", "positional_neurons", "train"} <= set(dir(pp))
+    defaults = {
+        name: inspect.signature(fn).parameters["device"].default
+        for name, fn in {
+            "load_model": pp.load_model,
+            "extract": pp.extract,
+            "probe_position": pp.probe_position,
+            "positional_neurons": pp.positional_neurons,
+            "report": pp.report,
+        }.items()
+        if "device" in inspect.signature(fn).parameters
+    }
+    assert set(defaults.values()) == {"auto"}, defaults

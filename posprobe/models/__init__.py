@@ -41,7 +41,7 @@ def known_models() -> dict[str, str]:
 def load_model(
     model: Any = DEFAULT_MODEL,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype | str = torch.float32,
     trust_remote_code: bool = False,
     random_init: bool = False,
@@ -57,7 +57,8 @@ def load_model(
     ``trust_remote_code`` is passed to transformers only when you set it. Other keyword
     arguments go to ``from_pretrained`` for hub ids and paths: ``device_map="auto"`` splits a
     model too large for one GPU across the visible GPUs (then CPU and disk) through
-    accelerate; ``device`` is then ignored and inputs go to the embedding's device.
+    accelerate; ``device`` is then ignored and inputs go to the embedding's device. ``device``
+    defaults to ``"auto"`` (CUDA when present), as everywhere in posprobe.
     """
     from posprobe.devices import resolve_device, resolve_dtype
 
