@@ -109,7 +109,7 @@ result.table[cols].round(3)
 # readable next to its random-guess value `(N²−1)/(3N)`.
 
 # %%
-fig = result.plot("r2")
+fig = result.figure("r2")
 fig
 
 # %% [markdown]

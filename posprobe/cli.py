@@ -461,7 +461,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     from posprobe.headlines import probe_headline
 
     headline = probe_headline(result.table, args.site, args.target)
-    _save(args.out, {"probes": result.table}, {"probes": result.plot()}, args.formats, headline)
+    _save(args.out, {"probes": result.table}, {"probes": result.figure()}, args.formats, headline)
 
 
 def cmd_rope(args: argparse.Namespace) -> None:

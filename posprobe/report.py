@@ -151,7 +151,7 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
         result = probe_model(model, tokens, "resid_post", seed=settings.seed, out=tmp)
     table = result.table
     summary = probe_headline(table)
-    figure = result.plot("r2")
+    figure = result.figure("r2")
     clipped = sorted(table.loc[table["r2"] < R2_FLOOR, "layer"].dropna().astype(int).unique().tolist())
     if clipped:  # one diverging layer would squash every other curve against the axis
         figure.update_yaxes(range=[R2_FLOOR - 0.05, 1.05])

@@ -69,3 +69,11 @@ def test_dir_lists_the_lazily_loaded_analyses_and_device_defaults_agree():
         if "device" in inspect.signature(fn).parameters
     }
     assert set(defaults.values()) == {"auto"}, defaults
+
+
+def test_probe_position_shows_progress_when_asked(capsys):
+    acts = torch.randn(2, 6, 8, 4)
+    pp.probe_position(acts, device="cpu", n_splits=2, controls=(), progress=True)
+    assert "probe resid_post" in capsys.readouterr().err
+    pp.probe_position(acts, device="cpu", n_splits=2, controls=())
+    assert "probe resid_post" not in capsys.readouterr().err

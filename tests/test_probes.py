@@ -268,9 +268,14 @@ def test_missing_random_init_is_nan_and_said():
     assert table["control_token"].isna().all()
     assert table["controls_missing"].str.contains("random_init").all()
     assert table["controls_missing"].str.contains("token: no token ids").all()
-    fig = result.plot()
+    fig = result.figure()
     assert fig.layout.yaxis.title.text.startswith("R²")
     assert len(fig.data) >= 2
+    with pytest.warns(DeprecationWarning, match=r"plot\(metric\) is now figure\(kind=metric\)"):
+        old = result.plot("mae")  # the old spelling still works for one release
+    assert old.to_dict() == result.figure("mae").to_dict()
+    with pytest.raises(ValueError, match="unknown metric 'nope'; accepted: "):
+        result.figure("nope")
 
 
 def test_random_init_store_fills_its_column(tmp_path):

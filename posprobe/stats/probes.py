@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from torch import Tensor
 from posprobe.devices import resolve_device
 from posprobe.finite import check_finite
 from posprobe.models.base import positions_from_mask
+from posprobe.progress import tqdm
 from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site, resolve_stored_layers
 from posprobe.stats.probe_cv import FoldPlan, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
 from posprobe.stats.probe_estimators import (
@@ -79,11 +81,17 @@ class ProbeResult:
     split: tuple[tuple[int, ...], ...]
     site: str
 
-    def plot(self, metric: str = "r2") -> go.Figure:
-        """Score per layer with the controls beside it (``posprobe.plots.probes``)."""
+    def figure(self, kind: str | None = None) -> go.Figure:
+        """Score per layer with the controls beside it; ``kind`` is the metric (default ``"r2"``; also
+        ``"mae"``, ``"accuracy"``, ``"mad"``, ``"selectivity"`` …, listed in the error for an unknown one)."""
         from posprobe.plots.probes import plot_probe_position
 
-        return plot_probe_position(self.table, metric=metric)
+        return plot_probe_position(self.table, metric=kind or "r2")
+
+    def plot(self, metric: str = "r2") -> go.Figure:
+        """Deprecated spelling of ``figure(kind=metric)``, kept for one release."""
+        warnings.warn("ProbeResult.plot(metric) is now figure(kind=metric)", DeprecationWarning, stacklevel=2)
+        return self.figure(metric)
 
 
 @dataclass
@@ -291,6 +299,7 @@ def probe_position(
     n_buckets: int = 8,
     n_pairs: int | None = None,
     pair_features: str = "diff",
+    progress: bool = False,
 ) -> ProbeResult:
     """Fit position probes with controls at every layer of ``site``: a row per layer × target × kind × with_pos0.
 
@@ -322,7 +331,8 @@ def probe_position(
 
     Splits are by sequence (seeded GroupKFold, recorded in ``result.split``). ``exclude_bos``:
     ``"both"`` (default) reports rows with and without position-0 tokens (the BOS when one was
-    prepended); ``True`` only without; ``False`` only with.
+    prepended); ``True`` only without; ``False`` only with. ``progress`` shows a bar over the fits
+    (target × kind, and the random-init twin's).
     """
     targets = _as_list(target, TARGETS, "target")
     kinds = _as_list(kind, KINDS, "kind")
@@ -361,6 +371,8 @@ def probe_position(
 
     rows: list[dict[str, Any]] = []
     split: tuple[tuple[int, ...], ...] = ()
+    n_fits = len(targets) * len(kinds) * (2 if random_inputs is not None else 1)
+    bar = tqdm(total=n_fits, desc=f"probe {site}", unit="fit", disable=not progress)
     for tgt in targets:
         s = _samples(inputs, tgt, n_buckets, n_pairs, pair_features, seed, dev)
         fold, split = _split(s.seq, n_splits, seed)
@@ -379,7 +391,9 @@ def probe_position(
         missing = _missing_controls(wanted_controls, X_random is not None, token_pred is not None)
         for knd in kinds:
             pred, reg, neurons = _fit(knd, s.X, Y.to(dev), plan, opts)
+            bar.update()
             random_pred = None if X_random is None else _fit(knd, X_random, Y[:, :1].to(dev), plan, opts)[0]
+            bar.update(0 if X_random is None else 1)
             for v, with_pos0 in enumerate(variants):
                 keep = torch.ones_like(s.at_pos0) if with_pos0 else ~s.at_pos0
                 fits = [i for i, (fv, _, _) in enumerate(plan.fits) if fv == v]
@@ -422,6 +436,7 @@ def probe_position(
     controls_r2 = table[["control_shuffled", "control_random_init", "control_token"]]
     table.insert(table.columns.get_loc("mad_chance") + 1, "selectivity", table["r2"] - controls_r2.max(axis=1))
     table["layer"] = table["layer"].astype("Int64")
+    bar.close()
     return ProbeResult(table=table, split=split, site=site)
 
 
