@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if model is None:
                 skipped[name] = note
                 continue
-            # trained p-RoPE vs RoPE: the held-out eval posprobe.train recorded, read with the checkpoint
+            # trained p-RoPE vs RoPE: the held-out eval posprobe.training recorded, read with the checkpoint
             trained_loss[name] = (model.info.extra.get("eval") or {}).get("heldout_loss")
         else:
             model = pp.load_model(name)

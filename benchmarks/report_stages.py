@@ -1,6 +1,6 @@
 """Benchmark: ``posprobe report`` stage by stage, at 1 and 2 intra-op threads, side by side.
 
-Runs ``posprobe.report.analyse_model`` (every analysis the report composes) on SmolLM2 (``--model``) with the
+Runs ``posprobe.reporting.analyse_model`` (every analysis the report composes) on SmolLM2 (``--model``) with the
 ``--quick`` settings (8 × 128 tokens) or the default ones (32 × 256, ``--full``), rounds
 alternating between thread counts so a load spike on a shared machine hits both alike. Prints
 one JSON object: per thread count and stage the median seconds, and the 2-thread / 1-thread ratio
@@ -47,12 +47,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import posprobe as pp
-    from posprobe.report import ReportSettings, analyse_model
+    from posprobe.reporting import ReportSettings, analyse_model
 
     settings = ReportSettings.make(quick=not args.full, device="cpu")
     model = pp.load_model(args.model)
     handler = _StageTimes()
-    report_log = logging.getLogger("posprobe.report")
+    report_log = logging.getLogger("posprobe.reporting")
     report_log.addHandler(handler)
     report_log.setLevel(logging.INFO)
     runs: dict[int, list[dict[str, float]]] = {t: [] for t in args.threads}

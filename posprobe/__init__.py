@@ -32,13 +32,13 @@ _LAZY = {
     "subspace_patch": "posprobe.stats.patching",
     "shift_invariance": "posprobe.stats.patching",
     "length_generalization": "posprobe.stats.length",
-    "train": "posprobe.train",
+    "train": "posprobe.training",
 }
 
 
 def report(model: Any = DEFAULT_MODEL, out: str = "report", **kwargs: Any):
-    """Write the one-page HTML atlas for ``model`` to ``out/index.html`` (see ``posprobe.report``)."""
-    from posprobe.report import build_report
+    """Write the one-page HTML atlas for ``model`` to ``out/index.html`` (see ``posprobe.reporting``)."""
+    from posprobe.reporting import build_report
 
     return build_report(model, out, **kwargs)
 
@@ -51,7 +51,7 @@ def __dir__() -> list[str]:
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # importing posprobe.train binds the module under its name; the function wins
+        globals()[name] = value  # loaded once; no module of posprobe shares a public function's name
         return value
     raise AttributeError(f"module 'posprobe' has no attribute {name!r}")
 

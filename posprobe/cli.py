@@ -183,7 +183,7 @@ def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) ->
 
 def build_parser() -> argparse.ArgumentParser:
     from posprobe.stats.probes import KINDS, TARGETS
-    from posprobe.train import add_train_arguments
+    from posprobe.training import add_train_arguments
 
     parser = OneLineParser(prog="posprobe", description="Where does a transformer keep position?")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -555,7 +555,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from posprobe.train import run_train
+    from posprobe.training import run_train
 
     state = run_train(args)
     ev = state.get("eval", {})
@@ -563,7 +563,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from posprobe.report import ReportSettings, build_report
+    from posprobe.reporting import ReportSettings, build_report
 
     settings = ReportSettings.make(quick=args.quick, n=args.n, seq_len=args.seq_len, seed=args.seed, device=args.device)
     model = _load(args)

@@ -189,7 +189,7 @@ def test_save_figure_writes_png_and_svg(tmp_path):
 def test_report_composes_a_page_for_two_tiny_models(tmp_path):
     """Composition only, fast: tiny random zoo models, a two-column page, tables and summary beside it."""
     from posprobe.models.zoo import ZooConfig, ZooModel, ZooTransformer
-    from posprobe.report import ReportSettings, build_report
+    from posprobe.reporting import ReportSettings, build_report
 
     tiny = dict(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64)
     rope = ZooModel(ZooTransformer(ZooConfig(pe="rope", **tiny)), name="tiny-rope")
@@ -213,7 +213,7 @@ def test_report_composes_a_page_for_two_tiny_models(tmp_path):
 
 def test_report_on_an_encoder_without_lm_head(tiny_bert, tmp_path):
     """MiniLM-style models: no logits, bidirectional attention; every section still says something true."""
-    from posprobe.report import ReportSettings, build_report
+    from posprobe.reporting import ReportSettings, build_report
 
     page = build_report(
         tiny_bert, tmp_path, settings=ReportSettings(n=6, seq_len=12, seed=0, device="cpu"), progress=False

@@ -251,7 +251,7 @@ def test_every_analysis_runs(family, models, tmp_path):
 
 @pytest.mark.parametrize("family", NAMES)
 def test_report_quick_composes_every_section(family, models, tmp_path):
-    from posprobe.report import ReportSettings, build_report
+    from posprobe.reporting import ReportSettings, build_report
 
     model = models(family)
     page = build_report(model, tmp_path, settings=ReportSettings(n=6, seq_len=16, seed=0, device="cpu"), progress=False)

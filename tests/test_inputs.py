@@ -53,6 +53,20 @@ def test_one_device_resolution_everywhere(tiny_llama):
             pp.probe_position(acts, device="cuda")
 
 
+def test_no_module_shadows_a_public_function():
+    """Importing any posprobe module never turns pp.<name> into a module (it once did for report and train)."""
+    import importlib
+    import pkgutil
+    import types
+
+    for info in pkgutil.walk_packages(pp.__path__, "posprobe."):
+        if info.name != "posprobe.__main__":  # that one runs the command line
+            importlib.import_module(info.name)
+    for name in pp.__all__:
+        assert not isinstance(getattr(pp, name), types.ModuleType) or name == "data", name
+    assert callable(pp.report) and callable(pp.train) and callable(pp.extract)
+
+
 def test_dir_lists_the_lazily_loaded_analyses_and_device_defaults_agree():
     import inspect
 

@@ -254,7 +254,7 @@ TRAIN_KW = dict(steps=50, batch_size=8, lr=3e-3, seed=0, device="cpu", eval_wind
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    from posprobe.train import train
+    from posprobe.training import train
 
     out = tmp_path_factory.mktemp("straight")
     return out, train(TRAIN_CFG, out, **TRAIN_KW)
@@ -278,7 +278,7 @@ def test_training_lowers_the_loss(straight_run):
 
 
 def test_resume_equals_training_straight_through(straight_run, tmp_path):
-    from posprobe.train import train
+    from posprobe.training import train
 
     straight, state = straight_run
     partial = train(TRAIN_CFG, tmp_path, stop_at=20, **TRAIN_KW)
@@ -290,7 +290,7 @@ def test_resume_equals_training_straight_through(straight_run, tmp_path):
 
 
 def test_resume_refuses_another_config_or_run(straight_run, tmp_path):
-    from posprobe.train import train
+    from posprobe.training import train
 
     out, _ = straight_run
     with pytest.raises(ValueError, match=r"pe: checkpoint 'rope' vs requested 'alibi'"):
@@ -304,7 +304,7 @@ def test_resume_refuses_another_config_or_run(straight_run, tmp_path):
 
 
 def test_main_train_parses_the_cli(tmp_path):
-    from posprobe.train import main_train
+    from posprobe.training import main_train
 
     argv = ["--pe", "alibi", "--steps", "3", "--out", str(tmp_path), "--d-model", "32", "--n-layers", "1",
             "--n-heads", "2", "--d-head", "16", "--d-mlp", "64", "--n-ctx", "16", "--eval-windows", "2"]  # fmt: skip

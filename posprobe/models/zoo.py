@@ -4,7 +4,7 @@
 in the wheel) into a ``ZooModel``,
 posprobe's ``PositionModel`` over the TransformerLens-hooked ``ZooTransformer`` (``model.net``).
 ``load_zoo("rope", random_init=True, seed=0)`` is the same architecture freshly initialised: the
-control every probe needs (Hewitt & Liang 2019). The checkpoints come from ``posprobe.train``;
+control every probe needs (Hewitt & Liang 2019). The checkpoints come from ``posprobe.training``;
 ``posprobe/zoo_checkpoints/README.md`` gives the recipe and their held-out losses.
 
 Your own variants: ``posprobe train --out DIR`` writes a checkpoint folder that ``zoo:DIR`` (a
@@ -158,7 +158,7 @@ def zoo_info(net: ZooTransformer, tokenizer: Any, name: str, extra: Mapping[str,
 
 
 def load_checkpoint(path: str | Path, random_init: bool = False, seed: int = 0, name: str | None = None) -> ZooModel:
-    """Load a ``posprobe.train`` output folder (``config.json`` + ``model.safetensors``) as a ZooModel.
+    """Load a ``posprobe.training`` output folder (``config.json`` + ``model.safetensors``) as a ZooModel.
 
     With ``random_init`` only the config is read and the weights are freshly initialised with ``seed``.
     """
@@ -166,7 +166,7 @@ def load_checkpoint(path: str | Path, random_init: bool = False, seed: int = 0, 
 
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}; expected a posprobe.train checkpoint folder")
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}; expected a posprobe.training checkpoint folder")
     cfg = ZooConfig.from_json(path / CONFIG_FILE)
     name = name or f"zoo:{path.name}"
     if random_init:

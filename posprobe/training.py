@@ -8,7 +8,7 @@ Batches are a pure function of (seed, step) and every CPU kernel used is determi
 training is reproducible bit for bit (any thread count) and a resumed run matches one trained
 straight through; on CUDA it matched too where checked (H200), but cuBLAS promises less.
 ``add_train_arguments`` / ``run_train`` are ``posprobe train``'s flags and body (``python -m
-posprobe.train`` runs the same command); ``posprobe/zoo_checkpoints/README.md`` has the zoo's recipe.
+posprobe.training`` runs the same command); ``posprobe/zoo_checkpoints/README.md`` has the zoo's recipe.
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main_train(argv: Sequence[str] | None = None) -> int:
-    """``python -m posprobe.train …``: the same command, flags and errors as ``posprobe train …``."""
+    """``python -m posprobe.training …``: the same command, flags and errors as ``posprobe train …``."""
     from posprobe.cli import main
 
     return main(["train", *(sys.argv[1:] if argv is None else argv)])
