@@ -6,7 +6,8 @@ Used by the report, the command line and ``summary.json``. The rules, one per an
   ``MARGIN`` above the shuffled-label control → "no more than shuffled labels"; no layer more
   than ``MARGIN`` above the random-init twin → "no more than the random-init twin" (the
   architecture gives the position, not training); otherwise the best layer, with its gain over
-  the twin, the layer where that gain is largest and at how many layers the twin keeps up.
+  the twin, the layer where that gain is largest and at how many layers the twin keeps up. A twin
+  whose R² is below 0 counts as 0 (it decodes nothing; its R² is not a floor to beat).
 - **roles** (attention heads, RoPE heads) and **neurons**: each count beside the random-init
   twin's; a count that does not exceed the twin's is "no more than the random-init twin".
   Heads or neurons whose score is NaN are counted as undetermined, never as a role.
@@ -52,7 +53,7 @@ def probe_headline(table: pd.DataFrame, site: str = "resid_post", target: str = 
     twin = rows["control_random_init"] if "control_random_init" in rows else pd.Series(math.nan, index=rows.index)
     if twin.isna().all():
         return f"{what} is linearly decodable from {site}, {score}; the random-init control was not run"
-    gain = rows["r2"] - twin
+    gain = rows["r2"] - twin.clip(lower=0)  # a twin below R² 0 decodes nothing: the floor is the mean, not its R²
     top = rows.loc[gain.idxmax()]
     top_gain, twin_best = float(gain.max()), float(twin.loc[best.name])
     if top_gain <= MARGIN:
@@ -66,9 +67,10 @@ def probe_headline(table: pd.DataFrame, site: str = "resid_post", target: str = 
     matched = int((gain <= MARGIN).sum())
     if matched:
         gain_at += f"; the twin comes within {MARGIN:g} or above at {matched} of {len(rows)} layers"
+    twin_text = f"R² {twin_best:.3f}" + (", below 0: it decodes nothing" if twin_best < 0 else "")
     return (
-        f"{what} is linearly decodable from {site}, {score}: {r2 - twin_best:+.3f} R² above the random-init twin "
-        f"(R² {twin_best:.3f}){gain_at}; shuffled labels R² {shuffled:.3f}"
+        f"{what} is linearly decodable from {site}, {score}: {r2 - max(twin_best, 0.0):+.3f} R² above the "
+        f"random-init twin ({twin_text}){gain_at}; shuffled labels R² {shuffled:.3f}"
     )
 
 

@@ -68,6 +68,10 @@ def test_probe_headline_rules_on_tables():
     assert "best at layer 0" in mixed and "the largest gain is at layer 1 (+0.500)" in mixed
     assert "the twin comes within 0.05 or above at 1 of 2 layers" in mixed
     assert "than shuffled labels" in probe_headline(probe_table([0.3], [0.0], shuffled=0.28))
+    # a twin below R² 0 is a floor of 0, not of its own R² (SmolLM2's twin reaches −1.9)
+    below = probe_headline(probe_table([0.72, 0.6], [-1.89, -0.5]))
+    assert "+0.720 R² above the random-init twin (R² -1.890, below 0: it decodes nothing)" in below
+    assert "the largest gain" not in below
     assert "random-init control was not run" in probe_headline(probe_table([0.7], [math.nan]))
 
 
