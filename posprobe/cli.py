@@ -181,6 +181,12 @@ def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) ->
     p.add_argument("--seq-len", type=positive(int), default=seq_len, help="tokens per window, at most the context")
 
 
+def _sites_arg(p: argparse.ArgumentParser, default: str, verb: str) -> None:
+    p.add_argument(
+        "--sites", nargs="+", default=[default], choices=SITES, metavar="SITE", help=f"sites to {verb}, of: %(choices)s"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from posprobe.stats.probes import KINDS, TARGETS
     from posprobe.training import add_train_arguments
@@ -205,14 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("extract", "extract sites into an on-disk activation store")
     _common(p)
     _tokens_args(p)
-    p.add_argument(
-        "--sites",
-        nargs="+",
-        default=["resid_post"],
-        choices=SITES,
-        metavar="SITE",
-        help="sites to store, of: %(choices)s",
-    )
+    _sites_arg(p, "resid_post", "store")
     p.add_argument(
         "--layers", nargs="*", type=integer, default=None, help="layers to store (negative counts from the end)"
     )
@@ -254,14 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _tokens_args(p, n=8, seq_len=64)
     p.add_argument("--shift", type=positive(int), default=8, help="positions the corrupted run is shifted by")
-    p.add_argument(
-        "--sites",
-        nargs="+",
-        default=["resid_pre"],
-        choices=SITES,
-        metavar="SITE",
-        help="sites to patch, of: %(choices)s",
-    )
+    _sites_arg(p, "resid_pre", "patch")
     p.add_argument(
         "--per-position", action="store_true", help="patch each position separately (n_layers × seq_len runs)"
     )
@@ -400,11 +392,9 @@ def _move_into(stage: Path, out: Path) -> list[str]:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
+    from posprobe.extract import _versions as library_versions  # the versions a store records
 
-    return {"posprobe": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}  # fmt: skip
+    return {**library_versions(), "python": platform.python_version()}
 
 
 def _version() -> str:
@@ -497,20 +487,13 @@ def cmd_positions(args: argparse.Namespace) -> None:
 
 
 def cmd_neurons(args: argparse.Namespace) -> None:
-    import tempfile
-
-    from posprobe.extract import extract
     from posprobe.headlines import neurons_headline
-    from posprobe.stats.neurons import positional_neurons
+    from posprobe.stats.neurons import model_positional_neurons
 
     model = _load(args)
     tokens = _windows(model, args)
-
-    def run(m):
-        with tempfile.TemporaryDirectory() as tmp:
-            return positional_neurons(extract(m, tokens, "mlp_post", out=tmp))
-
-    result, twin = run(model), run(model.random_init_copy(args.seed))
+    result = model_positional_neurons(model, tokens)
+    twin = model_positional_neurons(model.random_init_copy(args.seed), tokens)
     figures = {"neuron_counts": result.figure("counts")}
     if result.table["is_positional"].any():  # the heatmap draws positional neurons only
         figures["neuron_heatmap"] = result.figure("heatmap")

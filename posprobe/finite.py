@@ -51,6 +51,11 @@ def _bad(site: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return bad
 
 
+def _flag(site: str, x: Tensor, mask: Tensor | None) -> Tensor:
+    """``nonfinite_flag``, or with ``mask`` the exact flag at real tokens (a masked sum would see padding's NaN)."""
+    return nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()
+
+
 def _rows(bad: Tensor) -> Tensor:
     """Per-row flags [b] of a bad-value mask (a 0-d or 1-d tensor is one row)."""
     return bad.reshape(1) if bad.ndim == 0 else bad.reshape(bad.shape[0], -1).any(1)
@@ -106,7 +111,7 @@ def check_finite(
 
     One read of ``x`` on its device and one synchronisation; the exact count only when flagged.
     """
-    if bool(nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()):
+    if bool(_flag(site, x, mask)):
         raise_nonfinite(site, layer, x, start=start, where=where, mask=mask, unit=unit)
 
 
@@ -125,8 +130,7 @@ class FiniteGuard:
     def add(self, site: str, layer: int | None, x: Tensor, mask: Tensor | None = None) -> None:
         """Flag NaN/inf in ``x`` (at real tokens when ``mask`` [b s] is given) without synchronising."""
         x = x.detach()
-        flag = nonfinite_flag(site, x) if mask is None else _bad(site, x, mask).any()
-        self._seen.append((site, layer, x, mask, flag))
+        self._seen.append((site, layer, x, mask, _flag(site, x, mask)))
 
     def check(self) -> None:
         """Raise ``NonFiniteError`` for the first activation added that held NaN/inf; then start afresh."""

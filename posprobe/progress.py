@@ -15,13 +15,9 @@ def set_quiet(quiet: bool = True) -> None:
     _quiet = bool(quiet)
 
 
-def is_quiet() -> bool:
-    return _quiet
-
-
 def tqdm(*args: Any, disable: bool = False, **kwargs: Any) -> Any:
     """``tqdm.auto.tqdm``, off when ``disable`` or when ``set_quiet`` was called."""
     return _tqdm(*args, disable=disable or _quiet, **kwargs)
 
 
-__all__ = ["is_quiet", "set_quiet", "tqdm"]
+__all__ = ["set_quiet", "tqdm"]

@@ -216,17 +216,13 @@ def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
 
 
 def _neurons(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
-    from posprobe.extract import extract
-    from posprobe.stats.neurons import positional_neurons
+    from posprobe.stats.neurons import model_positional_neurons
 
-    def run(m: PositionModel):
-        with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
-            return positional_neurons(extract(m, tokens, "mlp_post", out=tmp, progress=False))
-
-    result = run(model)
+    result = model_positional_neurons(model, tokens, progress=False)
     summary_table = result.layer_summary
     positional = result.table[result.table["is_positional"]]
-    summary = neurons_headline(result.table, run(twin()).table if twin is not None else None)
+    twin_table = model_positional_neurons(twin(), tokens, progress=False).table if twin is not None else None
+    summary = neurons_headline(result.table, twin_table)
     figures = [result.figure("counts")]
     if len(positional):
         figures.append(result.figure("heatmap", top=20))

@@ -485,3 +485,17 @@ def positional_neurons(
         stats=stats,
         params={"site": site, "threshold": stats.threshold, "exclude_bos": exclude_bos, **rates},
     )
+
+
+def model_positional_neurons(model: Any, tokens: Any, *, progress: bool = True, **kwargs: Any) -> PositionalNeurons:
+    """``positional_neurons`` of ``model``'s ``mlp_post`` on ``tokens``, extracted into a temporary store first.
+
+    What the report and ``posprobe neurons`` run on a model and on its random-init twin; ``kwargs`` go
+    to ``positional_neurons``.
+    """
+    import tempfile
+
+    from posprobe.extract import extract
+
+    with tempfile.TemporaryDirectory(prefix="posprobe-neurons-") as tmp:
+        return positional_neurons(extract(model, tokens, "mlp_post", out=tmp, progress=progress), **kwargs)
