@@ -1,4 +1,12 @@
-"""Feed activations batch by batch to per-layer observers, from a model run or from a store.
+"""The input layer of every analysis: models, stores, tokens, layers and batches, resolved one way.
+
+``as_model`` coerces anything ``load_model`` accepts; ``as_source`` wraps a model with its
+tokens, or a store; ``Source.resolve_layers`` resolves a site's layers (negative layers count from
+the end, one error message for a layer out of range); ``batches`` is the one loop over rows of
+tokens (``Source.stream`` and every analysis that runs a model go through it); ``Source.run_info``
+fills the run record every result carries (``posprobe.results.RunInfo``).
+
+Feed activations batch by batch to per-layer observers, from a model run or from a store.
 
 The attention diagnostics (``attention.py``, ``variance.py``, ``similarity.py``) never keep
 more than one batch of one layer in memory: with a model, each requested site gets a hook
@@ -9,17 +17,20 @@ site and layer at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+import numpy as np
 from torch import Tensor
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.finite import check_finite
 from posprobe.models.base import PositionModel
 from posprobe.progress import tqdm
+from posprobe.results import RunInfo, deprecated_alias
 from posprobe.sites import (
     LAYERLESS_SITES,
     LayerOutOfRange,
@@ -29,7 +40,7 @@ from posprobe.sites import (
     check_site,
     resolve_stored_layers,
 )
-from posprobe.store import ActivationStore
+from posprobe.store import MANIFEST, ActivationStore
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,27 @@ class Source:
         """One more than the largest position id of a real token."""
         pos = self.position_ids[self.attention_mask.bool()]
         return int(pos.max()) + 1
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens of the run."""
+        return int(self.attention_mask.bool().sum())
+
+    def run_info(self, analysis: str, **fields: Any) -> RunInfo:
+        """The run record of ``analysis`` on this source: model, tokens, causal and prepend_bos filled in."""
+        mask = self.attention_mask
+        facts: dict[str, Any] = dict(
+            model=self.name,
+            n_sequences=int(mask.shape[0]),
+            seq_len=int(mask.shape[1]),
+            n_tokens=self.n_tokens,
+            causal=self.causal,
+            prepend_bos=self.prepend_bos,
+        )
+        facts.update(fields)
+        if "layers" in facts:
+            facts["layers"] = tuple(facts["layers"])
+        return RunInfo(analysis, **facts)
 
     def sliding_window(self, layer: int | None) -> int | None:
         windows = self.info.get("sliding_windows") or ()
@@ -152,14 +184,8 @@ class Source:
         model, tokens = self.model, self.tokens
         assert model is not None and tokens is not None  # a Source with a model holds its tokens
         last = max((x for x in layers if x is not None), default=None)
-        starts = range(0, len(tokens), batch_size)
-        for start in tqdm(starts, desc=desc or f"run {self.name}", unit="batch", disable=not progress):
-            stop = start + batch_size
-            batch = Batch(
-                start,
-                tokens.attention_mask[start:stop].to(model.device),
-                tokens.position_ids[start:stop].to(model.device),
-            )
+        for start, chunk in batches(tokens, batch_size, progress=progress, desc=desc or f"run {self.name}"):
+            batch = Batch(start, chunk.attention_mask.to(model.device), chunk.position_ids.to(model.device))
             fired: set[int | None] = set()
             where = f"of {self.name}"
             hooks = {
@@ -167,7 +193,7 @@ class Source:
                 for layer in layers
             }
             model.run(
-                tokens.tokens[start:stop],
+                chunk.tokens,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 hooks=hooks,
@@ -198,22 +224,81 @@ def _observe_once(
     observe(layer, x.detach(), batch)
 
 
-def as_source(model_or_store: PositionModel | ActivationStore, tokens: Any = None) -> Source:
-    """Wrap a model (with ``tokens``: a TokenBatch, an id tensor [n s] or texts) or a store (no tokens)."""
-    if isinstance(model_or_store, ActivationStore):
+def batches(
+    tokens: TokenBatch, batch_size: int, *, progress: bool = False, desc: str = "", total: int | None = None
+) -> Iterator[tuple[int, TokenBatch]]:
+    """``(start, rows start:start+batch_size)`` over ``tokens``: the one loop over rows every analysis uses.
+
+    ``progress`` shows a bar over the batches (``desc`` names it).
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    starts = range(0, len(tokens), batch_size)
+    for start in tqdm(starts, desc=desc or "batches", unit="batch", disable=not progress):
+        yield start, tokens[start : start + batch_size]
+
+
+def as_model(model: Any, **load: Any) -> PositionModel:
+    """A PositionModel as is; anything else ``load_model`` accepts (a name, a path, a transformers, nnsight
+    or TransformerLens model) loaded or wrapped, on the device and dtype of its own weights when it has them."""
+    if isinstance(model, PositionModel):
+        return model
+    from posprobe.models import load_model
+
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    if param is not None:
+        load = {"device": param.device, "dtype": param.dtype, **load}
+    return load_model(model, **load)
+
+
+def as_source(source: Any, tokens: Any = None) -> Source:
+    """Wrap a model (with ``tokens``: a TokenBatch, an id tensor [n s] or texts) or a store (no tokens).
+
+    ``source`` is an ActivationStore, a store's folder, or anything ``load_model`` accepts.
+    """
+    if isinstance(source, str | os.PathLike) and os.path.isfile(os.path.join(source, MANIFEST)):
+        source = ActivationStore(source)
+    if isinstance(source, ActivationStore):
         if tokens is not None:
             raise ValueError("a store already holds its tokens; pass tokens=None with a store")
-        store = model_or_store
-        return Source(None, store, None, dict(store.model_info), store.prepend_bos)
-    if isinstance(model_or_store, PositionModel):
-        if tokens is None:
-            raise ValueError(f"running {model_or_store.info.name} needs tokens (a TokenBatch, an id tensor or texts)")
-        batch = as_token_batch(model_or_store, tokens)
-        return Source(model_or_store, None, batch, model_or_store.info.as_dict(), batch.prepend_bos)
-    raise TypeError(
-        f"expected a PositionModel (pp.load_model) or an ActivationStore (pp.extract / pp.open_store), "
-        f"got {type(model_or_store).__name__}"
-    )
+        return Source(None, source, None, dict(source.model_info), source.prepend_bos)
+    if source is None or isinstance(source, (int, float, bool)):
+        raise TypeError(
+            f"expected a model (pp.load_model or anything it accepts) or an ActivationStore (pp.extract / "
+            f"pp.open_store), got {type(source).__name__}"
+        )
+    model = as_model(source)
+    if tokens is None:
+        raise ValueError(f"running {model.info.name} needs tokens (a TokenBatch, an id tensor or texts)")
+    batch = as_token_batch(model, tokens)
+    return Source(model, None, batch, model.info.as_dict(), batch.prepend_bos)
+
+
+#: default of a deprecated keyword: tells "not given" from any value
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()
+
+
+def exclude_pos0_choice(
+    exclude_pos0: bool | str,
+    *,
+    both: bool = False,
+    old: str | None = None,
+    old_value: Any = UNSET,
+    invert: bool = False,
+) -> bool | str:
+    """Check ``exclude_pos0`` (True, False, or ``"both"`` where ``both``); ``old=old_value`` is the keyword it
+    replaced (``invert`` where the old one said *include*), accepted for one release with a DeprecationWarning."""
+    if old is not None and old_value is not UNSET:
+        deprecated_alias(f"{old}=", "exclude_pos0=")
+        exclude_pos0 = old_value if isinstance(old_value, str) else (not old_value if invert else old_value)
+    allowed: tuple[bool | str, ...] = (True, False, "both") if both else (True, False)
+    if isinstance(exclude_pos0, str):
+        ok = both and exclude_pos0 == "both"
+    else:
+        ok = isinstance(exclude_pos0, bool | np.bool_)
+    if not ok:
+        raise ValueError(f"exclude_pos0 must be {' or '.join(map(repr, allowed))}, got {exclude_pos0!r}")
+    return exclude_pos0 if isinstance(exclude_pos0, str) else bool(exclude_pos0)
 
 
 def spearman_rows(x: Tensor, y: Tensor) -> Tensor:
@@ -232,4 +317,16 @@ def sem(values: Tensor) -> float:
     return float(values.double().std() / values.numel() ** 0.5)
 
 
-__all__ = ["Batch", "LayerOutOfRange", "Observer", "Source", "as_source", "sem", "spearman_rows"]
+__all__ = [
+    "Batch",
+    "LayerOutOfRange",
+    "Observer",
+    "Source",
+    "UNSET",
+    "as_model",
+    "as_source",
+    "batches",
+    "exclude_pos0_choice",
+    "sem",
+    "spearman_rows",
+]

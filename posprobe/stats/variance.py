@@ -12,25 +12,24 @@ of a sequence (Spearman correlation with position), to set beside ``embedding_si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from posprobe.models.base import PositionModel
+from posprobe.results import Result, RunInfo
 from posprobe.stats.streaming import Batch, Source, as_source, sem, spearman_rows
-from posprobe.store import ActivationStore
 
 #: Sites ``attention_variance`` reads: the attention sub-block output, or each head's output.
 VARIANCE_SITES = ("attn_out", "z")
 
 
 @dataclass(frozen=True)
-class AttentionVariance:
+class AttentionVariance(Result):
     """Attention-output variance per layer (and head for ``z``) and position, with power-law fits.
 
     ``table``: layer, [head], position, n_keys (keys a causal query there sees: position + 1,
@@ -43,18 +42,24 @@ class AttentionVariance:
     below 1 on short sequences); and the Spearman correlation of
     variance with position within a sequence (mean ``spearman``, mean ``abs_spearman`` and
     its ``abs_spearman_sem``, over ``n_seqs`` sequences; tokens at position ≥ min_position).
+    ``info``: the run record (``params``: min_position). Figure kinds: ``"curves"``.
     """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {"curves": "_curves_figure"}
+    TABLES: ClassVar[Sequence[str]] = ("exponents",)
 
     table: pd.DataFrame
     exponents: pd.DataFrame
-    site: str
-    min_position: int
-    causal: bool
-    prepend_bos: bool
-    model_name: str
-    notes: tuple[str, ...] = field(default=())
+    info: RunInfo
 
-    def figure(self) -> Any:
+    site = property(lambda self: self.info.site)
+    min_position = property(lambda self: self.info.params["min_position"])
+    causal = property(lambda self: self.info.causal)
+    prepend_bos = property(lambda self: self.info.prepend_bos)
+    model_name = property(lambda self: self.info.model)
+    notes = property(lambda self: self.info.notes)
+
+    def _curves_figure(self) -> Any:
         """Variance vs number of visible keys on log-log axes, with the fitted power laws."""
         from posprobe.plots.attention import variance_curves
 
@@ -62,18 +67,18 @@ class AttentionVariance:
 
 
 def attention_variance(
-    model_or_store: PositionModel | ActivationStore,
+    source: Any,
     tokens: Any = None,
+    *,
     layers: int | Sequence[int] | None = None,
     batch_size: int = 8,
-    *,
     site: str = "attn_out",
     min_position: int = 1,
     progress: bool = False,
 ) -> AttentionVariance:
     """Measure how the attention output's variance across hidden units falls with position (Chi et al. 2023).
 
-    ``model_or_store``: a PositionModel run on ``tokens`` (TokenBatch, ids [n s] or texts), or
+    ``source``: a model (anything ``load_model`` accepts) run on ``tokens`` (TokenBatch, ids [n s] or texts), or
     a store holding ``site`` (``attn_out`` [n s d_model] or ``z`` [n s heads d_head], per head).
     Expect an exponent near 1 for a causal NoPE model at random initialisation. Position 0
     (often a BOS) is left out of the fit and the Spearman scores unless ``min_position=0``.
@@ -82,7 +87,7 @@ def attention_variance(
         raise ValueError(f"attention_variance reads site 'attn_out' or 'z', got {site!r}")
     if not isinstance(min_position, int) or min_position < 0:
         raise ValueError(f"min_position must be a non-negative int, got {min_position!r}")
-    source = as_source(model_or_store, tokens)
+    source = as_source(source, tokens)
     n_pos = source.n_positions
     if n_pos < min_position + 3:
         raise ValueError(
@@ -105,9 +110,10 @@ def attention_variance(
             "does not apply; the fit is reported for comparison only",
         )
     )
-    return AttentionVariance(
-        table, exponents, site, min_position, source.causal, source.prepend_bos, source.name, notes
+    info = source.run_info(
+        "attention_variance", site=site, layers=layer_list, notes=notes, params={"min_position": min_position}
     )
+    return AttentionVariance(table, exponents, info)
 
 
 class _VarianceSums:
