@@ -318,11 +318,11 @@ def sem(values: Tensor) -> float:
 
 
 __all__ = [
+    "UNSET",
     "Batch",
     "LayerOutOfRange",
     "Observer",
     "Source",
-    "UNSET",
     "as_model",
     "as_source",
     "batches",
