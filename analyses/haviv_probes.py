@@ -92,7 +92,7 @@ def probe_depths(
     first ``logistic_windows`` windows and without controls (it costs ~100x a ridge fit).
     """
     import posprobe as pp
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
     batch = pp.data.text_windows(model, n=n, seq_len=seq_len, seed=seed, prepend_bos=prepend_bos)
     sites = ["resid_pre", "resid_post"]

@@ -37,7 +37,7 @@ def settings(quick: bool) -> dict:
 def scan(model, n: int, seq_len: int, seed: int, layer_chunk: int | None = None):
     """positional_neurons on mlp_post of every layer, extracting ``layer_chunk`` layers at a time to bound disk use."""
     import posprobe as pp
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
     batch = pp.data.text_windows(model, n=n, seq_len=seq_len, seed=seed)
     n_layers = model.info.n_layers

@@ -140,7 +140,7 @@ class Bench:
             module(input_ids=chunk, use_cache=False)
 
     def _extract(self, sites: list[str], layers: list[int] | None) -> Path:
-        from posprobe.extract import extract
+        from posprobe.extraction import extract
 
         out = Path(tempfile.mkdtemp(dir=self.workdir))
         extract(

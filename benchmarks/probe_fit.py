@@ -39,7 +39,7 @@ log = logging.getLogger("probe_fit")
 def smollm2_acts(n_seq: int, seq_len: int) -> tuple[torch.Tensor, str]:
     """SmolLM2 resid_post at every layer on real text: [30 n_seq seq_len 576]."""
     import posprobe as pp
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
     model = pp.load_model("smollm2-135m")
     tokens = pp.data.text_windows(model, n=n_seq, seq_len=seq_len, seed=0)

@@ -37,7 +37,7 @@ from _common import bench_model, bench_tokens, default_threads, emit, envelope, 
 
 def child(case: dict[str, Any]) -> dict[str, Any]:
     """Run one case in this (fresh) process: a warm-up on one sequence, then one measured run."""
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
     from posprobe.stats.attention import attention_stats
 
     torch.set_num_threads(case["threads"])

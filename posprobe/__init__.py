@@ -9,9 +9,6 @@ import importlib
 from typing import Any
 
 from posprobe import data
-
-# eager: importing the submodule later would rebind pp.extract to the module
-from posprobe.extract import extract, extract_remote
 from posprobe.models import DEFAULT_MODEL, ModelInfo, PositionModel, known_models, load_model
 from posprobe.sites import SITES, SiteKey
 from posprobe.store import ActivationStore, open_store
@@ -19,6 +16,8 @@ from posprobe.store import ActivationStore, open_store
 __version__ = "0.1.0"
 
 _LAZY = {
+    "extract": "posprobe.extraction",
+    "extract_remote": "posprobe.extraction",
     "probe_position": "posprobe.stats.probes",
     "probe_model": "posprobe.stats.probes",
     "rope_frequency_usage": "posprobe.stats.rope",
@@ -64,8 +63,6 @@ __all__ = [
     "PositionModel",
     "SiteKey",
     "data",
-    "extract",
-    "extract_remote",
     "known_models",
     "load_model",
     "open_store",

@@ -392,7 +392,7 @@ def _move_into(stage: Path, out: Path) -> list[str]:
 
 
 def _versions() -> dict[str, str]:
-    from posprobe.extract import _versions as library_versions  # the versions a store records
+    from posprobe.extraction import _versions as library_versions  # the versions a store records
 
     return {**library_versions(), "python": platform.python_version()}
 
@@ -417,7 +417,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
     model = _load(args)
     store = extract(

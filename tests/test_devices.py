@@ -23,7 +23,7 @@ from posprobe.devices import (
     resolve_dtype,
     shard_bytes_per_sequence,
 )
-from posprobe.extract import _to_host, _writer_count, extract, extract_remote
+from posprobe.extraction import _to_host, _writer_count, extract, extract_remote
 from posprobe.models.hf import HFModel
 from posprobe.sites import SiteKey, resolve_sites
 

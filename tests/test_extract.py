@@ -16,7 +16,7 @@ import torch
 from conftest import random_ids, tiny_llama_hf
 
 import posprobe as pp
-from posprobe.extract import NonFiniteActivationError, extract
+from posprobe.extraction import NonFiniteActivationError, extract
 from posprobe.sites import SiteKey
 from posprobe.store import StoreError, open_store, write_store
 
@@ -140,9 +140,9 @@ def test_write_store_for_synthetic_data(tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
     from posprobe.models import load_model
-    ex = sys.modules["posprobe.extract"]  # the module: the attribute posprobe.extract is the function
+    ex = sys.modules["posprobe.extraction"]
     commit = ex.commit_shard  # on CPU every shard is streamed, then committed here
     def slow_commit(*args):  # a slow disk, so the parent can kill us mid-run
         commit(*args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import posprobe as pp
-from posprobe.extract import extract
+from posprobe.extraction import extract
 from posprobe.models.packaged import cache_dir
 from posprobe.sites import SiteKey
 

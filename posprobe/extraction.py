@@ -15,6 +15,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,34 +96,13 @@ def extract(
         batch_size = auto_batch_size(model, batch.tokens.shape[1], keys, store_dtype=store_dtype)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-    last_layer = max((k.layer for k in keys if k.layer is not None), default=0)
-
-    def capture(start: int, stop: int) -> dict[SiteKey, Tensor]:
-        return model.capture(
-            batch.tokens[start:stop],
-            keys,
-            attention_mask=batch.attention_mask[start:stop],
-            position_ids=batch.position_ids[start:stop],
-            stop_at_layer=last_layer,
-            check_finite=False,  # _to_host checks them where they live, before the copy
-        )
-
-    def stream(start: int, stop: int, hooks: dict[SiteKey, Hook]) -> None:
-        model.run(
-            batch.tokens[start:stop],
-            attention_mask=batch.attention_mask[start:stop],
-            position_ids=batch.position_ids[start:stop],
-            hooks=hooks,
-            return_logits=False,
-            stop_at_layer=last_layer,
-        )
-
+    forward = _Forward(model, batch, keys)
     on_cpu = dev.type == "cpu" and model.device_map is None
     return _write_run(
         model.info,
         batch,
         keys,
-        capture,
+        forward.capture,
         batch_size,
         store_dtype,
         compute_dtype,
@@ -131,8 +111,41 @@ def extract(
         overwrite,
         progress,
         writers=_writer_count(dev),
-        stream=stream if on_cpu else None,
+        stream=forward.stream if on_cpu else None,
     )
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """The two ways ``extract`` runs rows ``start:stop`` of ``batch``: capture every key, or call hooks as it goes."""
+
+    model: PositionModel
+    batch: TokenBatch
+    keys: list[SiteKey]
+
+    @property
+    def last_layer(self) -> int:
+        return max((k.layer for k in self.keys if k.layer is not None), default=0)
+
+    def capture(self, start: int, stop: int) -> dict[SiteKey, Tensor]:
+        return self.model.capture(
+            self.batch.tokens[start:stop],
+            self.keys,
+            attention_mask=self.batch.attention_mask[start:stop],
+            position_ids=self.batch.position_ids[start:stop],
+            stop_at_layer=self.last_layer,
+            check_finite=False,  # _to_host checks them where they live, before the copy
+        )
+
+    def stream(self, start: int, stop: int, hooks: dict[SiteKey, Hook]) -> None:
+        self.model.run(
+            self.batch.tokens[start:stop],
+            attention_mask=self.batch.attention_mask[start:stop],
+            position_ids=self.batch.position_ids[start:stop],
+            hooks=hooks,
+            return_logits=False,
+            stop_at_layer=self.last_layer,
+        )
 
 
 def _write_run(
@@ -161,24 +174,9 @@ def _write_run(
         out = Path(tempfile.mkdtemp(prefix="posprobe-store-"))
     n, s = batch.tokens.shape
     shapes = {k: site_shape(info, k.site, s) for k in keys}
-    manifest: dict[str, Any] = {
-        "model": info.as_dict(),
-        "keys": [k.name for k in keys],
-        "shapes": {k.name: list(v) for k, v in shapes.items()},
-        "token_hash": token_hash(batch.tokens, batch.attention_mask),
-        "batch_size": batch_size,
-        "store_dtype": str(store_dtype).removeprefix("torch."),
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "n_seq": n,
-        "seq_len": s,
-        "prepend_bos": batch.prepend_bos,
-        "source": batch.source,
-        "str_tokens": batch.str_tokens,
-        "versions": _versions(),
-    }
     store = prepare_store(
         out,
-        manifest,
+        _manifest(info, batch, keys, shapes, batch_size, store_dtype, compute_dtype),
         batch.tokens,
         batch.attention_mask,
         batch.position_ids,
@@ -203,6 +201,34 @@ def _write_run(
             pending.popleft().result()
     mark_complete(store)
     return store
+
+
+def _manifest(
+    info: ModelInfo,
+    batch: TokenBatch,
+    keys: list[SiteKey],
+    shapes: dict[SiteKey, tuple[int, ...]],
+    batch_size: int,
+    store_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+) -> dict[str, Any]:
+    """What a store records of its run: model, keys and shapes, tokens' hash, dtypes, versions."""
+    n, s = batch.tokens.shape
+    return {
+        "model": info.as_dict(),
+        "keys": [k.name for k in keys],
+        "shapes": {k.name: list(v) for k, v in shapes.items()},
+        "token_hash": token_hash(batch.tokens, batch.attention_mask),
+        "batch_size": batch_size,
+        "store_dtype": str(store_dtype).removeprefix("torch."),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "n_seq": n,
+        "seq_len": s,
+        "prepend_bos": batch.prepend_bos,
+        "source": batch.source,
+        "str_tokens": batch.str_tokens,
+        "versions": _versions(),
+    }
 
 
 def _stream_shard(
