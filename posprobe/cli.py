@@ -540,9 +540,9 @@ def cmd_patch(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from posprobe.training import run_train
 
-    state = run_train(args)
-    ev = state.get("eval", {})
-    print(f"zoo:{args.pe} trained for {state['step']} steps into {args.out}; held-out loss {ev.get('loss', '?')}")
+    result = run_train(args)
+    loss = f"{result.eval['heldout_loss']:.3f}" if result.eval else "not measured before the last step"
+    print(f"zoo:{args.pe} trained for {result.step} steps into {args.out}; held-out loss {loss}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -22,11 +22,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,10 @@ from posprobe.models.zoo import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 from posprobe.models.zoo_net import ZooConfig, ZooTransformer
 from posprobe.models.zoo_tokenizer import TOKENIZER_PATH, load_zoo_tokenizer
 from posprobe.progress import tqdm
+from posprobe.results import Result, RunInfo, deprecated_alias
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,48 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) ->
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+@dataclass(frozen=True)
+class TrainResult(Result):
+    """What ``train`` returns: the training loss per step and the run's record.
+
+    ``table``: step, loss (training loss of that step's batch). ``state``: the ``train_state.json``
+    dict (config, hyperparameters, step reached, loss history, ``eval`` once ``steps`` are done:
+    held-out loss and the unigram baseline in nats per token). ``path``: the checkpoint folder.
+    ``info``: the run record (model ``zoo:<path>``, seed; ``params``: hyperparameters and config).
+    Figure kinds: ``"loss"``.
+    """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {"loss": "_loss_figure"}
+
+    table: pd.DataFrame
+    info: RunInfo
+    state: Mapping[str, Any]
+    path: Path
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def eval(self) -> dict[str, Any] | None:
+        """Held-out loss and unigram baseline, once the run reached ``steps`` (else None)."""
+        return self.state.get("eval")
+
+    def _loss_figure(self) -> go.Figure:
+        from posprobe.plots.training import loss_curve
+
+        return loss_curve(self.table, self.eval, title=f"Training loss of {self.info.model}")
+
+    def __getitem__(self, key: str) -> Any:
+        """Deprecated: ``train`` returned the state dict; read ``result.state[key]``."""
+        deprecated_alias("train(...)[key]", "train(...).state[key]")
+        return self.state[key]
+
+    def __contains__(self, key: str) -> bool:
+        deprecated_alias("key in train(...)", "key in train(...).state")
+        return key in self.state
+
+
 def train(
     config: ZooConfig,
     out_dir: str | Path,
@@ -150,15 +198,16 @@ def train(
     stop_at: int | None = None,
     eval_windows: int = 64,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train ``config`` for ``steps`` AdamW steps of ``batch_size`` windows of ``config.n_ctx`` tokens.
 
     Checkpoints go to ``out_dir`` every ``checkpoint_every`` steps and at the end; ``resume=True``
     continues from the last one (refusing a checkpoint of another config or other
     hyperparameters). ``seed`` seeds the initialisation (it replaces ``config.seed``) and the
     batch order. ``stop_at`` ends this call early at that step, leaving a resumable
-    checkpoint. ``device="auto"`` picks CUDA when present. Returns the ``train_state.json`` dict,
-    whose ``eval`` holds the held-out loss and the unigram baseline (nats per token).
+    checkpoint. ``device="auto"`` picks CUDA when present. Returns a ``TrainResult`` whose
+    ``state`` is the ``train_state.json`` dict; ``state["eval"]`` holds the held-out loss and the
+    unigram baseline (nats per token).
     """
     out = Path(out_dir)
     config = config.replace(seed=seed)
@@ -173,47 +222,11 @@ def train(
     tokenizer = load_zoo_tokenizer()
     if len(tokenizer) != config.d_vocab:
         raise ValueError(f"config.d_vocab={config.d_vocab} but the zoo tokenizer has {len(tokenizer)} ids")
-
-    net = ZooTransformer(config).to(dev)
-    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in net.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
-    )  # fmt: skip
-    state: dict[str, Any] = {"config": config.to_dict(), **hparams, "step": 0, "loss_history": [], "elapsed_s": 0.0}
-    if resume:
-        state = _restore(out, config, hparams, net, opt, dev)
-    elif (out / STATE_FILE).exists():
-        raise FileExistsError(
-            f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-
+    net, opt = _network(config, dev, lr, weight_decay)
+    state = _start_state(out, config, hparams, net, opt, dev, resume)
     sampler = WindowSampler(corpus_tokens("train"), config.n_ctx, tokenizer.bos_token_id)
     end = steps if stop_at is None else min(stop_at, steps)
-    net.train()
-    started = time.perf_counter() - state["elapsed_s"]
-    bar = tqdm(
-        range(state["step"], end), initial=state["step"], total=steps, desc=f"zoo:{config.pe}", disable=not progress
-    )
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, hparams["warmup"], min_lr_ratio)
-        tokens = sampler.batch(batch_size, seed, step).to(dev)
-        logits = net(tokens)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        state["loss_history"].append([step, round(loss.item(), 5)])
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        state["step"] = step + 1
-        if state["step"] % checkpoint_every == 0 and state["step"] < end:
-            state["elapsed_s"] = time.perf_counter() - started
-            _save(out, net, opt, state)
-    state["elapsed_s"] = time.perf_counter() - started
+    _run_steps(net, opt, sampler, state, hparams, end, checkpoint_every, out, dev, progress)
     state["device"] = str(dev)
     if state["step"] == steps:
         state["eval"] = evaluate(net, heldout_windows(eval_windows, config.n_ctx, tokenizer.bos_token_id).to(dev))
@@ -224,7 +237,93 @@ def train(
             state["eval"]["unigram_loss"],
         )
     _save(out, net, opt, state)
+    return _result(out, state, hparams)
+
+
+def _network(config: ZooConfig, dev: torch.device, lr: float, weight_decay: float):
+    """The network on ``dev`` and its AdamW (weight decay on matrices only)."""
+    net = ZooTransformer(config).to(dev)
+    decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    return net, opt
+
+
+def _start_state(
+    out: Path,
+    config: ZooConfig,
+    hparams: dict[str, Any],
+    net: ZooTransformer,
+    opt: torch.optim.Optimizer,
+    dev: torch.device,
+    resume: bool,
+) -> dict[str, Any]:
+    """A fresh state, or the checkpoint's when resuming; refuses to train over a checkpoint otherwise."""
+    state: dict[str, Any] = {"config": config.to_dict(), **hparams, "step": 0, "loss_history": [], "elapsed_s": 0.0}
+    if resume:
+        state = _restore(out, config, hparams, net, opt, dev)
+    elif (out / STATE_FILE).exists():
+        raise FileExistsError(
+            f"{out} already holds a checkpoint; pass resume=True to continue it or pick another out_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     return state
+
+
+def _run_steps(
+    net: ZooTransformer,
+    opt: torch.optim.Optimizer,
+    sampler: WindowSampler,
+    state: dict[str, Any],
+    hparams: dict[str, Any],
+    end: int,
+    checkpoint_every: int,
+    out: Path,
+    dev: torch.device,
+    progress: bool,
+) -> None:
+    """Steps ``state["step"]`` to ``end``, appending to the loss history and checkpointing on the way."""
+    steps, lr, batch_size, seed = hparams["steps"], hparams["lr"], hparams["batch_size"], hparams["seed"]
+    net.train()
+    started = time.perf_counter() - state["elapsed_s"]
+    bar = tqdm(
+        range(state["step"], end), initial=state["step"], total=steps, desc=f"zoo:{net.cfg.pe}", disable=not progress
+    )
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, hparams["warmup"], hparams["min_lr_ratio"])
+        tokens = sampler.batch(batch_size, seed, step).to(dev)
+        logits = net(tokens)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), hparams["grad_clip"])
+        opt.step()
+        state["loss_history"].append([step, round(loss.item(), 5)])
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        state["step"] = step + 1
+        if state["step"] % checkpoint_every == 0 and state["step"] < end:
+            state["elapsed_s"] = time.perf_counter() - started
+            _save(out, net, opt, state)
+    state["elapsed_s"] = time.perf_counter() - started
+
+
+def _result(out: Path, state: dict[str, Any], hparams: dict[str, Any]) -> TrainResult:
+    history = pd.DataFrame(state["loss_history"], columns=["step", "loss"])
+    info = RunInfo(
+        "train",
+        f"zoo:{out}",
+        n_sequences=hparams["batch_size"] * state["step"],
+        seq_len=state["config"]["n_ctx"],
+        seed=hparams["seed"],
+        causal=True,
+        prepend_bos=True,
+        params={**hparams, "config": state["config"], "step": state["step"], "device": state.get("device")},
+    )
+    return TrainResult(history, info, state, out)
 
 
 def _save(out: Path, net: ZooTransformer, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -300,8 +399,8 @@ def add_train_arguments(p: argparse.ArgumentParser, positive: Any, non_negative:
     p.add_argument("--untied", action="store_true", help="separate unembedding matrix")
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train from parsed ``posprobe train`` flags; returns ``train``'s state dict."""
+def run_train(args: argparse.Namespace) -> TrainResult:
+    """Train from parsed ``posprobe train`` flags; returns ``train``'s result."""
     config = ZooConfig(
         d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, d_head=args.d_head, d_mlp=args.d_mlp,
         n_ctx=args.n_ctx, pe=args.pe, rope_base=args.rope_base, rotary_fraction=args.rotary_fraction,

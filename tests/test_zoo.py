@@ -268,7 +268,7 @@ def _weights(path):
 
 def test_training_lowers_the_loss(straight_run):
     out, state = straight_run
-    losses = [loss for _, loss in state["loss_history"]]
+    losses = [loss for _, loss in state.state["loss_history"]]
     assert len(losses) == 50 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     saved = json.loads((out / "train_state.json").read_text())
     assert set(saved["eval"]) >= {"heldout_loss", "unigram_loss"}
@@ -282,11 +282,27 @@ def test_resume_equals_training_straight_through(straight_run, tmp_path):
 
     straight, state = straight_run
     partial = train(TRAIN_CFG, tmp_path, stop_at=20, **TRAIN_KW)
-    assert partial["step"] == 20 and "eval" not in partial
+    assert partial.state["step"] == 20 and "eval" not in partial.state
     resumed = train(TRAIN_CFG, tmp_path, resume=True, **TRAIN_KW)
-    assert resumed["loss_history"] == state["loss_history"]
+    assert resumed.state["loss_history"] == state.state["loss_history"]
     a, b = _weights(straight), _weights(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_result_keeps_the_contract(straight_run, tmp_path):
+    out, result = straight_run
+    assert list(result.table.columns) == ["step", "loss"] and len(result.table) == 50
+    assert result.table["loss"].tolist() == [loss for _, loss in result.state["loss_history"]]
+    assert result.info.analysis == "train" and result.info.seed == 0 and result.info.params["steps"] == 50
+    assert result.step == 50 and result.eval == result.state["eval"] and result.path == out
+    fig = result.figure()
+    assert [t.name for t in fig.data] == ["training batch"] and len(fig.layout.shapes) == 2  # held-out, unigram
+    result.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"table.csv", "table.parquet", "info.json", "loss.html"}
+    with pytest.warns(DeprecationWarning, match=r"\.state\[key\]"):
+        assert result["step"] == 50  # the dict train returned before
+    with pytest.warns(DeprecationWarning):
+        assert "eval" in result
 
 
 def test_resume_refuses_another_config_or_run(straight_run, tmp_path):
