@@ -99,98 +99,133 @@ def discover_layout(hf: nn.Module) -> Layout:
     head_dim(cfg)  # a config whose heads do not tile d_model is refused before anything else
     pretrained = cast("PreTrainedModel", hf)  # a transformers model: its embedding getters exist
     names = {id(m): n for n, m in hf.named_modules()}
-    n_layers = cfg.num_hidden_layers
-    layers = find_layers(hf, n_layers)
+    layers = find_layers(hf, cfg.num_hidden_layers)
     if layers is None:
-        raise UnsupportedModelError(family, f"no list of {n_layers} blocks among its modules")
+        raise UnsupportedModelError(family, f"no list of {cfg.num_hidden_layers} blocks among its modules")
     embed = names.get(id(pretrained.get_input_embeddings()))
     if embed is None:
         raise UnsupportedModelError(family, "no input embedding (get_input_embeddings())")
-    body = _body(hf)
     block = cast(nn.ModuleList, hf.get_submodule(layers))[0]
-    d_model = cfg.hidden_size
-    attn = _child(
-        block, ("self_attn", "attn", "attention", "self_attention"), lambda m: "Attention" in type(m).__name__
+    parts = _BlockParts.find(block, family, cfg.hidden_size)
+    norms = _BlockNorms.find(block, family, cfg)
+    sites, missing = _block_sites(parts, norms, family)
+    sites.update(_projection_sites(block.get_submodule(parts.attn), parts.attn, cfg))
+    attention, reason = _attention_backend(block.get_submodule(parts.attn), family, cfg)
+    if reason:
+        missing.update(dict.fromkeys(("rot_q", "rot_k", "attn_scores", "pattern", "z"), reason))
+        missing.update({s: reason for s in ("q", "k") if s not in sites})
+    head = pretrained.get_output_embeddings()
+    return Layout(
+        family=family,
+        body=_body(hf),
+        layers=layers,
+        embed=embed,
+        attn=parts.attn,
+        attn_out_proj=parts.attn_out_proj,
+        mlp_down=parts.mlp_down,
+        sites=sites,
+        pos_embed=_pos_embed(hf, embed, layers),
+        lm_head=names.get(id(head)) if head is not None else None,
+        parallel=norms.parallel,
+        attention=attention,
+        missing=missing,
     )
-    if attn is None:
-        raise UnsupportedModelError(family, f"no attention module in {type(block).__name__}")
-    mlp = _child(block, ("mlp", "ffn", "feed_forward"), lambda m: type(m).__name__.endswith("MLP"))
-    mlp_root = block.get_submodule(mlp) if mlp else block
-    down = _last_linear_to(mlp_root, d_model, skip=None if mlp else attn)
-    o_proj = _last_linear_to(block.get_submodule(attn), d_model)
-    if down is None or o_proj is None:
-        raise UnsupportedModelError(
-            family, f"no MLP down projection or attention output projection to d_model={d_model}"
-        )
-    mlp_down = f"{mlp}.{down}" if mlp else down
-    attn_out_proj = f"{attn}.{o_proj}"
 
-    children = dict(block.named_children())
-    norms = {n for n, m in children.items() if "norm" in type(m).__name__.lower()}
-    has_pre_attn = any(n in norms for n in PRE_ATTN_NORMS)
-    attn_post = mlp_post_norm = pre_mlp = None
-    if "pre_feedforward_layernorm" in norms:  # Gemma 2/3: sandwich norms
-        pre_mlp = "pre_feedforward_layernorm"
-        attn_post = "post_attention_layernorm" if "post_attention_layernorm" in norms else None
-    elif not has_pre_attn and "post_attention_layernorm" in norms:  # OLMo 2: post-norm on each sub-block
-        attn_post = "post_attention_layernorm"
-    else:
-        pre_mlp = next((n for n in (*PRE_MLP_NORMS, "post_attention_layernorm") if n in norms), None)
-    if "post_feedforward_layernorm" in norms:
-        mlp_post_norm = "post_feedforward_layernorm"
-    parallel = bool(
-        getattr(cfg, "use_parallel_residual", False)
-        or getattr(cfg, "new_decoder_architecture", False)
-        or (family == "falcon" and getattr(cfg, "parallel_attn", False))
-        or (pre_mlp is None and attn_post is None)
-    )
+
+@dataclass(frozen=True)
+class _BlockParts:
+    """Where a decoder block keeps its attention and MLP (names relative to the block)."""
+
+    attn: str
+    mlp: str | None
+    mlp_down: str
+    attn_out_proj: str
+
+    @classmethod
+    def find(cls, block: nn.Module, family: str, d_model: int) -> _BlockParts:
+        attn = _child(
+            block, ("self_attn", "attn", "attention", "self_attention"), lambda m: "Attention" in type(m).__name__
+        )
+        if attn is None:
+            raise UnsupportedModelError(family, f"no attention module in {type(block).__name__}")
+        mlp = _child(block, ("mlp", "ffn", "feed_forward"), lambda m: type(m).__name__.endswith("MLP"))
+        mlp_root = block.get_submodule(mlp) if mlp else block
+        down = _last_linear_to(mlp_root, d_model, skip=None if mlp else attn)
+        o_proj = _last_linear_to(block.get_submodule(attn), d_model)
+        if down is None or o_proj is None:
+            raise UnsupportedModelError(
+                family, f"no MLP down projection or attention output projection to d_model={d_model}"
+            )
+        return cls(attn, mlp, f"{mlp}.{down}" if mlp else down, f"{attn}.{o_proj}")
+
+
+@dataclass(frozen=True)
+class _BlockNorms:
+    """The norms around a block's sub-blocks, and whether attention and MLP run in parallel."""
+
+    attn_post: str | None
+    mlp_post_norm: str | None
+    pre_mlp: str | None
+    parallel: bool
+
+    @classmethod
+    def find(cls, block: nn.Module, family: str, cfg: Any) -> _BlockNorms:
+        norms = {n for n, m in block.named_children() if "norm" in type(m).__name__.lower()}
+        has_pre_attn = any(n in norms for n in PRE_ATTN_NORMS)
+        attn_post = pre_mlp = None
+        if "pre_feedforward_layernorm" in norms:  # Gemma 2/3: sandwich norms
+            pre_mlp = "pre_feedforward_layernorm"
+            attn_post = "post_attention_layernorm" if "post_attention_layernorm" in norms else None
+        elif not has_pre_attn and "post_attention_layernorm" in norms:  # OLMo 2: post-norm on each sub-block
+            attn_post = "post_attention_layernorm"
+        else:
+            pre_mlp = next((n for n in (*PRE_MLP_NORMS, "post_attention_layernorm") if n in norms), None)
+        mlp_post_norm = "post_feedforward_layernorm" if "post_feedforward_layernorm" in norms else None
+        parallel = bool(
+            getattr(cfg, "use_parallel_residual", False)
+            or getattr(cfg, "new_decoder_architecture", False)
+            or (family == "falcon" and getattr(cfg, "parallel_attn", False))
+            or (pre_mlp is None and attn_post is None)
+        )
+        return cls(attn_post, mlp_post_norm, pre_mlp, parallel)
+
+
+def _block_sites(parts: _BlockParts, norms: _BlockNorms, family: str) -> tuple[dict[str, ModuleSite], dict[str, str]]:
+    """The residual and sub-block output sites of a block, and the sites it cannot have (with why)."""
     # Falcon's parallel block adds the attention output into the MLP output in place: read a copy
-    mlp_how = "out_copy" if parallel and family == "falcon" else "out"
+    mlp_how = "out_copy" if norms.parallel and family == "falcon" else "out"
     sites = {
-        "attn_out": ModuleSite(attn_post, "out") if attn_post else ModuleSite(attn_out_proj, "out"),
-        "mlp_out": ModuleSite(mlp_post_norm, "out") if mlp_post_norm else ModuleSite(mlp_down, mlp_how),
-        "mlp_post": ModuleSite(mlp_down, "in"),
+        "attn_out": ModuleSite(norms.attn_post or parts.attn_out_proj, "out"),
+        "mlp_out": ModuleSite(norms.mlp_post_norm, "out")
+        if norms.mlp_post_norm
+        else ModuleSite(parts.mlp_down, mlp_how),
+        "mlp_post": ModuleSite(parts.mlp_down, "in"),
     }
     missing: dict[str, str] = {}
-    if parallel:
+    if norms.parallel:
         missing["resid_mid"] = (
             f"{family} runs attention and MLP in parallel from the same residual stream, so there is no residual "
             "between them; use resid_pre / resid_post"
         )
     else:
-        sites["resid_mid"] = ModuleSite(pre_mlp, "in") if pre_mlp else ModuleSite(mlp or mlp_down, "in")
-    sites.update(_projection_sites(block.get_submodule(attn), attn, cfg))
+        sites["resid_mid"] = ModuleSite(norms.pre_mlp or parts.mlp or parts.mlp_down, "in")
+    return sites, missing
+
+
+def _attention_backend(attn: nn.Module, family: str, cfg: Any) -> tuple[str, str | None]:
+    """How posprobe reads the attention of ``family`` (its own code, the interface, or not at all) and why not."""
     attention = family if family in INLINE_ATTENTION else "interface"
-    reason = None
-    if attention == "interface" and not _uses_attention_interface(block.get_submodule(attn)):
-        attention = "none"
-        reason = (
+    if attention == "interface" and not _uses_attention_interface(attn):
+        return "none", (
             f"{family}'s attention is inline code that posprobe cannot enter (it does not call transformers' "
             "AttentionInterface); TransformerLens' bridge has these hook points (posprobe.models.bridge.BridgeModel)"
         )
-    elif family == "falcon" and getattr(cfg, "alibi", False):
-        attention = "none"
-        reason = "Falcon with ALiBi folds its bias into the attention mask; posprobe reads only its residual and MLP"
-    if reason:
-        missing.update(dict.fromkeys(("rot_q", "rot_k", "attn_scores", "pattern", "z"), reason))
-        missing.update({s: reason for s in ("q", "k") if s not in sites})
-    return Layout(
-        family=family,
-        body=body,
-        layers=layers,
-        embed=embed,
-        attn=attn,
-        attn_out_proj=attn_out_proj,
-        mlp_down=mlp_down,
-        sites=sites,
-        pos_embed=_pos_embed(hf, embed, layers),
-        lm_head=names.get(id(pretrained.get_output_embeddings()))
-        if pretrained.get_output_embeddings() is not None
-        else None,
-        parallel=parallel,
-        attention=attention,
-        missing=missing,
-    )
+    if family == "falcon" and getattr(cfg, "alibi", False):
+        return (
+            "none",
+            "Falcon with ALiBi folds its bias into the attention mask; posprobe reads only its residual and MLP",
+        )
+    return attention, None
 
 
 class UnsupportedModelError(ValueError):
