@@ -225,28 +225,9 @@ def prepare_store(
     # compare as JSON sees it: tuples become lists on disk
     manifest = json.loads(json.dumps({"format": FORMAT, **manifest, "complete": False}, default=str))
     if (path / MANIFEST).exists():
-        old = json.loads((path / MANIFEST).read_text())
-        same = all(old.get(k) == manifest.get(k) for k in IDENTITY_FIELDS)
-        if same and old.get("complete") and not overwrite:
-            log.warning("%s already holds this exact run (same model, tokens, sites and dtype): reusing it", path)
-            return ActivationStore(path)
-        if resume and same:
-            _drop_temporaries(path)
-            _drop_corrupt_shards(path)
-            return ActivationStore(path)
-        if not overwrite:
-            old_name = old.get("model", {}).get("name")
-            if same:
-                raise StoreError(
-                    f"{path} holds an unfinished run of this same extraction (model {old_name!r}); pass resume=True "
-                    "to finish it, overwrite=True to start again, or choose another folder"
-                )
-            why = [k for k in IDENTITY_FIELDS if old.get(k) != manifest.get(k)]
-            resuming = "resume=True continues only the same run; " if resume else ""
-            raise StoreError(
-                f"{path} holds another run (model {old_name!r}; differs in {', '.join(why)}); {resuming}pass "
-                "overwrite=True to replace it, or choose another folder"
-            )
+        reopened = _reopen(path, manifest, resume=resume, overwrite=overwrite)
+        if reopened is not None:
+            return reopened
         shutil.rmtree(path)
     elif path.exists() and any(path.iterdir()):
         if not overwrite:
@@ -269,6 +250,34 @@ def prepare_store(
     )
     _atomic_write_json(manifest, path / MANIFEST)
     return ActivationStore(path)
+
+
+def _reopen(path: Path, manifest: dict[str, Any], *, resume: bool, overwrite: bool) -> ActivationStore | None:
+    """The store already at ``path`` when it holds this run (finished, or to resume); None when ``overwrite``
+    lets it go; a StoreError saying what to pass otherwise."""
+    old = json.loads((path / MANIFEST).read_text())
+    same = all(old.get(k) == manifest.get(k) for k in IDENTITY_FIELDS)
+    if same and old.get("complete") and not overwrite:
+        log.warning("%s already holds this exact run (same model, tokens, sites and dtype): reusing it", path)
+        return ActivationStore(path)
+    if resume and same:
+        _drop_temporaries(path)
+        _drop_corrupt_shards(path)
+        return ActivationStore(path)
+    if overwrite:
+        return None
+    old_name = old.get("model", {}).get("name")
+    if same:
+        raise StoreError(
+            f"{path} holds an unfinished run of this same extraction (model {old_name!r}); pass resume=True "
+            "to finish it, overwrite=True to start again, or choose another folder"
+        )
+    why = [k for k in IDENTITY_FIELDS if old.get(k) != manifest.get(k)]
+    resuming = "resume=True continues only the same run; " if resume else ""
+    raise StoreError(
+        f"{path} holds another run (model {old_name!r}; differs in {', '.join(why)}); {resuming}pass "
+        "overwrite=True to replace it, or choose another folder"
+    )
 
 
 IDENTITY_FIELDS = ("model", "keys", "token_hash", "batch_size", "store_dtype", "n_seq", "seq_len")
