@@ -188,27 +188,23 @@ def _sites_arg(p: argparse.ArgumentParser, default: str, verb: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from posprobe.stats.probes import KINDS, TARGETS
-    from posprobe.training import add_train_arguments
-
     parser = OneLineParser(prog="posprobe", description="Where does a transformer keep position?")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=help_,
-            description=help_,
-            epilog="example:\n  " + EXAMPLES[name],
-            formatter_class=HelpFormatter,
+    for name, (help_, add_arguments) in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name, help=help_, description=help_, epilog="example:\n  " + EXAMPLES[name], formatter_class=HelpFormatter
         )
+        add_arguments(p)
+    return parser
 
-    p = add("models", "list the models posprobe loads offline, or describe one")
+
+def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="describe this model (its facts as JSON) instead of listing")
     _quiet(p)
 
-    p = add("extract", "extract sites into an on-disk activation store")
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     _tokens_args(p)
     _sites_arg(p, "resid_post", "store")
@@ -220,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish an unfinished store in --out")
     p.add_argument("--overwrite", action="store_true", help="replace whatever store --out holds")
 
-    p = add("probe", "linear position probes per layer, with controls")
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    from posprobe.stats.probes import KINDS, TARGETS
+
     _common(p)
     _tokens_args(p)
     p.add_argument("--site", default="resid_post", choices=SITES, metavar="SITE", help="site to probe, of: %(choices)s")
@@ -229,27 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-splits", type=positive(int), default=5, help="cross-validation folds (split by window)")
     _figure_args(p)
 
-    p = add("rope", "RoPE frequency usage per layer and head")
-    _common(p)
-    _tokens_args(p, n=8)
-    _figure_args(p)
 
-    p = add("positions", "geometry of a learned or sinusoidal position table W_pos: PCA periods, helix, smoothness")
+def _analysis_args(n: int = 16, seq_len: int = 256) -> Callable[[argparse.ArgumentParser], None]:
+    """The flags of an analysis that runs the model on text windows and draws figures."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _common(p)
+        _tokens_args(p, n=n, seq_len=seq_len)
+        _figure_args(p)
+
+    return add
+
+
+def _positions_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--components", type=positive(int), default=6, help="principal components to report")
     _figure_args(p)
 
-    p = add("neurons", "positional neurons in the MLPs")
-    _common(p)
-    _tokens_args(p)
-    _figure_args(p)
 
-    p = add("attention", "attention sinks, head roles, variance and similarity")
-    _common(p)
-    _tokens_args(p, n=8)
-    _figure_args(p)
-
-    p = add("patch", "position-shift patching and shift invariance")
+def _patch_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     _tokens_args(p, n=8, seq_len=64)
     p.add_argument("--shift", type=positive(int), default=8, help="positions the corrupted run is shifted by")
@@ -259,20 +256,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _figure_args(p)
 
-    p = add("train", "train a zoo model on the State of the Union train split")
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from posprobe.training import add_train_arguments
+
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
     p.add_argument("--seed", type=non_negative(int), default=0, help="seeds the initialisation and the batch order")
     p.add_argument("--threads", type=positive(int), default=None, help="CPU threads for torch")
     add_train_arguments(p, positive, non_negative, fraction)
     _quiet(p)
 
-    p = add("report", "one HTML report on a model")
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     _common(p, default_out="report")
     p.add_argument("--quick", action="store_true", help="small run (under 2 minutes on 2 CPU cores)")
     p.add_argument("--compare", default=None, help="a second model shown side by side, e.g. zoo:none")
     p.add_argument("--n", type=positive(int), default=None, help="text windows (default: 32, --quick 8)")
     p.add_argument("--seq-len", type=positive(int), default=None, help="tokens per window (default: 256, --quick 128)")
-    return parser
+
+
+#: every subcommand, in the order ``--help`` lists them: its one-line help and the function adding its flags
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "models": ("list the models posprobe loads offline, or describe one", _models_args),
+    "extract": ("extract sites into an on-disk activation store", _extract_args),
+    "probe": ("linear position probes per layer, with controls", _probe_args),
+    "rope": ("RoPE frequency usage per layer and head", _analysis_args(n=8)),
+    "positions": (
+        "geometry of a learned or sinusoidal position table W_pos: PCA periods, helix, smoothness",
+        _positions_args,
+    ),
+    "neurons": ("positional neurons in the MLPs", _analysis_args()),
+    "attention": ("attention sinks, head roles, variance and similarity", _analysis_args(n=8)),
+    "patch": ("position-shift patching and shift invariance", _patch_args),
+    "train": ("train a zoo model on the State of the Union train split", _train_args),
+    "report": ("one HTML report on a model", _report_args),
+}
 
 
 def subparsers(parser: argparse.ArgumentParser | None = None) -> dict[str, argparse.ArgumentParser]:
