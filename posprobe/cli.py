@@ -378,6 +378,8 @@ def _save(
 
 
 def _write_settings(folder: Path, args: argparse.Namespace, argv: Sequence[str], seconds: float) -> None:
+    from posprobe.extraction import versions  # the versions a store records
+
     flags = {k: v for k, v in vars(args).items() if k not in ("loaded_models", "real_out")}
     if "out" in flags:
         flags["out"] = str(getattr(args, "real_out", args.out))
@@ -387,7 +389,7 @@ def _write_settings(folder: Path, args: argparse.Namespace, argv: Sequence[str],
         "flags": flags,
         "models": getattr(args, "loaded_models", []),
         "seed": getattr(args, "seed", None),
-        "versions": _versions(),
+        "versions": versions(),
         "machine": platform.platform(),
         "seconds": round(seconds, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -407,12 +409,6 @@ def _move_into(stage: Path, out: Path) -> list[str]:
         os.replace(stage / name, target)
     stage.rmdir()
     return names
-
-
-def _versions() -> dict[str, str]:
-    from posprobe.extraction import _versions as library_versions  # the versions a store records
-
-    return {**library_versions(), "python": platform.python_version()}
 
 
 def _version() -> str:

@@ -227,7 +227,7 @@ def _manifest(
         "prepend_bos": batch.prepend_bos,
         "source": batch.source,
         "str_tokens": batch.str_tokens,
-        "versions": _versions(),
+        "versions": versions(),
     }
 
 
@@ -442,9 +442,23 @@ def _raise_nonfinite(key: SiteKey, x: Tensor, start: int, name: str) -> None:
     raise_nonfinite(key.site, key.layer, x, start=start, where=f"of {name} (nothing was written for this batch)")
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions a run records (a store's manifest, a report, the CLI's settings.json)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
     import transformers
 
     import posprobe
 
-    return {"posprobe": posprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        plotly = version("plotly")
+    except PackageNotFoundError:  # figures are optional for a store
+        plotly = "not installed"
+    return {
+        "posprobe": posprobe.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "plotly": plotly,
+        "python": platform.python_version(),
+    }

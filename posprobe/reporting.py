@@ -307,6 +307,8 @@ def build_report(
     progress: bool = True,
 ) -> Path:
     """Analyse ``model`` (and ``compare`` side by side) and write ``out/index.html``; returns its path."""
+    from posprobe.extraction import versions
+
     settings = settings or ReportSettings.make(quick=quick)
     out = Path(out)
     started = time.perf_counter()
@@ -317,7 +319,7 @@ def build_report(
         reports.append(analyse_model(loaded, settings, progress=progress))
     meta = {
         "settings": asdict(settings),
-        "versions": _versions(),
+        "versions": versions(),  # the same record a store and the CLI keep
         "machine": platform.platform(),
         "seconds": round(time.perf_counter() - started, 1),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -344,21 +346,6 @@ def _write_tables(reports: list[ModelReport], out: Path) -> None:
 
 def _table_file(report: ModelReport, name: str, ext: str) -> str:
     return f"{report.model_name.replace('/', '_').replace(':', '_')}.{name}.{ext}"
-
-
-def _versions() -> dict[str, str]:
-    import plotly
-    import transformers
-
-    import posprobe
-
-    return {
-        "posprobe": posprobe.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "plotly": plotly.__version__,
-        "python": platform.python_version(),
-    }
 
 
 STYLE = """
