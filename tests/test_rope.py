@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -232,7 +233,7 @@ def test_padding_is_excluded(tiny_llama):
         assert np.allclose(
             padded.pattern_scores["prev_token_score"], alone.pattern_scores["prev_token_score"], atol=1e-5
         )
-    no_bos = rope_frequency_usage(tiny_llama, seq, max_delta=5, include_position_zero=False)
+    no_bos = rope_frequency_usage(tiny_llama, seq, max_delta=5, exclude_pos0=True)
     assert not np.allclose(no_bos.table["q_norm"], alone.table["q_norm"])
     assert any("excluding position 0" in note for note in no_bos.notes)
 
@@ -294,17 +295,18 @@ def test_rope_ablation_reports_loss_and_heads_per_group(tiny_gemma3):
     assert groups["local"] == (0, 1) and groups["global"] == (2,) and groups["all"] == (0, 1, 2)
     x = random_ids(3, 20, seed=10)
     result = rope_ablation(tiny_gemma3, x, ps=(0.5, 1.0), which=("lowest", "highest"))
-    assert len(result.loss) == len(groups) * 2 * 2
-    assert set(result.loss["group"]) == set(groups)
-    full = result.loss.query("group == 'all' and p == 1.0")
+    assert len(result.table) == len(groups) * 2 * 2
+    assert set(result.table["group"]) == set(groups)
+    full = result.table.query("group == 'all' and p == 1.0")
     assert full["n_planes_ablated"].tolist() == [3 * 16, 3 * 16]  # head_dim 32: 16 planes per layer
     assert full["loss"].iloc[0] == pytest.approx(full["loss"].iloc[1])  # p = 1 removes every plane either way
-    assert np.allclose(result.loss["delta_loss"], result.loss["loss"] - result.loss["base_loss"])
-    assert len(result.heads) == len(result.loss) * 3 * 4
+    assert np.allclose(result.table["delta_loss"], result.table["loss"] - result.table["base_loss"])
+    assert len(result.heads) == len(result.table) * 3 * 4
     assert {"prev_token_before", "prev_token_after", "diag_before", "diag_after", "delta_prev_token"} <= set(
         result.heads.columns
     )
-    assert isinstance(result.figure(), go.Figure) and isinstance(result.heads_figure("local", "highest"), go.Figure)
+    heads = result.figure("heads", group="local", which="highest")
+    assert isinstance(result.figure(), go.Figure) and isinstance(heads, go.Figure)
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -315,15 +317,177 @@ def test_figures_carry_layer_head_theta_and_wavelength(tiny_gemma3):
     heat = result.figure()
     assert heat.data[0].z.shape == (3 * 4, 16) and "θ" in heat.data[0].hovertemplate
     assert "wavelength" in heat.data[0].hovertemplate and heat.data[0].customdata.shape == (12, 16, 5)
-    spectra = result.spectrum_figure(layer=2)
+    spectra = result.figure("spectrum", layer=2)
     assert len(spectra.data) == 4 and spectra.layout.xaxis.type == "log"
-    curves = result.contribution_figure(layer=2, head=1, top=3)
+    curves = result.figure("contribution", layer=2, head=1, top=3)
     assert len(curves.data) == 4 and "θ" in curves.data[1].hovertemplate
-    assert isinstance(result.roles_figure(), go.Figure)
+    assert isinstance(result.figure("roles"), go.Figure)
     with pytest.raises(ValueError, match="unknown value 'norm'"):
         result.figure(value="norm")
     with pytest.raises(ValueError, match="layer 7 not in the table"):
-        result.spectrum_figure(layer=7)
+        result.figure("spectrum", layer=7)
+
+
+# -- the result contract -----------------------------------------------------------------------------
+
+
+def test_frequency_usage_records_its_run_in_info(tiny_llama):
+    x = random_ids(3, 10, seed=13)
+    result = rope_frequency_usage(tiny_llama, x, layers=[1, -1], max_delta=4, batch_size=2)
+    info = result.info
+    assert (info.analysis, info.model, info.layers) == ("rope_frequency_usage", "tiny-llama", (1, 2))
+    assert (info.n_sequences, info.seq_len, info.n_tokens) == (3, 10, 30)
+    assert info.causal is True and info.prepend_bos is False and info.exclude_pos0 is False and info.seed is None
+    assert info.notes == result.notes and any("logit units" in note for note in info.notes)
+    assert dict(info.params) == {
+        "model": "tiny-llama",
+        "layers": [1, 2],
+        "batch_size": 2,
+        "max_delta": 4,
+        "logit_scale": 16**-0.5,
+        "include_position_zero": True,
+        "n_sequences": 3,
+        "seq_len": 10,
+        "n_tokens": 30,
+    }
+    no_bos = rope_frequency_usage(tiny_llama, x, layers=[1], max_delta=4, exclude_pos0=True)
+    assert no_bos.info.exclude_pos0 is True and no_bos.info.n_tokens == no_bos.info.params["n_tokens"] == 27
+    assert no_bos.info.params["include_position_zero"] is False
+
+
+def test_frequency_usage_figures_by_kind(tiny_llama):
+    result = rope_frequency_usage(tiny_llama, random_ids(2, 10, seed=14), max_delta=4)
+    assert result.figure_kinds() == ["heatmap", "spectrum", "contribution", "roles"]
+    default = result.figure()
+    assert default.to_json() == result.figure("heatmap").to_json()
+    q_share = result.figure("heatmap", value="q_share")
+    assert q_share.data[0].colorbar.title.text == "share of the query norm"
+    assert result.figure(value="q_share").to_json() == q_share.to_json()  # value= alone still picks the heatmap
+    assert len(result.figure("spectrum", layer=0).data) == 4
+    assert len(result.figure("contribution", layer=1, head=2, top=2).data) == 3
+    assert isinstance(result.figure("roles"), go.Figure)
+    with pytest.raises(ValueError, match=r"unknown figure kind 'norms'.*kinds: heatmap, spectrum, contribution, roles"):
+        result.figure("norms")
+
+
+def test_ablation_records_its_run_and_draws_by_kind(tiny_llama):
+    x = random_ids(3, 10, seed=15)
+    groups = {"early": [0], "late": (1, 2)}
+    result = rope_ablation(tiny_llama, x, ps=(0.5,), which=("highest",), layer_groups=groups, batch_size=2)
+    info = result.info
+    assert (info.analysis, info.model, info.layers) == ("rope_ablation", "tiny-llama", (0, 1, 2))
+    assert (info.n_sequences, info.seq_len, info.n_tokens, info.exclude_pos0) == (3, 10, 30, None)
+    assert dict(info.params) == {
+        "model": "tiny-llama",
+        "ps": [0.5],
+        "which": ["highest"],
+        "mode": "zero",
+        "groups": groups,
+        "n_sequences": 3,
+        "seq_len": 10,
+        "source": "tensor",
+    }
+    assert result.loss is result.table and result.table["n_tokens"].tolist() == [27, 27]
+    assert result.figure_kinds() == ["loss", "heads"]
+    assert result.figure().to_json() == result.figure("loss").to_json()
+    heads = result.figure("heads")  # default: the first group and direction of the run
+    assert heads.to_json() == result.figure("heads", group="early", which="highest").to_json()
+    with pytest.raises(ValueError, match=r"unknown figure kind 'prev'.*kinds: loss, heads"):
+        result.figure("prev")
+
+
+def test_results_save_tables_info_and_figures(tiny_llama, tmp_path):
+    import json
+
+    x = random_ids(2, 8, seed=16)
+    usage = rope_frequency_usage(tiny_llama, x, layers=[0], max_delta=3)
+    usage.save(tmp_path / "usage")
+    names = ("table", "contributions", "pattern_scores", "head_roles")
+    expected = {f"{n}.{ext}" for n in names for ext in ("csv", "parquet")} | {"info.json"}
+    expected |= {"heatmap.html", "spectrum.html", "roles.html"}  # contribution needs a layer and a head
+    assert {f.name for f in (tmp_path / "usage").iterdir()} == expected
+    saved = json.loads((tmp_path / "usage" / "info.json").read_text())
+    assert saved["analysis"] == "rope_frequency_usage" and saved["params"]["layers"] == [0]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "usage" / "contributions.parquet"), usage.contributions)
+    ablation = rope_ablation(tiny_llama, x, ps=(0.5,), which=("lowest",), layer_groups={"all": range(3)})
+    ablation.save(tmp_path / "ablation")
+    expected = {f"{n}.{ext}" for n in ("table", "heads") for ext in ("csv", "parquet")}
+    assert {f.name for f in (tmp_path / "ablation").iterdir()} == expected | {"info.json", "loss.html", "heads.html"}
+    assert json.loads((tmp_path / "ablation" / "info.json").read_text())["params"]["groups"] == {"all": [0, 1, 2]}
+
+
+def test_deprecated_spellings_warn_and_give_the_same_numbers(tiny_llama):
+    x = random_ids(2, 10, seed=17)
+    new = rope_frequency_usage(tiny_llama, x, max_delta=4, exclude_pos0=True)
+    with pytest.warns(DeprecationWarning, match="include_position_zero= is deprecated.*use exclude_pos0="):
+        old = rope_frequency_usage(tiny_llama, x, max_delta=4, include_position_zero=False)
+    for name, table in new.tables().items():
+        pd.testing.assert_frame_equal(table, old.tables()[name], check_exact=True)
+    assert old.info == new.info
+    with pytest.warns(DeprecationWarning, match=r"RopeFrequencyUsage.params is deprecated.*info.params"):
+        assert old.params == dict(new.info.params)
+    for call, kind, options in [
+        (lambda r: r.spectrum_figure(layer=1), "spectrum", {"layer": 1}),
+        (lambda r: r.contribution_figure(1, 0, top=2), "contribution", {"layer": 1, "head": 0, "top": 2}),
+        (lambda r: r.roles_figure(), "roles", {}),
+        (lambda r: r.figure("q_norm"), "heatmap", {"value": "q_norm"}),
+    ]:
+        with pytest.warns(DeprecationWarning, match="is deprecated"):
+            fig = call(new)
+        assert fig.to_json() == new.figure(kind, **options).to_json(), kind
+    ablation = rope_ablation(tiny_llama, x, ps=(0.5,), which=("lowest", "highest"), layer_groups={"all": [0, 1, 2]})
+    with pytest.warns(DeprecationWarning, match=r"RopeAblation.heads_figure\(\) is deprecated"):
+        fig = ablation.heads_figure(which="highest")
+    assert fig.to_json() == ablation.figure("heads", group="all", which="highest").to_json()
+    with pytest.warns(DeprecationWarning, match="RopeAblation.params is deprecated"):
+        assert ablation.params == dict(ablation.info.params)
+
+
+def test_exclude_pos0_drops_position_zero_and_is_checked(tiny_llama):
+    x = random_ids(2, 10, seed=18)
+    kept = rope_frequency_usage(tiny_llama, x, layers=[0], max_delta=4)
+    dropped = rope_frequency_usage(tiny_llama, x, layers=[0], max_delta=4, exclude_pos0=True)
+    assert kept.info.n_tokens == 20 and dropped.info.n_tokens == 18
+    assert not np.allclose(kept.table["q_norm"], dropped.table["q_norm"])
+    assert any("excluding position 0" in note for note in dropped.info.notes)
+    assert not any("excluding position 0" in note for note in kept.info.notes)
+    # the mean plane norm over positions 1.. only, read straight from the model
+    q = dropped.table.query("head == 0")["q_norm"].to_numpy()
+    acts = tiny_llama.run(x, capture=[SiteKey("q", 0)]).acts[SiteKey("q", 0)]
+    planes = layer_planes(tiny_llama.info, 0)
+    assert np.allclose(q, planes.split(acts[:, 1:]).abs().mean((0, 1))[0].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="exclude_pos0 must be True or False, got 'both'"):
+        rope_frequency_usage(tiny_llama, x, exclude_pos0="both")
+
+
+def test_batches_do_not_change_the_numbers(tiny_llama):
+    x = random_ids(5, 12, seed=19)
+    whole = rope_frequency_usage(tiny_llama, x, max_delta=6, batch_size=5)
+    rows = rope_frequency_usage(tiny_llama, x, max_delta=6, batch_size=2)
+    for name, table in whole.tables().items():
+        pd.testing.assert_frame_equal(table, rows.tables()[name], check_exact=False, atol=1e-5)
+    one = rope_ablation(tiny_llama, x, ps=(0.5,), which=("lowest",), layer_groups={"all": [0, 1, 2]}, batch_size=5)
+    two = rope_ablation(tiny_llama, x, ps=(0.5,), which=("lowest",), layer_groups={"all": [0, 1, 2]}, batch_size=2)
+    assert np.allclose(one.table["loss"], two.table["loss"], atol=1e-5)
+    assert np.allclose(one.heads["prev_token_after"], two.heads["prev_token_after"], atol=1e-5)
+
+
+def test_source_is_anything_load_model_accepts_and_the_rest_is_keyword_only():
+    import posprobe as pp
+
+    x = random_ids(2, 8, seed=20, high=100)
+    by_name = rope_frequency_usage("zoo:rope", x, layers=[0], max_delta=3)
+    loaded = rope_frequency_usage(pp.load_model("zoo:rope", device="cpu"), x, layers=[0], max_delta=3)
+    assert by_name.info.model == loaded.info.model == "zoo:rope"
+    assert np.allclose(by_name.table["share"], loaded.table["share"], atol=1e-5)
+    ablation = rope_ablation("zoo:rope", x, ps=(0.5,), which=("lowest",), layer_groups={"first": [0]})
+    assert ablation.info.model == "zoo:rope"
+    with pytest.raises(TypeError, match="positional argument"):
+        rope_frequency_usage("zoo:rope", x, [0])
+    with pytest.raises(TypeError, match="positional argument"):
+        rope_ablation("zoo:rope", x, (0.5,))
+    with pytest.raises(ValueError, match="running zoo:rope needs tokens"):
+        rope_frequency_usage("zoo:rope")
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -360,7 +524,7 @@ def test_bad_arguments_name_the_bad_value(tiny_llama):
     with pytest.raises(ValueError, match="high_fraction must lie in"):
         classify_heads(rope_frequency_usage(tiny_llama, x).table, None, high_fraction=0.8)
     with pytest.raises(ValueError, match="every token is padding"):
-        rope_frequency_usage(tiny_llama, x[:, :1], include_position_zero=False)
+        rope_frequency_usage(tiny_llama, x[:, :1], exclude_pos0=True)
 
 
 # -- pretrained models (slow) -----------------------------------------------------------------------

