@@ -164,8 +164,9 @@ def _main_probe_rows(table: pd.DataFrame, target: str) -> pd.DataFrame:
     for column, value in (("target", target), ("kind", "ridge")):
         if column in rows:
             rows = rows[rows[column] == value]
-    if "with_pos0" in rows and (~rows["with_pos0"].astype(bool)).any():
-        rows = rows[~rows["with_pos0"].astype(bool)]
+    pos0 = "include_pos0" if "include_pos0" in rows else "with_pos0"  # with_pos0: its name in older tables
+    if pos0 in rows and (~rows[pos0].astype(bool)).any():
+        rows = rows[~rows[pos0].astype(bool)]
     return rows
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone
@@ -14,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from posprobe.finite import NonFiniteError
+from posprobe.plots.probes import METRICS as METRIC_TITLES
 from posprobe.stats.probes import (
     LogisticProbe,
     ProbeResult,
@@ -65,7 +68,7 @@ def test_sinusoidal_features_decode_with_ridge():
 
 def test_relative_offsets_decode_from_pair_differences():
     result = probe_position(planted_acts(), target="relative", device="cpu", controls=("shuffled",), n_pairs=16)
-    (row,) = rows(result, layer=1, with_pos0=True)
+    (row,) = rows(result, layer=1, include_pos0=True)
     assert row["r2"] > 0.99
     assert abs(row["control_shuffled"]) < 0.05
 
@@ -84,7 +87,7 @@ def test_every_target_and_kind_runs_with_both_pos0_variants():
     )
     table = result.table
     assert len(table) == 2 * 3 * 2 * 2
-    assert set(table["with_pos0"]) == {True, False}
+    assert set(table["include_pos0"]) == {True, False}
     assert table[["r2", "mae", "accuracy", "mad", "control_shuffled", "control_token"]].notna().all().all()
     assert table["control_random_init"].isna().all()
     assert table["controls_missing"].str.contains("random_init: no random_init_store given").all()
@@ -103,7 +106,7 @@ def test_logistic_probe_classifies_positions():
 
 
 def test_zoo_sinusoidal_layer0_decodes(tmp_path, tokenizer):
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
     from posprobe.models.zoo import ZooConfig, ZooModel, ZooTransformer
 
     cfg = ZooConfig(d_model=64, n_layers=1, n_heads=2, d_head=32, d_mlp=64, n_ctx=64, d_vocab=256, pe="sinusoidal")
@@ -126,12 +129,22 @@ def test_nope_random_init_shuffled_control_is_near_zero(tokenizer):
     cfg = ZooConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=256, pe="none")
     model = ZooModel(ZooTransformer(cfg), tokenizer, name="tiny-nope")
     tokens = torch.randint(2, 256, (24, 32), generator=torch.Generator().manual_seed(1))
-    result = probe_model(model, tokens, "resid_post", n_splits=4, device="cpu")
+    result = probe_model(model, tokens, site="resid_post", n_splits=4, device="cpu")
     table = result.table
     assert (table["control_shuffled"].abs() < 0.05).all()
     assert table[["control_random_init", "control_token"]].notna().all().all()
     assert table["controls_missing"].eq("").all()
     assert list(table["layer"].unique()) == [0, 1]
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers, info.seed) == (
+        "probe_model",
+        "tiny-nope",
+        "resid_post",
+        (0, 1),
+        0,
+    )
+    assert (info.n_sequences, info.seq_len, info.n_tokens, info.causal) == (24, 32, 24 * 32, True)
+    assert info.params["batch_size"] == 16 and info.params["random_init_control"] is True
 
 
 def test_sparse_probe_finds_planted_neurons(tmp_path):
@@ -169,7 +182,7 @@ def test_ridge_equals_sklearn_on_the_same_split():
     acts = planted_acts()
     acts[1] += 0.5 * torch.randn(N_SEQ, SEQ, D, generator=torch.Generator().manual_seed(3))
     alpha = 3.0
-    result = probe_position(acts, layers=[1], alphas=(alpha,), controls=(), device="cpu", exclude_bos=False)
+    result = probe_position(acts, layers=[1], alphas=(alpha,), controls=(), device="cpu", exclude_pos0=False)
     (row,) = rows(result)
     X, y, pred, r2 = sklearn_oof(acts, result.split, lambda: make_pipeline(StandardScaler(), Ridge(alpha=alpha)))
     assert row["r2"] == pytest.approx(r2, abs=1e-4)
@@ -185,7 +198,7 @@ def test_loo_alpha_selection_equals_sklearn_ridgecv():
     acts[1] += 3.0 * torch.randn(N_SEQ, SEQ, D, generator=torch.Generator().manual_seed(4))
     acts[1, :, 0] *= 20  # high-leverage position-0 rows, where GCV and LOO part ways
     grid = (0.1, 1.0, 10.0, 100.0, 1000.0)
-    result = probe_position(acts, layers=[1], alphas=grid, alpha_selection="loo", controls=(), exclude_bos=False)
+    result = probe_position(acts, layers=[1], alphas=grid, alpha_selection="loo", controls=(), exclude_pos0=False)
     X, y, _, r2 = sklearn_oof(acts, result.split, lambda: make_pipeline(StandardScaler(), RidgeCV(alphas=grid)))
     assert result.table["r2"].item() == pytest.approx(r2, abs=1e-6)
     seq = np.repeat(np.arange(N_SEQ), SEQ)
@@ -223,17 +236,20 @@ def test_random_baseline_mad_formula():
         brute = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]).mean()
         assert random_baseline_mad(n) == pytest.approx(brute)
     result = probe_position(planted_acts()[:1], device="cpu", controls=())
-    assert rows(result, with_pos0=True)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ))
-    assert rows(result, with_pos0=False)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ - 1))
+    assert rows(result, include_pos0=True)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ))
+    assert rows(result, include_pos0=False)[0]["mad_chance"] == pytest.approx(random_baseline_mad(SEQ - 1))
 
 
-def test_exclude_bos_picks_the_pos0_variants():
+def test_exclude_pos0_picks_the_pos0_variants():
     acts = planted_acts()[:1]
-    only_without = probe_position(acts, exclude_bos=True, controls=("shuffled",), device="cpu").table
-    assert list(only_without["with_pos0"]) == [False]
+    only_without = probe_position(acts, exclude_pos0=True, controls=("shuffled",), device="cpu").table
+    assert list(only_without["include_pos0"]) == [False]
     assert only_without["n_samples"].item() == N_SEQ * (SEQ - 1)
     assert abs(only_without["control_shuffled"].item()) < 0.05
-    with pytest.raises(ValueError, match="exclude_bos must be 'both', True or False"):
+    with pytest.raises(ValueError, match="exclude_pos0 must be True or False or 'both', got 'yes'"):
+        probe_position(acts, exclude_pos0="yes")
+    bad = pytest.raises(ValueError, match="exclude_pos0 must be True or False or 'both', got 'yes'")
+    with pytest.warns(DeprecationWarning, match="exclude_bos= is deprecated"), bad:
         probe_position(acts, exclude_bos="yes")
 
 
@@ -271,10 +287,12 @@ def test_missing_random_init_is_nan_and_said():
     fig = result.figure()
     assert fig.layout.yaxis.title.text.startswith("R²")
     assert len(fig.data) >= 2
-    with pytest.warns(DeprecationWarning, match=r"plot\(metric\) is now figure\(kind=metric\)"):
+    with pytest.warns(
+        DeprecationWarning, match=r"plot\(metric\) is deprecated.*use ProbeResult\.figure\(kind=metric\)"
+    ):
         old = result.plot("mae")  # the old spelling still works for one release
     assert old.to_dict() == result.figure("mae").to_dict()
-    with pytest.raises(ValueError, match="unknown metric 'nope'; accepted: "):
+    with pytest.raises(ValueError, match="unknown figure kind 'nope' for ProbeResult; kinds: r2, mae, "):
         result.figure("nope")
 
 
@@ -347,5 +365,87 @@ def test_gcv_never_picks_an_interpolating_alpha():
     """Fewer training tokens than features: GCV must not choose the alpha that fits noise exactly."""
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(1, 10, 16, 512, generator=gen)  # [L n_seq seq d], no positional signal at all
-    result = probe_position(acts, controls=("shuffled",), exclude_bos=False, device="cpu")
+    result = probe_position(acts, controls=("shuffled",), exclude_pos0=False, device="cpu")
     assert result.table["r2"].min() > -0.5, result.table[["r2", "alpha"]]
+
+
+# -- the result contract ---------------------------------------------------------------------------
+
+
+def test_info_records_a_run_on_activations_in_memory():
+    acts = planted_acts()[:2, :10, :8, :16]
+    mask = torch.ones(10, 8, dtype=torch.long)
+    mask[0, -2:] = 0
+    result = probe_position(
+        acts, target=["absolute", "log"], controls=("shuffled",), n_splits=2, seed=3, attention_mask=mask, device="cpu"
+    )
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers) == (
+        "probe_position",
+        "activations",
+        "resid_post",
+        (0, 1),
+    )
+    assert (info.seed, info.exclude_pos0, info.causal, info.prepend_bos) == (3, "both", None, None)
+    assert (info.n_sequences, info.seq_len, info.n_tokens) == (10, 8, 78)
+    assert info.params["targets"] == ["absolute", "log"] and info.params["kinds"] == ["ridge"]
+    assert info.params["controls"] == ["shuffled"] and info.params["random_init_control"] is False
+    assert (info.params["n_splits"], info.params["alpha_selection"], info.params["device"]) == (2, "loo", "cpu")
+    assert result.site == "resid_post"
+
+
+def test_a_store_folder_reads_through_the_input_layer(tmp_path):
+    acts = planted_acts()
+    tokens = torch.randint(0, 50, (N_SEQ, SEQ), generator=torch.Generator().manual_seed(0))
+    store = write_store(tmp_path / "s", {f"resid_post.{i}": acts[i] for i in range(3)}, tokens, prepend_bos=True)
+    by_folder = probe_position(tmp_path / "s", layers=-1, n_splits=2, exclude_pos0=True, device="cpu")
+    by_store = probe_position(store, layers=[2], n_splits=2, exclude_pos0=True, device="cpu")
+    pd.testing.assert_frame_equal(by_folder.table, by_store.table)
+    assert by_folder.table["control_token"].notna().all()  # the store's own token ids
+    info = by_folder.info
+    assert (info.model, info.layers, info.exclude_pos0, info.prepend_bos) == ("synthetic", (2,), True, True)
+    assert (info.n_sequences, info.seq_len, info.n_tokens) == (N_SEQ, SEQ, N_SEQ * SEQ)
+    with pytest.raises(ValueError, match="a store already holds its tokens"):
+        probe_position(store, tokens)
+    with pytest.raises(StoreError, match="is not a posprobe store"):
+        probe_position(tmp_path / "nothing")
+
+
+def test_the_site_is_a_keyword():
+    with pytest.raises(TypeError, match=r"second argument is token ids.*pass the site by name: site='resid_post'"):
+        probe_position(planted_acts(), "resid_post")
+
+
+def test_figure_kinds_are_the_metrics_of_the_table():
+    result = probe_position(planted_acts()[:2, :10, :8, :16], n_splits=2, controls=("shuffled",), device="cpu")
+    assert result.figure_kinds() == ["r2", "mae", "accuracy", "mad", "selectivity"]
+    assert result.figure().to_json() == result.figure("r2").to_json()
+    for kind in result.figure_kinds():
+        assert result.figure(kind).layout.yaxis.title.text == METRIC_TITLES[kind]
+    narrow = ProbeResult(result.table.drop(columns=["mae", "accuracy"]), result.split, result.info)
+    assert narrow.figure_kinds() == ["r2", "mad", "selectivity"]
+    with pytest.raises(ValueError, match="unknown figure kind 'mae' for ProbeResult; kinds: r2, mad, selectivity"):
+        narrow.figure("mae")
+
+
+def test_save_writes_the_table_info_and_r2_figure(tmp_path):
+    acts = planted_acts()[:2, :10, :8, :16]
+    result = probe_position(acts, kind=["ridge", "sparse"], k=4, n_splits=2, controls=("shuffled",), device="cpu")
+    out = result.save(tmp_path / "probes")
+    assert {p.name for p in out.iterdir()} == {"table.csv", "table.parquet", "info.json", "r2.html"}
+    info = json.loads((out / "info.json").read_text())
+    assert (info["analysis"], info["exclude_pos0"], info["layers"]) == ("probe_position", "both", [0, 1])
+    back = pd.read_parquet(out / "table.parquet")
+    assert back["include_pos0"].tolist() == result.table["include_pos0"].tolist()
+    np.testing.assert_array_equal(back["r2"], result.table["r2"])
+
+
+def test_deprecated_exclude_bos_gives_the_same_numbers():
+    acts = planted_acts()[:1]
+    for value in (True, False, "both"):
+        new = probe_position(acts, exclude_pos0=value, controls=("shuffled",), device="cpu")
+        with pytest.warns(DeprecationWarning, match="exclude_bos= is deprecated.*use exclude_pos0="):
+            old = probe_position(acts, exclude_bos=value, controls=("shuffled",), device="cpu")
+        pd.testing.assert_frame_equal(old.table, new.table, check_exact=True)
+        assert old.info == new.info and new.info.exclude_pos0 == value
+    assert list(new.table["include_pos0"]) == [True, False]

@@ -23,7 +23,8 @@ def plot_probe_position(table: pd.DataFrame, metric: str = "r2") -> go.Figure:
     """Plot ``metric`` per layer for each target × kind × with/without position 0, controls dashed.
 
     Takes the ``probe_position(...).table``. Controls are R², so they are drawn for ``metric="r2"``;
-    for ``mad`` the random-guess baseline (N²−1)/(3N) is drawn instead.
+    for ``mad`` the random-guess baseline (N²−1)/(3N) is drawn instead. Tables saved before the
+    ``include_pos0`` column was named so (``with_pos0``) draw too.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
@@ -31,54 +32,15 @@ def plot_probe_position(table: pd.DataFrame, metric: str = "r2") -> go.Figure:
         raise ValueError("the probe table is empty; nothing to plot")
     fig = go.Figure()
     x_of = table["layer"].astype("object").where(table["layer"].notna(), table["site"]).astype(str)
-    groups = table.assign(_x=x_of).groupby(["target", "kind", "with_pos0"], sort=False)
-    for (target, kind, with_pos0), g in groups:
-        name = f"{target} · {kind} · {'with' if with_pos0 else 'without'} pos 0"
-        hover = (
-            "layer %{x}<br>"
-            + f"{METRICS[metric]}: "
-            + "%{y:.4f}<br>"
-            + "n samples %{customdata[0]}<br>alpha %{customdata[1]:.3g}<extra>"
-            + name
-            + "</extra>"
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=g["_x"],
-                y=g[metric],
-                mode="lines+markers",
-                name=name,
-                legendgroup=name,
-                customdata=g[["n_samples", "alpha"]].to_numpy(),
-                hovertemplate=hover,
-            )
-        )
+    pos0 = "include_pos0" if "include_pos0" in table else "with_pos0"
+    groups = table.assign(_x=x_of).groupby(["target", "kind", pos0], sort=False)
+    for (target, kind, include_pos0), g in groups:
+        name = f"{target} · {kind} · {'with' if include_pos0 else 'without'} pos 0"
+        _add_metric_trace(fig, g, metric, name)
         if metric == "r2":
-            for column, (label, dash) in CONTROL_COLUMNS.items():
-                if g[column].notna().any():
-                    fig.add_trace(
-                        go.Scatter(
-                            x=g["_x"],
-                            y=g[column],
-                            mode="lines",
-                            name=f"{name} · control: {label}",
-                            legendgroup=name,
-                            line={"dash": dash, "width": 1},
-                            hovertemplate=f"layer %{{x}}<br>{label} R²: %{{y:.4f}}<extra></extra>",
-                        )
-                    )
+            _add_control_traces(fig, g, name)
         if metric == "mad":
-            fig.add_trace(
-                go.Scatter(
-                    x=g["_x"],
-                    y=g["mad_chance"],
-                    mode="lines",
-                    name=f"{name} · random guess",
-                    legendgroup=name,
-                    line={"dash": "dash", "width": 1},
-                    hovertemplate="random-guess MAD: %{y:.2f}<extra></extra>",
-                )
-            )
+            _add_chance_trace(fig, g, name)
     site = ", ".join(table["site"].unique())
     fig.update_layout(
         title=f"Position probes at {site} ({table['model'].iloc[0]})",
@@ -88,3 +50,56 @@ def plot_probe_position(table: pd.DataFrame, metric: str = "r2") -> go.Figure:
         template="plotly_white",
     )
     return fig
+
+
+def _add_metric_trace(fig: go.Figure, g: pd.DataFrame, metric: str, name: str) -> None:
+    hover = (
+        "layer %{x}<br>"
+        + f"{METRICS[metric]}: "
+        + "%{y:.4f}<br>"
+        + "n samples %{customdata[0]}<br>alpha %{customdata[1]:.3g}<extra>"
+        + name
+        + "</extra>"
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=g["_x"],
+            y=g[metric],
+            mode="lines+markers",
+            name=name,
+            legendgroup=name,
+            customdata=g[["n_samples", "alpha"]].to_numpy(),
+            hovertemplate=hover,
+        )
+    )
+
+
+def _add_control_traces(fig: go.Figure, g: pd.DataFrame, name: str) -> None:
+    """The control R² curves that were run, thin and dashed in the legend group of their probe."""
+    for column, (label, dash) in CONTROL_COLUMNS.items():
+        if g[column].notna().any():
+            fig.add_trace(
+                go.Scatter(
+                    x=g["_x"],
+                    y=g[column],
+                    mode="lines",
+                    name=f"{name} · control: {label}",
+                    legendgroup=name,
+                    line={"dash": dash, "width": 1},
+                    hovertemplate=f"layer %{{x}}<br>{label} R²: %{{y:.4f}}<extra></extra>",
+                )
+            )
+
+
+def _add_chance_trace(fig: go.Figure, g: pd.DataFrame, name: str) -> None:
+    fig.add_trace(
+        go.Scatter(
+            x=g["_x"],
+            y=g["mad_chance"],
+            mode="lines",
+            name=f"{name} · random guess",
+            legendgroup=name,
+            line={"dash": "dash", "width": 1},
+            hovertemplate="random-guess MAD: %{y:.2f}<extra></extra>",
+        )
+    )

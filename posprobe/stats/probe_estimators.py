@@ -144,58 +144,69 @@ def solve_ridge(
     if selection not in ALPHA_SELECTIONS:
         raise ValueError(f"unknown alpha selection {selection!r}; accepted: {', '.join(ALPHA_SELECTIONS)}")
     n, mu, ybar, yyc, xyc = _train_moments(stats, train_blocks)
+    scale, lam, V = _standardised_spectrum(stats, train_blocks, n, mu)
+    Q = V.mT @ (xyc / scale[..., None])  # [L F d T]
+    grid = torch.as_tensor(list(alphas), dtype=lam.dtype, device=lam.device)
+    mean = mu + stats.center[:, None]  # each training set's feature means in raw units [L F d]
+    if grid.numel() == 1:
+        alpha = grid.expand(*Q.shape[:2], Q.shape[-1])
+    elif selection == "gcv":
+        alpha = _gcv_alpha(lam, Q, yyc, n, grid)
+    else:
+        alpha = _loo_alpha(data, train_blocks, mean, scale, lam, V, Q, ybar, grid)
+    w = V @ (Q / (lam[..., None] + alpha[:, :, None, :]))
+    coef = w / scale[..., None]
+    intercept = ybar - torch.einsum("lfd,lfdt->lft", mean, coef)
+    return RidgeSolution(coef, intercept, alpha)
+
+
+def _standardised_spectrum(stats: BlockStats, train_blocks: Tensor, n: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
+    """Each training set's feature scale [L F d] and the eigenvalues [L F d] (≥ 0) and eigenvectors [L F d d]
+    of its standardised covariance (times n)."""
     tb = train_blocks.to(stats.count)
-    # [L F d d] matrices are the memory of this function (0.8 GB each for 30 layers × 10 fits × 576²
-    # in float64): the covariance is standardised in place and freed once decomposed
+    # [L F d d] matrices are the memory of ridge (0.8 GB each for 30 layers × 10 fits × 576²
+    # in float64): the covariance is standardised in place and freed when this returns
     A = torch.einsum("fb,lbde->lfde", tb, stats.gram)
     A.sub_(n[:, None, None] * mu[..., :, None] * mu[..., None, :])
     scale = scale_of(torch.diagonal(A, dim1=-2, dim2=-1) / n[:, None])
     A.div_(scale[..., :, None]).div_(scale[..., None, :])
-    b = xyc / scale[..., None]
     lam, V = _eigh(A)
-    del A
-    lam = lam.clamp(min=0)
-    Q = V.mT @ b  # [L F d T]
-    grid = torch.as_tensor(list(alphas), dtype=lam.dtype, device=lam.device)
-    if grid.numel() == 1:
-        alpha = grid.expand(*Q.shape[:2], Q.shape[-1])
-    elif selection == "gcv":
-        den = lam[..., None] + grid  # [L F d A]
-        # training residual sum of squares and effective degrees of freedom, all from the spectrum
-        rss = yyc[None, :, None, :] - torch.einsum("lfdt,lfda->lfat", Q**2, 2 / den - lam[..., None] / den**2)
-        dof = (lam[..., None] / den).sum(-2) + 1  # +1: the intercept
-        slack = (1 - dof / n[:, None])[..., None]
-        # an alpha that (nearly) interpolates the training rows has rss ≈ 0 and slack ≈ 0: its GCV score
-        # is numerically meaningless, not small, so it must never win (fewer tokens than features)
-        gcv = torch.where(slack > 1e-3, rss.clamp(min=0) / slack.clamp(min=1e-3) ** 2, torch.inf)
-        alpha = grid[gcv.argmin(-2)]  # [L F T]
-    else:
-        if data is None:
-            raise ValueError("alpha selection 'loo' needs the rows: pass data=(X, Y, block)")
-        X, Y, block = data
-        loo = torch.stack(
-            [
-                _loo_mse(
-                    X,
-                    Y,
-                    train_blocks[f][block],
-                    mu[:, f] + stats.center,
-                    scale[:, f],
-                    lam[:, f],
-                    V[:, f],
-                    Q[:, f],
-                    ybar[f],
-                    grid,
-                )
-                for f in range(train_blocks.shape[0])
-            ],
-            dim=1,
-        )  # [L F T A]
-        alpha = grid[loo.argmin(-1)]
-    w = V @ (Q / (lam[..., None] + alpha[:, :, None, :]))
-    coef = w / scale[..., None]
-    intercept = ybar - torch.einsum("lfd,lfdt->lft", mu + stats.center[:, None], coef)
-    return RidgeSolution(coef, intercept, alpha)
+    return scale, lam.clamp(min=0), V
+
+
+def _gcv_alpha(lam: Tensor, Q: Tensor, yyc: Tensor, n: Tensor, grid: Tensor) -> Tensor:
+    """The alpha [L F T] of least generalised cross-validation error, from the spectrum alone (Golub et al. 1979)."""
+    den = lam[..., None] + grid  # [L F d A]
+    # training residual sum of squares and effective degrees of freedom, all from the spectrum
+    rss = yyc[None, :, None, :] - torch.einsum("lfdt,lfda->lfat", Q**2, 2 / den - lam[..., None] / den**2)
+    dof = (lam[..., None] / den).sum(-2) + 1  # +1: the intercept
+    slack = (1 - dof / n[:, None])[..., None]
+    # an alpha that (nearly) interpolates the training rows has rss ≈ 0 and slack ≈ 0: its GCV score
+    # is numerically meaningless, not small, so it must never win (fewer tokens than features)
+    gcv = torch.where(slack > 1e-3, rss.clamp(min=0) / slack.clamp(min=1e-3) ** 2, torch.inf)
+    return grid[gcv.argmin(-2)]  # [L F T]
+
+
+def _loo_alpha(
+    data: tuple[Tensor, Tensor, Tensor] | None,
+    train_blocks: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    lam: Tensor,
+    V: Tensor,
+    Q: Tensor,
+    ybar: Tensor,
+    grid: Tensor,
+) -> Tensor:
+    """The alpha [L F T] of least exact leave-one-out error, a training set at a time (``mean`` [L F d]: raw units)."""
+    if data is None:
+        raise ValueError("alpha selection 'loo' needs the rows: pass data=(X, Y, block)")
+    X, Y, block = data
+    loo = [
+        _loo_mse(X, Y, train_blocks[f][block], mean[:, f], scale[:, f], lam[:, f], V[:, f], Q[:, f], ybar[f], grid)
+        for f in range(train_blocks.shape[0])
+    ]
+    return grid[torch.stack(loo, dim=1).argmin(-1)]  # loo: [L F T A]
 
 
 def _loo_mse(

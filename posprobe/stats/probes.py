@@ -5,6 +5,19 @@ learn positional information"), with the hygiene of Hewitt & Liang 2019: every s
 a shuffled-label control, a random-init-model control and a token-identity baseline; train and
 test are split by sequence (never by token); and every number is reported with and without
 position 0 (the BOS / attention-sink token, RESEARCH.md §6).
+
+Kinds of probe: ``ridge`` fits all layers and folds in one batched solve, alpha chosen on each
+training fold by exact leave-one-out (``"loo"``, as scikit-learn's RidgeCV; the default) or by
+``"gcv"``, about 1.35× faster but fooled by high-leverage tokens such as SmolLM2's
+massive-activation rows (R² −78 at layer 0 where LOO gives +0.12); ``sparse`` takes the top-``k``
+neurons by |correlation| with the target, then ridge (``neurons`` names them); ``logistic`` is
+multinomial over the target's values, penalty ``C``, LBFGS in float32 (so CPU and GPU may differ
+in a few predictions). Features are standardised inside every probe.
+
+``probe_position`` runs in named steps: check the settings (``_Settings``), load the
+activations (``_load``), then per target build the samples, folds and label columns
+(``_prepare_target``), fit every kind (``_fit_kind``) and score each position-0 variant
+(``_variant_rows``).
 """
 
 from __future__ import annotations
@@ -12,10 +25,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 import torch
@@ -25,6 +37,7 @@ from posprobe.devices import resolve_device
 from posprobe.finite import check_finite
 from posprobe.models.base import positions_from_mask
 from posprobe.progress import tqdm
+from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site, resolve_stored_layers
 from posprobe.stats.probe_cv import FoldPlan, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
 from posprobe.stats.probe_estimators import (
@@ -34,17 +47,16 @@ from posprobe.stats.probe_estimators import (
     RidgeProbe,
     SparseProbe,
 )
+from posprobe.stats.streaming import UNSET, Source, as_source, exclude_pos0_choice
 from posprobe.store import ActivationStore
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from posprobe.data import TokenBatch
-    from posprobe.models.base import PositionModel
-
 __all__ = [
     "CONTROLS",
     "KINDS",
+    "METRICS",
     "TARGETS",
     "LogisticProbe",
     "ProbeResult",
@@ -59,6 +71,8 @@ TARGETS = ("absolute", "log", "bucket", "relative")
 KINDS = ("ridge", "sparse", "logistic")
 CONTROLS = ("shuffled", "random_init", "token")
 PAIR_FEATURES = ("diff", "concat")
+#: the score columns ``ProbeResult.figure`` draws per layer (its figure kinds), the default first
+METRICS = ("r2", "mae", "accuracy", "mad", "selectivity")
 
 Acts = ActivationStore | str | os.PathLike | Tensor | Mapping[Any, Tensor]
 
@@ -71,27 +85,51 @@ def random_baseline_mad(n_positions: int) -> float:
 
 
 @dataclass(frozen=True)
-class ProbeResult:
-    """What ``probe_position`` returns: the tidy ``table`` and the grouped-CV ``split`` it used.
+class ProbeResult(Result):
+    """What ``probe_position`` returns: the tidy ``table``, the grouped-CV ``split`` it used and the run ``info``.
 
+    ``table``: a row per layer × target × kind × ``include_pos0`` (rows with position-0 tokens, or
+    without). Metrics (pooled out-of-fold predictions): ``r2`` and ``mae`` on the target;
+    ``accuracy`` and ``mad`` after rounding predictions to the nearest position / bucket / offset
+    (Haviv's mean absolute distance; for ``log`` back in positions); ``mad_chance`` is (N²−1)/(3N)
+    for N positions (other targets: E|c − c'| over the label distribution). Controls report R²:
+    ``control_shuffled`` (labels permuted across tokens), ``control_random_init`` (the same probe
+    on the random-init twin's activations of the same tokens) and ``control_token`` (ridge on
+    one-hot token ids). ``selectivity`` = r2 − the largest available control R²;
+    ``controls_missing`` names the controls that could not be run (their columns are NaN). Also:
+    model, site, layer, target, kind, n_samples, n_positions, alpha (the median over the folds of
+    the chosen ridge alpha; C for logistic), neurons (the sparse probe's, chosen on all rows).
     ``split[f]`` lists the sequences (row indices of the store) tested in fold f.
+    ``info``: the run record (``params``: targets, kinds, n_splits, controls, random_init_control,
+    alphas, alpha_selection, k, C, max_iter, n_buckets, n_pairs, pair_features, device).
+    Figure kinds: the metrics of ``METRICS`` present in the table (default ``"r2"``), each per layer
+    with its controls.
     """
+
+    SAVED: ClassVar[Sequence[str]] = ("r2",)
 
     table: pd.DataFrame
     split: tuple[tuple[int, ...], ...]
-    site: str
+    info: RunInfo
 
-    def figure(self, kind: str | None = None) -> go.Figure:
-        """Score per layer with the controls beside it; ``kind`` is the metric (default ``"r2"``; also
-        ``"mae"``, ``"accuracy"``, ``"mad"``, ``"selectivity"`` …, listed in the error for an unknown one)."""
+    site = property(lambda self: self.info.site)
+
+    def figure_kinds(self) -> list[str]:
+        """The metrics this table holds, ``"r2"`` first."""
+        return [metric for metric in METRICS if metric in self.table.columns]
+
+    def _draw(self, kind: str, **options: Any) -> go.Figure:
         from posprobe.plots.probes import plot_probe_position
 
-        return plot_probe_position(self.table, metric=kind or "r2")
+        return plot_probe_position(self.table, metric=kind, **options)
 
     def plot(self, metric: str = "r2") -> go.Figure:
         """Deprecated spelling of ``figure(kind=metric)``, kept for one release."""
-        warnings.warn("ProbeResult.plot(metric) is now figure(kind=metric)", DeprecationWarning, stacklevel=2)
+        deprecated_alias("ProbeResult.plot(metric)", "ProbeResult.figure(kind=metric)")
         return self.figure(metric)
+
+
+# -- inputs -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -101,7 +139,11 @@ class _Inputs:
     mask: Tensor  # [n_seq seq] bool
     positions: Tensor  # [n_seq seq]
     tokens: Tensor | None  # [n_seq seq]
-    model: str
+    source: Source | None  # the store's, through the input layer; None for activations given in memory
+
+    @property
+    def model(self) -> str:
+        return "activations" if self.source is None else self.source.name
 
 
 def _load(
@@ -119,40 +161,60 @@ def _load(
     if site in LAYERLESS_SITES:
         wanted = None  # embed / pos_embed have one "layer"; a layer list meant for other sites does not apply
     if isinstance(source, str | os.PathLike):
-        source = ActivationStore(source)
-    toks: Tensor | None
+        source = ActivationStore(source)  # a folder that is not a store is said here
     if isinstance(source, ActivationStore):
-        stored = source.layers(site)
-        chosen: list[int | None] = resolve_stored_layers(site, wanted, stored, source.model_info.get("n_layers"))
-        acts = source.stack(site, chosen)
-        mask, pos, toks, model = source.attention_mask, source.position_ids, source.tokens, source.model_name
+        inputs = _load_store(as_source(source, tokens), site, wanted)
     else:
-        if isinstance(source, Tensor):
-            if source.ndim < 4:
-                raise ValueError(f"activations must be [layers n_seq seq d], got shape {tuple(source.shape)}")
-            source = dict(enumerate(source))
-        if not isinstance(source, Mapping) or not source:
-            raise ValueError(
-                "no activations given: pass an ActivationStore, a [L n_seq seq d] tensor or {layer: tensor}"
-            )
-        keys = [SiteKey.parse(k).layer if isinstance(k, str) else k for k in source]
-        chosen = list(keys) if wanted is None else list(wanted)
-        missing = [layer for layer in chosen if layer not in keys]
-        if missing or not chosen:
-            raise ValueError(f"layers {missing or chosen} not among the given activations; given layers: {keys}")
-        acts = torch.stack([torch.as_tensor(list(source.values())[keys.index(layer)]) for layer in chosen])
-        mask = (
-            torch.ones(acts.shape[1:3], dtype=torch.long) if attention_mask is None else torch.as_tensor(attention_mask)
-        )
-        pos = positions_from_mask(mask) if positions is None else torch.as_tensor(positions)
-        toks, model = tokens, "activations"
-        for name, t in (("attention_mask", mask), ("positions", pos), ("tokens", toks)):
-            if t is not None and tuple(t.shape) != tuple(acts.shape[1:3]):
-                raise ValueError(f"{name} shape {tuple(t.shape)} != activations' [n_seq seq] {tuple(acts.shape[1:3])}")
-    if acts.ndim < 4 or acts[0].numel() == 0 or not mask.bool().any():
-        raise ValueError(f"activations of {site!r} are empty (shape {tuple(acts.shape)})")
-    layer_labels = [None if site in LAYERLESS_SITES else layer for layer in chosen]
-    return _Inputs(acts.flatten(3).float(), layer_labels, mask.bool(), pos.long(), toks, model)
+        inputs = _load_in_memory(source, wanted, positions, attention_mask, tokens)
+    if inputs.acts.ndim < 4 or inputs.acts[0].numel() == 0 or not inputs.mask.bool().any():
+        raise ValueError(f"activations of {site!r} are empty (shape {tuple(inputs.acts.shape)})")
+    layer_labels = [None if site in LAYERLESS_SITES else layer for layer in inputs.layers]
+    return _Inputs(
+        inputs.acts.flatten(3).float(),
+        layer_labels,
+        inputs.mask.bool(),
+        inputs.positions.long(),
+        inputs.tokens,
+        inputs.source,
+    )
+
+
+def _load_store(source: Source, site: str, wanted: list[int] | None) -> _Inputs:
+    store = source.store
+    assert store is not None  # _load hands over stores only
+    chosen = resolve_stored_layers(site, wanted, store.layers(site), source.info.get("n_layers"))
+    acts = store.stack(site, chosen)
+    return _Inputs(acts, chosen, store.attention_mask, store.position_ids, store.tokens, source)
+
+
+def _load_in_memory(
+    source: Tensor | Mapping[Any, Tensor],
+    wanted: list[int] | None,
+    positions: Tensor | None,
+    attention_mask: Tensor | None,
+    tokens: Tensor | None,
+) -> _Inputs:
+    if isinstance(source, Tensor):
+        if source.ndim < 4:
+            raise ValueError(f"activations must be [layers n_seq seq d], got shape {tuple(source.shape)}")
+        source = dict(enumerate(source))
+    if not isinstance(source, Mapping) or not source:
+        raise ValueError("no activations given: pass an ActivationStore, a [L n_seq seq d] tensor or {layer: tensor}")
+    keys = [SiteKey.parse(k).layer if isinstance(k, str) else k for k in source]
+    chosen: list[int | None] = list(keys) if wanted is None else list(wanted)
+    missing = [layer for layer in chosen if layer not in keys]
+    if missing or not chosen:
+        raise ValueError(f"layers {missing or chosen} not among the given activations; given layers: {keys}")
+    acts = torch.stack([torch.as_tensor(list(source.values())[keys.index(layer)]) for layer in chosen])
+    mask = torch.ones(acts.shape[1:3], dtype=torch.long) if attention_mask is None else torch.as_tensor(attention_mask)
+    pos = positions_from_mask(mask) if positions is None else torch.as_tensor(positions)
+    for name, t in (("attention_mask", mask), ("positions", pos), ("tokens", tokens)):
+        if t is not None and tuple(t.shape) != tuple(acts.shape[1:3]):
+            raise ValueError(f"{name} shape {tuple(t.shape)} != activations' [n_seq seq] {tuple(acts.shape[1:3])}")
+    return _Inputs(acts, chosen, mask, pos, tokens, None)
+
+
+# -- samples, folds, scores -------------------------------------------------------------------------
 
 
 @dataclass
@@ -275,8 +337,234 @@ def _as_list(value: str | Sequence[str], accepted: tuple[str, ...], what: str) -
     return values
 
 
+# -- probe_position, step by step -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """``probe_position``'s checked settings: what to fit, on which rows, where."""
+
+    targets: list[str]
+    kinds: list[str]
+    controls: set[str]
+    exclude_pos0: bool | str
+    variants: tuple[bool, ...]  # include position 0?, one per reported variant
+    n_splits: int
+    n_buckets: int
+    n_pairs: int | None
+    pair_features: str
+    seed: int
+    device: torch.device
+    opts: dict[str, Any]  # what the fitters take: alphas, alpha_selection, k, C, max_iter, dtype
+
+    @classmethod
+    def check(
+        cls,
+        target: str | Sequence[str],
+        kind: str | Sequence[str],
+        controls: Sequence[str],
+        exclude_pos0: bool | str,
+        exclude_bos: Any,
+        device: str | torch.device,
+        seed: int,
+        fit: dict[str, Any],
+        samples: dict[str, Any],
+    ) -> _Settings:
+        """Check every setting, in the order ``probe_position`` always said what was wrong."""
+        targets = _as_list(target, TARGETS, "target")
+        kinds = _as_list(kind, KINDS, "kind")
+        wanted_controls = set(_as_list(list(controls), CONTROLS, "control")) if controls else set()
+        choice = exclude_pos0_choice(exclude_pos0, both=True, old="exclude_bos", old_value=exclude_bos)
+        if fit["alpha_selection"] not in ALPHA_SELECTIONS:
+            accepted = ", ".join(ALPHA_SELECTIONS)
+            raise ValueError(f"unknown alpha_selection {fit['alpha_selection']!r}; accepted: {accepted}")
+        n_splits, n_buckets, n_pairs, pair_features = (
+            samples[name] for name in ("n_splits", "n_buckets", "n_pairs", "pair_features")
+        )
+        if pair_features not in PAIR_FEATURES:
+            raise ValueError(f"unknown pair_features {pair_features!r}; accepted: {', '.join(PAIR_FEATURES)}")
+        if not isinstance(n_splits, int) or n_splits < 2:
+            raise ValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
+        if not isinstance(n_buckets, int) or n_buckets < 2:
+            raise ValueError(f"n_buckets must be an integer >= 2, got {n_buckets!r}")
+        if n_pairs is not None and (not isinstance(n_pairs, int) or n_pairs < 1):
+            raise ValueError(f"n_pairs must be a positive integer or None, got {n_pairs!r}")
+        variants = {"both": (True, False), True: (False,), False: (True,)}[choice]
+        opts = {**fit, "dtype": torch.float64}
+        dev = resolve_device(device)
+        return cls(
+            targets,
+            kinds,
+            wanted_controls,
+            choice,
+            variants,
+            n_splits,
+            n_buckets,
+            n_pairs,
+            pair_features,
+            seed,
+            dev,
+            opts,
+        )
+
+    def samples(self, inputs: _Inputs, target: str) -> _Samples:
+        return _samples(inputs, target, self.n_buckets, self.n_pairs, self.pair_features, self.seed, self.device)
+
+    def params(self, random_init: bool) -> dict[str, Any]:
+        """The settings ``info.params`` records (the rest of the run record has its own fields)."""
+        return {
+            "targets": list(self.targets),
+            "kinds": list(self.kinds),
+            "n_splits": self.n_splits,
+            "controls": [c for c in CONTROLS if c in self.controls],
+            "random_init_control": random_init,
+            "alphas": [float(a) for a in self.opts["alphas"]],
+            "alpha_selection": self.opts["alpha_selection"],
+            "k": self.opts["k"],
+            "C": self.opts["C"],
+            "max_iter": self.opts["max_iter"],
+            "n_buckets": self.n_buckets,
+            "n_pairs": self.n_pairs,
+            "pair_features": self.pair_features,
+            "device": str(self.device),
+        }
+
+
+@dataclass(frozen=True)
+class _TargetData:
+    """One target's samples, folds and label columns (the target, then its shuffled controls), shared by every kind."""
+
+    target: str
+    samples: _Samples
+    plan: FoldPlan
+    Y: Tensor  # [n T]
+    token_pred: Tensor | None  # [V n] the token-identity baseline
+    X_random: Tensor | None  # [L n d] the random-init twin's features
+    missing: str  # controls_missing
+
+
+@dataclass(frozen=True)
+class _KindFit:
+    """One kind's out-of-fold predictions [L V n T], regularisation [L n_fits T], neurons and the twin's predictions."""
+
+    kind: str
+    pred: Tensor
+    reg: Tensor
+    neurons: Tensor | None
+    random_pred: Tensor | None
+
+
+def _prepare_target(
+    inputs: _Inputs, random_inputs: _Inputs | None, target: str, cfg: _Settings
+) -> tuple[_TargetData, tuple[tuple[int, ...], ...]]:
+    """Samples, folds (and the split they record), label columns and the token baseline of one target."""
+    s = cfg.samples(inputs, target)
+    fold, split = _split(s.seq, cfg.n_splits, cfg.seed)
+    plan = FoldPlan.build(fold, s.at_pos0, cfg.n_splits, cfg.variants)
+    columns = [s.y]
+    if "shuffled" in cfg.controls:
+        all_rows = torch.arange(s.y.numel())
+        not_pos0 = (~s.at_pos0).nonzero().squeeze(1)
+        columns += [_shuffled(s.y, all_rows, cfg.seed + 1), _shuffled(s.y, not_pos0, cfg.seed + 2)]
+    Y = torch.stack(columns, 1)
+    token_pred = None
+    if "token" in cfg.controls and s.key is not None:
+        token_pred = token_baseline_oof(s.key, s.y, plan, cfg.opts["alphas"])
+    X_random = None if random_inputs is None else cfg.samples(random_inputs, target).X
+    missing = _missing_controls(cfg.controls, X_random is not None, token_pred is not None)
+    return _TargetData(target, s, plan, Y, token_pred, X_random, missing), split
+
+
+def _fit_kind(t: _TargetData, kind: str, cfg: _Settings, bar: Any) -> _KindFit:
+    """Fit ``kind`` on the target and its shuffled columns, then on the random-init twin's features."""
+    dev = cfg.device
+    pred, reg, neurons = _fit(kind, t.samples.X, t.Y.to(dev), t.plan, cfg.opts)
+    bar.update()
+    random_pred = None if t.X_random is None else _fit(kind, t.X_random, t.Y[:, :1].to(dev), t.plan, cfg.opts)[0]
+    bar.update(0 if t.X_random is None else 1)
+    return _KindFit(kind, pred, reg, neurons, random_pred)
+
+
+def _variant_metrics(
+    t: _TargetData, fit: _KindFit, v: int, include_pos0: bool, keep: Tensor, dev: torch.device
+) -> dict[str, Tensor | None]:
+    """Per-layer scores [L] of variant ``v`` on the rows ``keep`` (None: a control not run), pooled over the folds."""
+    s, Y = t.samples, t.Y
+    y, cls, shuffled_col = s.y[keep], s.cls[keep], 1 if include_pos0 else 2
+    p = fit.pred[:, v, keep.to(dev)].cpu()
+    cls_pred = _to_class(t.target, p[..., 0], float(cls.min()), float(cls.max()))
+    random_pred = fit.random_pred
+    return {
+        "r2": _r2(y, p[..., 0]),
+        "mae": (p[..., 0] - y).abs().mean(-1),
+        "accuracy": (cls_pred == cls).double().mean(-1),
+        "mad": (cls_pred - cls).abs().mean(-1),
+        "control_shuffled": _r2(Y[keep, shuffled_col], p[..., shuffled_col]) if Y.shape[1] > 1 else None,
+        "control_random_init": None if random_pred is None else _r2(y, random_pred[:, v, keep.to(dev), 0].cpu()),
+    }
+
+
+def _variant_rows(
+    inputs: _Inputs, site: str, t: _TargetData, fit: _KindFit, v: int, include_pos0: bool, dev: torch.device
+) -> list[dict[str, Any]]:
+    """The table's rows of one target × kind × position-0 variant: one per layer."""
+    s = t.samples
+    keep = torch.ones_like(s.at_pos0) if include_pos0 else ~s.at_pos0
+    fits = [i for i, (fv, _, _) in enumerate(t.plan.fits) if fv == v]
+    y, cls = s.y[keep], s.cls[keep]
+    metrics = _variant_metrics(t, fit, v, include_pos0, keep, dev)
+    token_r2 = math.nan if t.token_pred is None else float(_r2(y, t.token_pred[v, keep]))
+    chance = _chance_mad(t.target, cls)
+    rows = []
+    for li, layer in enumerate(inputs.layers):
+        row: dict[str, Any] = {
+            "model": inputs.model,
+            "site": site,
+            "layer": layer,
+            "target": t.target,
+            "kind": fit.kind,
+            "include_pos0": include_pos0,
+            "n_samples": int(keep.sum()),
+            "n_positions": int(torch.unique(cls).numel()),
+        }
+        row |= {m: math.nan if val is None else float(val[li]) for m, val in metrics.items()}
+        row |= {
+            "mad_chance": chance,
+            "control_token": token_r2,
+            "alpha": float(fit.reg[li, fits, 0].median()),
+            "neurons": None if fit.neurons is None else tuple(fit.neurons[li, v].tolist()),
+            "controls_missing": t.missing,
+        }
+        rows.append(row)
+    return rows
+
+
+def _probe_table(
+    inputs: _Inputs, random_inputs: _Inputs | None, site: str, cfg: _Settings, progress: bool
+) -> tuple[pd.DataFrame, tuple[tuple[int, ...], ...]]:
+    """Every target × kind × variant × layer, with selectivity; and the split of the last target."""
+    rows: list[dict[str, Any]] = []
+    split: tuple[tuple[int, ...], ...] = ()
+    n_fits = len(cfg.targets) * len(cfg.kinds) * (2 if random_inputs is not None else 1)
+    bar = tqdm(total=n_fits, desc=f"probe {site}", unit="fit", disable=not progress)
+    for target in cfg.targets:
+        t, split = _prepare_target(inputs, random_inputs, target, cfg)
+        for kind in cfg.kinds:
+            fit = _fit_kind(t, kind, cfg, bar)
+            for v, include_pos0 in enumerate(cfg.variants):
+                rows += _variant_rows(inputs, site, t, fit, v, include_pos0, cfg.device)
+    table = pd.DataFrame(rows)
+    controls_r2 = table[["control_shuffled", "control_random_init", "control_token"]]
+    table.insert(table.columns.get_loc("mad_chance") + 1, "selectivity", table["r2"] - controls_r2.max(axis=1))
+    table["layer"] = table["layer"].astype("Int64")
+    bar.close()
+    return table, split
+
+
 def probe_position(
-    store_or_acts: Acts,
+    source: Acts,
+    tokens: Tensor | None = None,
+    *,
     site: str = "resid_post",
     target: str | Sequence[str] = "absolute",
     kind: str | Sequence[str] = "ridge",
@@ -286,11 +574,10 @@ def probe_position(
     random_init_store: Acts | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
-    exclude_bos: bool | str = "both",
-    *,
+    exclude_pos0: bool | str = "both",
+    exclude_bos: Any = UNSET,
     positions: Tensor | None = None,
     attention_mask: Tensor | None = None,
-    tokens: Tensor | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     alpha_selection: str = "loo",
     k: int = 8,
@@ -301,143 +588,76 @@ def probe_position(
     pair_features: str = "diff",
     progress: bool = False,
 ) -> ProbeResult:
-    """Fit position probes with controls at every layer of ``site``: a row per layer × target × kind × with_pos0.
+    """Fit position probes with controls at every layer of ``site``: a row per layer × target × kind × include_pos0.
 
-    Haviv et al. 2022 probe each layer for absolute position; controls follow Hewitt & Liang
-    2019. ``store_or_acts`` is an ActivationStore (or its path), a tensor [L n_seq seq d] or a
-    dict {layer: [n_seq seq d]} (then pass ``attention_mask`` / ``positions`` / ``tokens``
-    [n_seq seq] as needed; positions default to the count of real tokens before each token).
-
-    Targets: ``absolute`` position, ``log`` (log1p position), ``bucket`` (``n_buckets`` equal-width
-    position bins) and ``relative`` (the offset i − j of a token pair drawn within one sequence,
-    ``n_pairs`` per sequence, seeded; features the difference or concatenation of the two vectors).
-    Kinds: ``ridge`` (all layers and folds in one batched solve; alpha chosen on each training
-    fold from ``alphas`` by ``alpha_selection``: exact leave-one-out ``"loo"`` as scikit-learn's
-    RidgeCV (default), or ``"gcv"``, about 1.35× faster but fooled by high-leverage tokens such as
-    SmolLM2's massive-activation rows: R² −78 at layer 0 where LOO gives +0.12), ``sparse``
-    (top-``k`` neurons by |correlation| with the target, then ridge; ``neurons`` names them) and
-    ``logistic`` (multinomial over the target's values, penalty ``C``, LBFGS in float32, so CPU and
-    GPU may differ in a few predictions).
-    Features are standardised inside every probe.
-
-    Metrics (pooled out-of-fold predictions): ``r2`` and ``mae`` on the target; ``accuracy`` and
-    ``mad`` after rounding predictions to the nearest position / bucket / offset (Haviv's mean
-    absolute distance; for ``log`` back in positions); ``mad_chance`` is (N²−1)/(3N) for N
-    positions (other targets: E|c − c'| over the label distribution). Controls report R²:
-    ``control_shuffled`` (labels permuted across tokens), ``control_random_init`` (the same probe
-    on ``random_init_store``, activations of ``model.random_init_copy()`` on the same tokens) and
-    ``control_token`` (ridge on one-hot token ids). ``selectivity`` = r2 − the largest available
-    control R²; ``controls_missing`` names the controls that could not be run (their columns are NaN).
-
-    Splits are by sequence (seeded GroupKFold, recorded in ``result.split``). ``exclude_bos``:
-    ``"both"`` (default) reports rows with and without position-0 tokens (the BOS when one was
-    prepended); ``True`` only without; ``False`` only with. ``progress`` shows a bar over the fits
-    (target × kind, and the random-init twin's).
+    ``source``: an ActivationStore (or its folder), a tensor [L n_seq seq d] or a dict {layer: [n_seq
+    seq d]}, with ``tokens`` (ids), ``attention_mask`` and ``positions`` [n_seq seq] as needed (positions
+    default to the count of real tokens before each); ``probe_model`` probes a model. ``target``:
+    ``absolute``, ``log`` (log1p), ``bucket`` (``n_buckets`` equal-width bins) or ``relative`` (the offset
+    i − j of ``n_pairs`` seeded token pairs per sequence, ``pair_features`` ``"diff"`` or ``"concat"``).
+    ``kind``: ``ridge``, ``sparse`` (top ``k`` neurons) or ``logistic`` (penalty ``C``), each on
+    standardised features, ridge's alpha picked from ``alphas`` by ``alpha_selection`` (``"loo"`` or
+    ``"gcv"``; the module docstring compares them). ``random_init_store``: the same tokens through
+    ``model.random_init_copy()``. Splits are by sequence (``n_splits`` folds, seeded; ``result.split``).
+    ``exclude_pos0``: ``"both"`` (default) reports rows with and without position-0 tokens (the BOS when
+    one was prepended), True only without, False only with (``exclude_bos``: its old name, one release).
+    ``progress`` shows a bar over the fits. ``ProbeResult`` lists the metrics and controls of the table.
     """
-    targets = _as_list(target, TARGETS, "target")
-    kinds = _as_list(kind, KINDS, "kind")
-    wanted_controls = set(_as_list(list(controls), CONTROLS, "control")) if controls else set()
-    if exclude_bos not in ("both", True, False):
-        raise ValueError(f"exclude_bos must be 'both', True or False, got {exclude_bos!r}")
-    if alpha_selection not in ALPHA_SELECTIONS:
-        raise ValueError(f"unknown alpha_selection {alpha_selection!r}; accepted: {', '.join(ALPHA_SELECTIONS)}")
-    if pair_features not in PAIR_FEATURES:
-        raise ValueError(f"unknown pair_features {pair_features!r}; accepted: {', '.join(PAIR_FEATURES)}")
-    if not isinstance(n_splits, int) or n_splits < 2:
-        raise ValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
-    if not isinstance(n_buckets, int) or n_buckets < 2:
-        raise ValueError(f"n_buckets must be an integer >= 2, got {n_buckets!r}")
-    if n_pairs is not None and (not isinstance(n_pairs, int) or n_pairs < 1):
-        raise ValueError(f"n_pairs must be a positive integer or None, got {n_pairs!r}")
-    variants = {"both": (True, False), True: (False,), False: (True,)}[exclude_bos]
-    dev = resolve_device(device)
-    opts = {
-        "alphas": alphas,
-        "alpha_selection": alpha_selection,
-        "k": k,
-        "C": C,
-        "max_iter": max_iter,
-        "dtype": torch.float64,
-    }
+    cfg = _Settings.check(
+        target,
+        kind,
+        controls,
+        exclude_pos0,
+        exclude_bos,
+        device,
+        seed,
+        fit={"alphas": alphas, "alpha_selection": alpha_selection, "k": k, "C": C, "max_iter": max_iter},
+        samples={"n_splits": n_splits, "n_buckets": n_buckets, "n_pairs": n_pairs, "pair_features": pair_features},
+    )
+    inputs, random_inputs = _load_both(source, random_init_store, cfg, site, layers, positions, attention_mask, tokens)
+    table, split = _probe_table(inputs, random_inputs, site, cfg, progress)
+    return ProbeResult(table, split, _run_info(inputs, site, cfg, random_inputs is not None))
 
-    inputs = _load(store_or_acts, site, layers, positions, attention_mask, tokens)
+
+def _load_both(
+    source: Acts,
+    random_init_store: Acts | None,
+    cfg: _Settings,
+    site: str,
+    layers: Sequence[int] | int | None,
+    positions: Tensor | None,
+    attention_mask: Tensor | None,
+    tokens: Tensor | None,
+) -> tuple[_Inputs, _Inputs | None]:
+    """The probed activations and, when its control is wanted, the random-init twin's: same tokens, all finite."""
+    if isinstance(tokens, str):
+        raise TypeError(
+            f"probe_position's second argument is token ids [n_seq seq], got the string {tokens!r}; "
+            f"pass the site by name: site={tokens!r}"
+        )
+    inputs = _load(source, site, layers, positions, attention_mask, tokens)
     random_inputs = None
-    if random_init_store is not None and "random_init" in wanted_controls:
+    if random_init_store is not None and "random_init" in cfg.controls:
         random_inputs = _load(random_init_store, site, layers, positions, attention_mask, tokens)
         _check_same_tokens(inputs, random_inputs)
     _check_finite(inputs, site, "")
     if random_inputs is not None:
         _check_finite(random_inputs, site, "random-init ")
+    return inputs, random_inputs
 
-    rows: list[dict[str, Any]] = []
-    split: tuple[tuple[int, ...], ...] = ()
-    n_fits = len(targets) * len(kinds) * (2 if random_inputs is not None else 1)
-    bar = tqdm(total=n_fits, desc=f"probe {site}", unit="fit", disable=not progress)
-    for tgt in targets:
-        s = _samples(inputs, tgt, n_buckets, n_pairs, pair_features, seed, dev)
-        fold, split = _split(s.seq, n_splits, seed)
-        plan = FoldPlan.build(fold, s.at_pos0, n_splits, variants)
-        columns = [s.y]
-        if "shuffled" in wanted_controls:
-            all_rows = torch.arange(s.y.numel())
-            columns += [_shuffled(s.y, all_rows, seed + 1), _shuffled(s.y, (~s.at_pos0).nonzero().squeeze(1), seed + 2)]
-        Y = torch.stack(columns, 1)
-        token_pred = None
-        if "token" in wanted_controls and s.key is not None:
-            token_pred = token_baseline_oof(s.key, s.y, plan, alphas)
-        X_random = None
-        if random_inputs is not None:
-            X_random = _samples(random_inputs, tgt, n_buckets, n_pairs, pair_features, seed, dev).X
-        missing = _missing_controls(wanted_controls, X_random is not None, token_pred is not None)
-        for knd in kinds:
-            pred, reg, neurons = _fit(knd, s.X, Y.to(dev), plan, opts)
-            bar.update()
-            random_pred = None if X_random is None else _fit(knd, X_random, Y[:, :1].to(dev), plan, opts)[0]
-            bar.update(0 if X_random is None else 1)
-            for v, with_pos0 in enumerate(variants):
-                keep = torch.ones_like(s.at_pos0) if with_pos0 else ~s.at_pos0
-                fits = [i for i, (fv, _, _) in enumerate(plan.fits) if fv == v]
-                y, cls, shuffled_col = s.y[keep], s.cls[keep], 1 if with_pos0 else 2
-                p = pred[:, v, keep.to(dev)].cpu()
-                cls_pred = _to_class(tgt, p[..., 0], float(cls.min()), float(cls.max()))
-                metrics = {
-                    "r2": _r2(y, p[..., 0]),
-                    "mae": (p[..., 0] - y).abs().mean(-1),
-                    "accuracy": (cls_pred == cls).double().mean(-1),
-                    "mad": (cls_pred - cls).abs().mean(-1),
-                    "control_shuffled": _r2(Y[keep, shuffled_col], p[..., shuffled_col]) if Y.shape[1] > 1 else None,
-                    "control_random_init": None
-                    if random_pred is None
-                    else _r2(y, random_pred[:, v, keep.to(dev), 0].cpu()),
-                }
-                token_r2 = math.nan if token_pred is None else float(_r2(y, token_pred[v, keep]))
-                chance = _chance_mad(tgt, cls)
-                for li, layer in enumerate(inputs.layers):
-                    row: dict[str, Any] = {
-                        "model": inputs.model,
-                        "site": site,
-                        "layer": layer,
-                        "target": tgt,
-                        "kind": knd,
-                        "with_pos0": with_pos0,
-                        "n_samples": int(keep.sum()),
-                        "n_positions": int(torch.unique(cls).numel()),
-                    }
-                    row |= {m: math.nan if val is None else float(val[li]) for m, val in metrics.items()}
-                    row |= {
-                        "mad_chance": chance,
-                        "control_token": token_r2,
-                        "alpha": float(reg[li, fits, 0].median()),
-                        "neurons": None if neurons is None else tuple(neurons[li, v].tolist()),
-                        "controls_missing": missing,
-                    }
-                    rows.append(row)
-    table = pd.DataFrame(rows)
-    controls_r2 = table[["control_shuffled", "control_random_init", "control_token"]]
-    table.insert(table.columns.get_loc("mad_chance") + 1, "selectivity", table["r2"] - controls_r2.max(axis=1))
-    table["layer"] = table["layer"].astype("Int64")
-    bar.close()
-    return ProbeResult(table=table, split=split, site=site)
+
+def _run_info(inputs: _Inputs, site: str, cfg: _Settings, random_init: bool) -> RunInfo:
+    fields: dict[str, Any] = dict(
+        site=site, layers=inputs.layers, seed=cfg.seed, exclude_pos0=cfg.exclude_pos0, params=cfg.params(random_init)
+    )
+    if inputs.source is not None:
+        return inputs.source.run_info("probe_position", **fields)
+    n_sequences, seq_len = inputs.mask.shape
+    n_tokens = int(inputs.mask.sum())
+    fields["layers"] = tuple(fields["layers"])
+    return RunInfo(
+        "probe_position", inputs.model, n_sequences=n_sequences, seq_len=seq_len, n_tokens=n_tokens, **fields
+    )
 
 
 def _missing_controls(wanted: set[str], have_random: bool, have_tokens: bool) -> str:
@@ -467,28 +687,34 @@ def _check_finite(inputs: _Inputs, site: str, which: str) -> None:
 
 
 def probe_model(
-    model: PositionModel,
-    tokens: TokenBatch | Tensor | Sequence[str],
-    site: str = "resid_post",
+    source: Any,
+    tokens: Any = None,
     *,
+    site: str = "resid_post",
     layers: Sequence[int] | int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     out: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> ProbeResult:
-    """Extract ``site`` from ``model`` and ``model.random_init_copy(seed)``, then ``probe_position`` with all controls.
+    """Extract ``site`` from a model and its ``random_init_copy(seed)``, then ``probe_position`` with all controls.
 
-    Stores are written under ``out`` (``real/`` and ``random_init/``; a temporary folder when
-    None). Other keyword arguments go to ``probe_position``.
+    ``source``: a model (anything ``load_model`` accepts) run on ``tokens`` (a TokenBatch, ids
+    [n s] or texts). Stores are written under ``out`` (``real/`` and ``random_init/``; a temporary
+    folder when None). Other keyword arguments go to ``probe_position``; ``info.params`` adds
+    ``batch_size``.
     """
-    from posprobe.data import as_token_batch
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
-    batch = as_token_batch(model, tokens)
+    run = as_source(source, tokens)
+    if run.model is None or run.tokens is None:
+        raise TypeError("probe_model runs a model; to probe a store use probe_position(store)")
+    model, batch = run.model, run.tokens
     with tempfile.TemporaryDirectory(prefix="posprobe-probe-") as tmp:
         root = tmp if out is None else os.fspath(out)
         ext: dict[str, Any] = {"sites": [site], "layers": layers, "batch_size": batch_size}
         real = extract(model, batch, out=os.path.join(root, "real"), **ext)
         random = extract(model.random_init_copy(seed), batch, out=os.path.join(root, "random_init"), **ext)
-        return probe_position(real, site, random_init_store=random, seed=seed, **kwargs)
+        result = probe_position(real, site=site, random_init_store=random, seed=seed, **kwargs)
+    info = replace(result.info, analysis="probe_model", params={**result.info.params, "batch_size": batch_size})
+    return replace(result, info=info)
