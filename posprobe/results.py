@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,7 +146,19 @@ def _json_default(value: Any) -> Any:
 
 
 def deprecated_alias(old: str, new: str) -> None:
-    """Warn once per call site that ``old`` is now spelled ``new`` (kept one release)."""
+    """Warn that ``old`` is now spelled ``new`` (kept one release), pointing at the user's line: the first
+    frame outside posprobe, so Python's default filters show it in a script or a notebook."""
     warnings.warn(
-        f"{old} is deprecated and will be removed in the next release; use {new}", DeprecationWarning, stacklevel=3
+        f"{old} is deprecated and will be removed in the next release; use {new}",
+        DeprecationWarning,
+        stacklevel=_first_outside_package(),
     )
+
+
+def _first_outside_package() -> int:
+    """The ``stacklevel`` of the first caller outside posprobe, counted from ``warnings.warn``'s caller."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(2), 2  # 1: deprecated_alias; 2: who called it
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
