@@ -131,14 +131,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         roles.append(usage.head_roles.assign(model=name))
         stem = name.replace(":", "_").replace("-", "_")
         out.figure(f"usage_heatmap_{stem}", usage.figure())
-        out.figure(f"head_roles_{stem}", usage.roles_figure())
+        out.figure(f"head_roles_{stem}", usage.figure("roles"))
         abl_batch = pp.data.text_windows(model, **cfg["ablation"], seed=args.seed + 1)
         for mode, which_groups in cfg["ablations"]:
             groups = None if which_groups == "default" else {"all": tuple(range(model.info.n_layers))}
             abl = pp.rope_ablation(model, abl_batch, ps=cfg["ps"], layer_groups=groups, mode=mode, batch_size=2)
-            losses.append(abl.loss.assign(model=name))
+            losses.append(abl.table.assign(model=name))
             heads.append(abl.heads.assign(model=name))
-            out.figure(f"ablation_loss_{stem}_{mode}", ablation_loss(abl.loss))
+            out.figure(f"ablation_loss_{stem}_{mode}", ablation_loss(abl.table))
         print(f"[{NAME}] {name} done")
         del model
     if not usage_tables:

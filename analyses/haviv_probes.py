@@ -40,7 +40,7 @@ def settings(quick: bool) -> dict[str, dict]:
                 "n": 32,
                 "seq_len": 128,
                 "layers": None,
-                "exclude_bos": True,
+                "exclude_pos0": True,
                 "logistic": "first",
                 "logistic_windows": 32,
             },
@@ -48,7 +48,7 @@ def settings(quick: bool) -> dict[str, dict]:
                 "n": 16,
                 "seq_len": 128,
                 "layers": [*range(0, 30, 3), 29],
-                "exclude_bos": True,
+                "exclude_pos0": True,
                 "logistic": None,
                 "logistic_windows": 0,
             },
@@ -58,7 +58,7 @@ def settings(quick: bool) -> dict[str, dict]:
             "n": 256,
             "seq_len": 128,
             "layers": None,
-            "exclude_bos": "both",
+            "exclude_pos0": "both",
             "logistic": "all",
             "logistic_windows": 64,
         },
@@ -66,7 +66,7 @@ def settings(quick: bool) -> dict[str, dict]:
             "n": 64,
             "seq_len": 256,
             "layers": None,
-            "exclude_bos": "both",
+            "exclude_pos0": "both",
             "logistic": None,
             "logistic_windows": 0,
         },
@@ -80,7 +80,7 @@ def probe_depths(
     seed: int,
     tmp: str,
     layers: Sequence[int] | None = None,
-    exclude_bos: bool | str = "both",
+    exclude_pos0: bool | str = "both",
     logistic: str | None = None,
     logistic_windows: int = 0,
     controls: Sequence[str] = ("shuffled", "random_init", "token"),
@@ -105,8 +105,8 @@ def probe_depths(
     rand = extract(
         twin, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/random", batch_size=8, progress=False
     )
-    common = {"random_init_store": rand, "seed": seed, "exclude_bos": exclude_bos, "controls": tuple(controls)}
-    parts = [pp.probe_position(real, site, layers=ls, **common).table.assign(site=site) for site, ls in keys.items()]
+    common = {"random_init_store": rand, "seed": seed, "exclude_pos0": exclude_pos0, "controls": tuple(controls)}
+    parts = [pp.probe_position(real, site=site, layers=ls, **common).table.assign(site=site) for site, ls in keys.items()]
     if logistic:
         k = min(logistic_windows, n)
         mask, toks, pos = real.attention_mask[:k], real.tokens[:k], real.position_ids[:k]
@@ -117,11 +117,11 @@ def probe_depths(
             acts = {layer: real.get(site, layer)[:k] for layer in ls}
             res = pp.probe_position(
                 acts,
-                site,
+                site=site,
                 kind="logistic",
                 controls=(),
                 seed=seed,
-                exclude_bos=exclude_bos,
+                exclude_pos0=exclude_pos0,
                 attention_mask=mask,
                 tokens=toks,
                 positions=pos,
@@ -138,7 +138,7 @@ def probe_depths(
     table["mad_over_chance"] = table["mad"] / table["mad_chance"]
     # what always predicting the middle position scores: the floor a regression reaches with no signal
     table["mad_median_guess"] = table["n_positions"].map(lambda m: (m * m - (m % 2)) / (4 * m))
-    return table.drop(columns=["neurons"]).sort_values(["kind", "with_pos0", "depth"], ignore_index=True)
+    return table.drop(columns=["neurons"]).sort_values(["kind", "include_pos0", "depth"], ignore_index=True)
 
 
 def figure(table: pd.DataFrame) -> go.Figure:
@@ -146,7 +146,7 @@ def figure(table: pd.DataFrame) -> go.Figure:
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("MAD / random-guess MAD (lower = more position)", "R² (held-out sequences)")
     )
-    rows = table[(table["kind"] == "ridge") & (~table["with_pos0"].astype(bool))]
+    rows = table[(table["kind"] == "ridge") & (~table["include_pos0"].astype(bool))]
     for i, (model, g) in enumerate(rows.groupby("model", sort=False)):
         if g["r2"].isna().all():
             continue
@@ -182,7 +182,7 @@ def figure(table: pd.DataFrame) -> go.Figure:
             row=1,
             col=2,
         )
-    logistic = table[(table["kind"] == "logistic") & (~table["with_pos0"].astype(bool))]
+    logistic = table[(table["kind"] == "logistic") & (~table["include_pos0"].astype(bool))]
     for model, g in logistic.groupby("model", sort=False):
         fig.add_trace(
             go.Scatter(
@@ -209,7 +209,7 @@ def figure(table: pd.DataFrame) -> go.Figure:
 def headline(table: pd.DataFrame) -> dict[str, dict[str, float | int | str]]:
     """Per model (ridge, without position 0): MAD at depth 0, best MAD and its depth, last-layer MAD, chance."""
     out = {}
-    rows = table[(table["kind"] == "ridge") & (~table["with_pos0"].astype(bool)) & table["mad"].notna()]
+    rows = table[(table["kind"] == "ridge") & (~table["include_pos0"].astype(bool)) & table["mad"].notna()]
     for model, g in rows.groupby("model", sort=False):
         best = g.loc[g["mad"].idxmin()]
         out[model] = {
@@ -227,7 +227,7 @@ def headline(table: pd.DataFrame) -> dict[str, dict[str, float | int | str]]:
             "n_layers": int(g["n_layers"].iloc[0]),
             "mad_median_guess": round(float(g["mad_median_guess"].iloc[0]), 2),
         }
-    logistic = table[(table["kind"] == "logistic") & (~table["with_pos0"].astype(bool))]
+    logistic = table[(table["kind"] == "logistic") & (~table["include_pos0"].astype(bool))]
     for model, g in logistic.groupby("model", sort=False):
         out[model]["classifier"] = {
             f"depth{int(r.depth)}": {"accuracy": round(float(r.accuracy), 4), "mad": round(float(r.mad), 3)}

@@ -39,7 +39,7 @@ def settings(quick: bool) -> dict:
 
 def decodability_figure(probes: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
-    rows = probes[(probes["kind"] == "ridge") & (~probes["with_pos0"].astype(bool))]
+    rows = probes[(probes["kind"] == "ridge") & (~probes["include_pos0"].astype(bool))]
     for model, g in rows.groupby("model", sort=False):
         fig.add_scatter(x=g["depth"], y=g["r2"], mode="lines+markers", name=f"{model} R²")
         fig.add_scatter(
@@ -64,7 +64,7 @@ def headline(
     out = {}
     for model, g in components.groupby("model", sort=False):
         nb = neighbours[neighbours["model"] == model].set_index("distance")["cos_sim"]
-        p = probes[(probes["model"] == model) & (probes["kind"] == "ridge") & (~probes["with_pos0"].astype(bool))]
+        p = probes[(probes["model"] == model) & (probes["kind"] == "ridge") & (~probes["include_pos0"].astype(bool))]
         out[model] = {
             "explained_variance_pc1_3": [round(float(v), 3) for v in g["explained_variance"].head(3)],
             "period_pc1_3": [round(float(v), 2) for v in g["period"].head(3)],

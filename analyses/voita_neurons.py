@@ -47,7 +47,7 @@ def scan(model, n: int, seq_len: int, seed: int, layer_chunk: int | None = None)
         layers = list(range(start, min(start + chunk, n_layers)))
         with tempfile.TemporaryDirectory(prefix="voita-") as tmp:
             store = extract(model, batch, "mlp_post", layers=layers, out=tmp, batch_size=8, progress=False)
-            res = pp.positional_neurons(store, site="mlp_post", exclude_bos=True)
+            res = pp.positional_neurons(store, site="mlp_post", exclude_pos0=True)
         tables.append(res.table)
         summaries.append(res.layer_summary)
         results.append(res)

@@ -110,7 +110,7 @@ def main() -> None:
     acts = acts.float().contiguous()
     L, n_seq, seq_len, d = acts.shape
 
-    kwargs = {"controls": (), "exclude_bos": False, "device": args.device}
+    kwargs = {"controls": (), "exclude_pos0": False, "device": args.device}
     probe_position(acts[:2, :10], **kwargs)  # warm-up (library loading, kernels)
     loo, loo_s = _timed(lambda: probe_position(acts, alpha_selection="loo", **kwargs), args.device)
     gcv, gcv_s = _timed(lambda: probe_position(acts, alpha_selection="gcv", **kwargs), args.device)

@@ -94,7 +94,7 @@ print(
 
 # %%
 result = pp.probe_position(store, site="resid_post", target="absolute", controls=("shuffled", "token"))
-cols = ["layer", "with_pos0", "r2", "mae", "mad", "mad_chance", "control_shuffled", "control_token", "selectivity"]
+cols = ["layer", "include_pos0", "r2", "mae", "mad", "mad_chance", "control_shuffled", "control_token", "selectivity"]
 result.table[cols].round(3)
 
 # %% [markdown]

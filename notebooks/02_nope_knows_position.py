@@ -58,10 +58,10 @@ print(tokens.shape)
 # %%
 tables = []
 for v, m in models.items():
-    res = pp.probe_model(m, tokens, "resid_post", seed=0, out=f"{workdir.name}/probe-{v}")
+    res = pp.probe_model(m, tokens, site="resid_post", seed=0, out=f"{workdir.name}/probe-{v}")
     tables.append(res.table)
 probes = pd.concat(tables, ignore_index=True)
-main = probes[(probes["target"] == "absolute") & ~probes["with_pos0"]]
+main = probes[(probes["target"] == "absolute") & ~probes["include_pos0"]]
 main[["model", "layer", "r2", "mad", "mad_chance", "control_random_init", "control_token", "selectivity"]].round(3)
 
 # %%

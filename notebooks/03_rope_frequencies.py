@@ -70,7 +70,7 @@ usage["smollm2-135m"].figure()
 # so their lowest planes barely rotate over the context: they are nearly position-free channels.
 
 # %%
-usage["gemma-3-270m"].spectrum_figure(layer=5)
+usage["gemma-3-270m"].figure("spectrum", layer=5)
 
 # %% [markdown]
 # ## 2. Head roles
@@ -85,7 +85,7 @@ pd.concat([u.head_roles.assign(model=name) for name, u in usage.items()]).groupb
 )
 
 # %%
-usage["smollm2-135m"].roles_figure()
+usage["smollm2-135m"].figure("roles")
 
 # %% [markdown]
 # ## 3. A p-RoPE ablation
@@ -104,12 +104,12 @@ ablations = {
     )
     for mode in ("unrotate", "zero")
 }
-pd.concat([a.loss for a in ablations.values()])[
+pd.concat([a.table for a in ablations.values()])[
     ["mode", "which", "p", "n_planes_ablated", "base_loss", "loss", "delta_loss"]
 ].round(3)
 
 # %%
-ablations["unrotate"].heads_figure(group="all", which="highest")
+ablations["unrotate"].figure("heads", group="all", which="highest")
 
 # %% [markdown]
 # **What to look for.** The two modes separate *position* from *content*, Barbero et al.'s point.

@@ -481,7 +481,7 @@ def cmd_rope(args: argparse.Namespace) -> None:
     _save(
         args.out,
         {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
-        {"rope_heatmap": usage.figure(), "rope_spectra": usage.spectrum_figure()},
+        {"rope_heatmap": usage.figure(), "rope_spectra": usage.figure("spectrum")},
         args.formats,
         headline,
     )

@@ -148,7 +148,7 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
     from posprobe.stats.probes import probe_model
 
     with tempfile.TemporaryDirectory(prefix="posprobe-report-") as tmp:
-        result = probe_model(model, tokens, "resid_post", seed=settings.seed, out=tmp)
+        result = probe_model(model, tokens, site="resid_post", seed=settings.seed, out=tmp)
     table = result.table
     summary = probe_headline(table)
     figure = result.figure("r2")
@@ -182,7 +182,7 @@ def _rope(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None
         "rope",
         "Which rotation frequencies does each head use? (Barbero et al. 2024)",
         summary,
-        figures=[usage.figure(), usage.spectrum_figure()],
+        figures=[usage.figure(), usage.figure("spectrum")],
         tables={"rope_usage": usage.table, "rope_head_roles": roles},
     )
 
