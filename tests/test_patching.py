@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -89,7 +90,9 @@ def test_identical_input_gives_zero_effect_on_hf_rotary_sites(tiny_llama):
 def test_pos_embed_patch_moves_decoded_position_by_the_shift():
     model = tiny_zoo("learned", d_model=64)
     # fit on every position the shifted run can reach: learned tables decode exactly only where seen
-    probe = fit_site_probe(model, toks(model, n=4, s=32, seed=1), "pos_embed", None, RidgeProbe(alpha=1e-8))
+    probe = fit_site_probe(
+        model, toks(model, n=4, s=32, seed=1), site="pos_embed", layer=None, estimator=RidgeProbe(alpha=1e-8)
+    )
     k = 5
     result = patch_positions(model, toks(model, s=12), shift=k, sites=["pos_embed", "resid_post"], probe=probe)
     moved = result.table[(result.table["metric"] == "probe_position") & (result.table["site"] == "pos_embed")]
@@ -170,7 +173,7 @@ def test_heatmap_has_a_panel_per_site():
 @pytest.mark.parametrize("pe", ["none", "rope", "alibi"])
 def test_relative_schemes_are_shift_invariant(pe):
     model = tiny_zoo(pe)
-    table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8, 19))
+    table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8, 19)).table
     assert list(table.columns[:6]) == ["model", "shift", "with_bos", "kl", "max_abs_logit_diff", "mean_abs_logit_diff"]
     assert (table["kl"].abs() <= 1e-6).all() and not table["with_bos"].any()
 
@@ -182,20 +185,20 @@ def test_trained_zoo_shift_invariance():
     kl = {}
     for variant in ("none", "rope", "learned"):
         model = load_zoo(variant)
-        kl[variant] = shift_invariance(model, toks(model, n=2, s=32), shifts=(8,))["kl"].iloc[0]
+        kl[variant] = shift_invariance(model, toks(model, n=2, s=32), shifts=(8,)).table["kl"].iloc[0]
     assert kl["none"] <= 1e-6 and kl["rope"] <= 1e-6 and kl["learned"] > 1e-4
 
 
 def test_learned_positions_are_not_shift_invariant_and_bos_variants(tiny_llama):
     model = tiny_zoo("learned")
-    table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8), with_bos=(False, True))
+    table = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8), with_bos=(False, True)).table
     assert len(table) == 4 and (table["kl"] > 1e-3).all() and set(table["with_bos"]) == {False, True}
-    hf = shift_invariance(tiny_llama, random_ids(2, 8), shifts=(1, 64))
+    hf = shift_invariance(tiny_llama, random_ids(2, 8), shifts=(1, 64)).table
     assert (hf["kl"] <= 1e-6).all()
 
 
 def test_an_encoder_without_lm_head_compares_its_last_hidden_state(tiny_bert):
-    table = shift_invariance(tiny_bert, random_ids(2, 8), shifts=(1, 4))
+    table = shift_invariance(tiny_bert, random_ids(2, 8), shifts=(1, 4)).table
     assert (table["output"] == "final_hidden").all() and table["kl"].isna().all()
     # learned absolute positions: moving them moves the hidden state
     assert (table["max_abs_logit_diff"] > 1e-3).all() and (table["mean_abs_logit_diff"] > 0).all()
@@ -271,13 +274,13 @@ def test_residual_direction_of_a_llama_is_all_row_space(tiny_llama, tiny_gemma3)
     result = subspace_patch(
         tiny_llama, random_ids(2, 8), site="resid_pre", layer=1, direction=v, shift=2, mode="filler"
     )
-    assert result.params["row_weight"] == pytest.approx(1.0) and not result.possible_illusion
+    assert result.info.params["row_weight"] == pytest.approx(1.0) and not result.possible_illusion
     kl = result.table[result.table["metric"] == "kl"].set_index("patch")["effect"]
     assert kl["full"] > 0 and kl["row"] == pytest.approx(kl["subspace"], rel=1e-4) and kl["null"] == 0
     z = subspace_patch(
         tiny_gemma3, random_ids(2, 8), site="z", layer=0, direction=torch.ones(128), shift=2, mode="filler"
     )
-    assert z.params["read_shape"] == (64, 128) and len(z.flags) == 1
+    assert z.info.params["read_shape"] == (64, 128) and len(z.flags) == 1
 
 
 @pytest.mark.parametrize("build", [tiny_llama_hf, tiny_gemma3_hf])
@@ -307,7 +310,14 @@ def test_hf_read_matrix_composes_the_rmsnorm_gain(build, tokenizer):
 def test_unequal_clean_and_corrupt_lengths_are_refused():
     model = makelov_model()
     with pytest.raises(ValueError, match="equal length"):
-        subspace_patch(model, toks(model, s=10), toks(model, s=12), site="mlp_post", layer=0, direction=torch.ones(64))
+        subspace_patch(
+            model,
+            toks(model, s=10),
+            corrupt_tokens=toks(model, s=12),
+            site="mlp_post",
+            layer=0,
+            direction=torch.ones(64),
+        )
     with pytest.raises(ValueError, match="either"):
         subspace_patch(model, toks(model), site="mlp_post", layer=0, direction=torch.ones(64))
     with pytest.raises(ValueError, match="vector of 64"):
@@ -319,7 +329,7 @@ def test_unequal_clean_and_corrupt_lengths_are_refused():
 def test_probe_from_another_site_or_model_is_refused():
     model = tiny_zoo("learned")
     batch = toks(model, n=2, s=8)
-    on_mlp = fit_site_probe(model, batch, "mlp_post", 0)
+    on_mlp = fit_site_probe(model, batch, site="mlp_post", layer=0)
     with pytest.raises(ValueError, match="reads 64 features"):
         patch_positions(model, batch, shift=1, probe=on_mlp.estimator, probe_site="resid_pre.0")
     with pytest.raises(ValueError, match="disagrees"):
@@ -353,3 +363,218 @@ def test_shift_beyond_the_learned_table_is_refused():
         patch_positions(model, padded, shift=1)
     with pytest.raises(ValueError, match="does not exist"):
         patch_positions(tiny_zoo("rope"), batch, shift=1, sites="pos_embed")
+
+
+# -- the result contract (.table / .info / .figure(kind) / .save) ------------------------------------
+
+
+def test_patch_result_contract(tmp_path):
+    model = tiny_zoo("learned")
+    batch = toks(model, n=3, s=8)
+    probe = fit_site_probe(model, batch, site="resid_pre", layer=1)
+    result = patch_positions(model, batch, shift=2, sites=["resid_pre", "pos_embed"], layers=[-1], probe=probe)
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers) == (
+        "patch_positions",
+        "tiny-learned",
+        "resid_pre,pos_embed",
+        (1,),
+    )
+    assert (info.n_sequences, info.seq_len, info.n_tokens, info.prepend_bos, info.exclude_pos0) == (
+        3,
+        8,
+        24,
+        False,
+        None,
+    )
+    assert dict(info.params) == {
+        "model": "tiny-learned",
+        "shift": 2,
+        "mode": "offset",
+        "sites": ["resid_pre.1", "pos_embed"],
+        "per_position": True,
+        "heads": False,
+        "probe_site": "resid_pre.1",
+        "n_sequences": 3,
+        "seq_len": 8,
+        "prepend_bos": False,
+        "source": batch.source,
+    }
+    assert result.figure_kinds() == ["logprob", "kl", "probe_position"]
+    assert "log-prob" in result.figure().layout.title.text
+    for kind in result.figure_kinds():
+        assert isinstance(result.figure(kind), go.Figure)
+    assert "patched − clean" in result.figure("kl", value="effect").layout.title.text
+    with pytest.raises(
+        ValueError, match="unknown figure kind 'bogus' for PatchResult; kinds: logprob, kl, probe_position"
+    ):
+        result.figure("bogus")
+    folder = result.save(tmp_path / "patch")
+    written = {p.name for p in folder.iterdir()}
+    assert written == {"table.csv", "table.parquet", "info.json", "logprob.html", "kl.html", "probe_position.html"}
+    saved = json.loads((folder / "info.json").read_text())
+    assert saved["params"]["sites"] == ["resid_pre.1", "pos_embed"] and saved["layers"] == [1]
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "table.parquet"), result.table)
+    without = patch_positions(model, batch, shift=2, per_position=False)
+    assert without.figure_kinds() == ["logprob", "kl"]  # no probe, no probe_position figure
+
+
+def test_patch_result_old_spellings_warn_and_agree():
+    model = tiny_zoo("learned")
+    result = patch_positions(model, toks(model, n=2, s=6), shift=2, per_position=False)
+    with pytest.warns(DeprecationWarning, match=r"PatchResult.params is deprecated.*info.params"):
+        params = result.params
+    assert params == dict(result.info.params)
+    with pytest.warns(DeprecationWarning, match=r"figure\(metric=...\) is deprecated"):
+        old = result.figure(metric="kl", value="effect")
+    assert old.to_json() == result.figure("kl", value="effect").to_json()
+    with pytest.raises(TypeError, match="both kind 'kl' and metric 'logprob'"), pytest.warns(DeprecationWarning):
+        result.figure("kl", metric="logprob")
+
+
+def test_subspace_result_contract(tmp_path):
+    model = makelov_model()
+    e = torch.eye(64)
+    fit, held = toks(model, n=2, s=8, seed=0), toks(model, n=2, s=8, seed=7)
+    result = subspace_patch(model, fit, site="mlp_post", layer=0, direction=e[0] + e[40], shift=3, heldout_tokens=held)
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers, info.n_sequences, info.seq_len) == (
+        "subspace_patch",
+        "makelov",
+        "mlp_post",
+        (0,),
+        2,
+        8,
+    )
+    assert list(info.params) == [
+        "model",
+        "site",
+        "scope",
+        "read_shape",
+        "row_weight",
+        "shift",
+        "mode",
+        "illusion_threshold",
+        "min_fraction",
+    ]
+    assert (
+        info.params["site"] == "mlp_post.0"
+        and info.params["read_shape"] == (32, 64)
+        and info.params["mode"] == "offset"
+    )
+    assert result.figure_kinds() == ["kl", "logprob"]
+    assert "KL" in result.figure().layout.yaxis.title.text
+    assert "log-prob" in result.figure("logprob").layout.yaxis.title.text
+    with pytest.raises(ValueError, match="unknown figure kind 'effect' for SubspaceResult; kinds: kl, logprob"):
+        result.figure("effect")
+    folder = result.save(tmp_path / "sub")
+    assert {p.name for p in folder.iterdir()} == {
+        "table.csv",
+        "table.parquet",
+        "flags.csv",
+        "flags.parquet",
+        "info.json",
+        "kl.html",
+        "logprob.html",
+    }
+    assert json.loads((folder / "info.json").read_text())["params"]["read_shape"] == [32, 64]
+    with pytest.warns(DeprecationWarning, match="SubspaceResult.params"):
+        assert result.params == dict(info.params)
+    with pytest.warns(DeprecationWarning, match=r"SubspaceResult.figure\(metric=...\)"):
+        old = result.figure(metric="logprob")
+    assert old.to_json() == result.figure("logprob").to_json()
+
+
+def test_shift_invariance_contract(tmp_path, tiny_bert):
+    model = tiny_zoo("learned")
+    result = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8), with_bos=(False, True))
+    info = result.info
+    assert (info.analysis, info.model, info.n_sequences, info.seq_len, info.n_tokens) == (
+        "shift_invariance",
+        "tiny-learned",
+        2,
+        12,
+        24,
+    )
+    assert dict(info.params) == {"shifts": [1, 8], "with_bos": [False, True]} and info.notes == ()
+    assert result.figure_kinds() == ["curves"]
+    fig = result.figure()
+    assert len(fig.data) == 2 and fig.layout.yaxis.title.text == "KL (nats)"
+    assert result.figure("curves", value="max_abs_logit_diff").layout.yaxis.title.text == "max |Δ|"
+    with pytest.raises(ValueError, match="unknown figure kind 'kl' for ShiftInvariance; kinds: curves"):
+        result.figure("kl")
+    folder = result.save(tmp_path / "shift")
+    assert {p.name for p in folder.iterdir()} == {"table.csv", "table.parquet", "info.json", "curves.html"}
+    encoder = shift_invariance(tiny_bert, random_ids(2, 8), shifts=(1, 4))
+    assert "no language-model head" in encoder.info.notes[0]
+    assert "last hidden state" in encoder.figure().layout.title.text  # kl is NaN: the hidden-state change is drawn
+
+
+def test_shift_invariance_still_reads_as_its_old_dataframe():
+    from posprobe.headlines import shift_headline
+
+    model = tiny_zoo("learned")
+    result = shift_invariance(model, toks(model, n=2, s=12), shifts=(1, 8))
+    table = result.table
+    with pytest.warns(DeprecationWarning, match=r"ShiftInvariance\[...\] .*deprecated.*ShiftInvariance.table\[...\]"):
+        pd.testing.assert_series_equal(result["kl"], table["kl"])
+    with pytest.warns(DeprecationWarning, match=r"len\(ShiftInvariance\)"):
+        assert len(result) == len(table) == 2
+    with pytest.warns(DeprecationWarning, match=r"ShiftInvariance.columns .*deprecated.*ShiftInvariance.table.columns"):
+        assert list(result.columns) == list(table.columns)
+    with pytest.warns(DeprecationWarning):
+        assert "kl" in result and list(result) == list(table)
+    with pytest.warns(DeprecationWarning):
+        assert shift_headline(result) == shift_headline(table)
+    with pytest.warns(DeprecationWarning):
+        both = pd.concat([result, result], ignore_index=True)
+    pd.testing.assert_frame_equal(both, pd.concat([table, table], ignore_index=True))
+
+
+# -- one way in ----------------------------------------------------------------------------------------
+
+
+def test_analyses_take_a_source_and_keyword_only_settings(tmp_path):
+    model = tiny_zoo("learned")
+    batch = toks(model, n=2, s=6)
+    for call in (
+        lambda: patch_positions(model, batch, 2),
+        lambda: shift_invariance(model, batch, (1,)),
+        lambda: subspace_patch(model, batch, batch, site="mlp_post", layer=0, direction=torch.ones(64)),
+        lambda: fit_site_probe(model, batch, "resid_pre"),
+    ):
+        with pytest.raises(TypeError, match="positional argument"):
+            call()
+    store = pp.extract(model, batch, sites=["resid_pre"], layers=[0], out=tmp_path / "store", progress=False)
+    for call in (
+        lambda: patch_positions(store, shift=1),
+        lambda: shift_invariance(tmp_path / "store"),
+        lambda: subspace_patch(store, site="mlp_post", layer=0, direction=torch.ones(64), shift=1),
+        lambda: fit_site_probe(store),
+    ):
+        with pytest.raises(ValueError, match="runs the model itself; pass a model"):
+            call()
+    with pytest.raises(ValueError, match="needs tokens"):
+        patch_positions(model)
+
+
+@pytest.mark.skipif(not (ZOO_DIR / "learned" / "model.safetensors").exists(), reason="no trained zoo checkpoints")
+def test_a_model_name_is_a_source():
+    model = pp.load_model("zoo:learned")
+    batch = toks(model, n=2, s=8)
+    kw = dict(shift=2, sites="resid_pre", layers=[0], per_position=False)
+    by_name = patch_positions("zoo:learned", batch, **kw)
+    pd.testing.assert_frame_equal(by_name.table, patch_positions(model, batch, **kw).table)
+    assert by_name.info.model == model.info.name
+    pd.testing.assert_frame_equal(
+        shift_invariance("zoo:learned", batch, shifts=(1,)).table, shift_invariance(model, batch, shifts=(1,)).table
+    )
+
+
+def test_shift_invariance_curves_refuses_an_unknown_value():
+    from posprobe.plots.patching import shift_invariance_curves
+
+    model = tiny_zoo("rope")
+    table = shift_invariance(model, toks(model, n=2, s=8), shifts=(1, 4)).table
+    with pytest.raises(ValueError, match="unknown value 'r2'; accepted: kl, max_abs_logit_diff, mean_abs_logit_diff"):
+        shift_invariance_curves(table, value="r2")

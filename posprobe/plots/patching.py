@@ -1,7 +1,8 @@
 """Figures for position patching: layer × position effect maps and the subspace-illusion checks.
 
 ``patching_heatmap`` draws a ``patch_positions(...).table`` (one panel per site, rows per layer or
-layer.head); ``subspace_bars`` a ``subspace_patch(...).table`` (Makelov et al. 2023 checks).
+layer.head); ``subspace_bars`` a ``subspace_patch(...).table`` (Makelov et al. 2023 checks);
+``shift_invariance_curves`` a ``shift_invariance(...).table`` (output change against the shift).
 """
 
 from __future__ import annotations
@@ -119,6 +120,48 @@ def subspace_bars(table: pd.DataFrame, metric: str = "kl") -> go.Figure:
         xaxis_title="prompts",
         yaxis_title=f"effect on {METRIC_TITLES[metric]} (patched − clean)",
         legend_title="patch",
+        template="plotly_white",
+    )
+    return fig
+
+
+SHIFT_VALUES = {
+    "kl": "KL (nats)",
+    "max_abs_logit_diff": "max |Δ|",
+    "mean_abs_logit_diff": "mean |Δ|",
+}
+
+
+def shift_invariance_curves(table: pd.DataFrame, value: str | None = None) -> go.Figure:
+    """Output change against the shift k on log-log axes, one line per (model, with_bos); values floored at 1e-16.
+
+    ``value``: ``"kl"`` (default where the table compared logits), ``"max_abs_logit_diff"`` or
+    ``"mean_abs_logit_diff"`` (default for a model without an LM head: its last hidden state).
+    """
+    require_columns(table, ["model", "shift", "with_bos", *SHIFT_VALUES], "shift_invariance_curves")
+    logits = "output" not in table or (table["output"] == "logits").any()
+    chosen = value or ("kl" if logits else "mean_abs_logit_diff")
+    if chosen not in SHIFT_VALUES:
+        raise ValueError(f"unknown value {chosen!r}; accepted: {', '.join(SHIFT_VALUES)}")
+    fig = go.Figure()
+    rows = table.dropna(subset=[chosen])
+    for (model, bos), g in rows.groupby(["model", "with_bos"], sort=False):
+        fig.add_scatter(
+            x=g["shift"],
+            y=g[chosen].clip(lower=1e-16),
+            mode="lines+markers",
+            name=f"{model} ({'BOS' if bos else 'no BOS'})",
+            customdata=g[["max_abs_logit_diff"]].to_numpy(),
+            hovertemplate=(
+                f"shift %{{x}}<br>{SHIFT_VALUES[chosen]} %{{y:.3g}}<br>max |Δ| %{{customdata[0]:.3g}}<extra></extra>"
+            ),
+        )
+    what = "KL(original ‖ all position ids + k) per token" if chosen == "kl" else SHIFT_VALUES[chosen]
+    compared = "" if logits else " of the last hidden state"
+    fig.update_layout(
+        title=f"Shift invariance: {what}{compared} (floor 1e-16)",
+        xaxis={"title": "shift k (positions)", "type": "log"},
+        yaxis={"title": SHIFT_VALUES[chosen], "type": "log"},
         template="plotly_white",
     )
     return fig

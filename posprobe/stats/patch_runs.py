@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from posprobe.data import TokenBatch, as_token_batch
+from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
 from posprobe.progress import tqdm
 from posprobe.sites import ATTENTION_MAP_SITES, HEAD_SITES, SiteKey
+from posprobe.stats.streaming import Source, as_source, batches
 
 MODES = ("offset", "filler")
 METRICS = ("logprob", "kl", "probe_position")
@@ -28,14 +29,15 @@ METRICS = ("logprob", "kl", "probe_position")
 _NOISE = 1e-6
 
 
-def as_position_model(model: Any) -> PositionModel:
-    """A PositionModel as is; any other model (transformers, nnsight, TransformerBridge) wrapped where it lives."""
-    if isinstance(model, PositionModel):
-        return model
-    from posprobe.models import load_model
+def model_source(source: Any, tokens: Any, analysis: str) -> tuple[Source, PositionModel, TokenBatch]:
+    """``as_source`` for an analysis that runs the model itself: the source, its model and its tokens.
 
-    param = next(model.parameters())
-    return load_model(model, device=param.device, dtype=param.dtype)
+    A store cannot stand in for the model: patched runs need the forward pass.
+    """
+    found = as_source(source, tokens)
+    if found.model is None or found.tokens is None:
+        raise ValueError(f"{analysis} runs the model itself; pass a model (or its name) and tokens, not a store")
+    return found, found.model, found.tokens
 
 
 def site_width(info: ModelInfo, site: str) -> int:
@@ -92,8 +94,9 @@ class SiteProbe:
 
 
 def fit_site_probe(
-    model: PositionModel,
-    tokens: TokenBatch | Tensor | Sequence[str],
+    source: Any,
+    tokens: TokenBatch | Tensor | Sequence[str] | None = None,
+    *,
     site: str = "resid_pre",
     layer: int | None = 0,
     estimator: Any = None,
@@ -101,17 +104,16 @@ def fit_site_probe(
 ) -> SiteProbe:
     """Fit a position probe on one site's clean activations and bind it to that site and model.
 
-    ``estimator`` defaults to ``RidgeProbe`` over its GCV alpha grid (Haviv et al. 2022 probe);
-    any scikit-learn regressor works. Targets are the real tokens' position ids.
+    ``source`` is a model (anything ``load_model`` accepts) run on ``tokens`` (a TokenBatch, ids
+    [n s] or texts). ``estimator`` defaults to ``RidgeProbe`` over its GCV alpha grid (Haviv et
+    al. 2022 probe); any scikit-learn regressor works. Targets are the real tokens' position ids.
     """
     from posprobe.stats.probe_estimators import DEFAULT_ALPHAS, RidgeProbe
 
-    model = as_position_model(model)
-    batch = as_token_batch(model, tokens)
+    _, model, batch = model_source(source, tokens, "fit_site_probe")
     key = _probe_key(model, site, layer)
     feats, targets = [], []
-    for start in range(0, len(batch), batch_size):
-        chunk = batch[start : start + batch_size]
+    for _, chunk in batches(batch, batch_size):
         acts = model.capture(chunk.tokens, [key], attention_mask=chunk.attention_mask)[key]
         real = chunk.attention_mask.bool()
         feats.append(acts.reshape(*real.shape, -1)[real.to(acts.device)].double().cpu())
@@ -170,6 +172,11 @@ class CorruptInputs:
     attention_mask: Tensor  # [n s_corrupt]
     position_ids: Tensor  # [n s_corrupt]
     index: Tensor  # [s]
+
+    def rows(self, start: int, stop: int) -> CorruptInputs:
+        """Rows ``start:stop`` (the twin of one batch of clean rows)."""
+        sl = slice(start, stop)
+        return CorruptInputs(self.tokens[sl], self.attention_mask[sl], self.position_ids[sl], self.index)
 
 
 def corrupt_inputs(
@@ -306,6 +313,25 @@ def _group_hook(edits: list[Callable[[Tensor, Tensor], Tensor]], source: Tensor,
     return hook
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """One batch's clean run, which its patched runs start from and are compared with.
+
+    ``tokens``, ``mask``, ``positions`` [b s] on the CPU; ``tokens_d``, ``mask_d`` on the logits'
+    device; ``logp``, ``p`` [b s V] the clean next-token distribution; ``source`` the corrupted
+    activation of every patched site, aligned with the clean columns.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    positions: Tensor
+    tokens_d: Tensor
+    mask_d: Tensor
+    logp: Tensor
+    p: Tensor
+    source: dict[SiteKey, Tensor]
+
+
 def run_patches(
     model: PositionModel,
     batch: TokenBatch,
@@ -327,72 +353,103 @@ def run_patches(
     keys = sorted({p.key for p in patches})
     capture = [probe.key] if probe is not None else []
     by_key = {key: [i for i, p in enumerate(patches) if p.key == key] for key in keys}
-    starts = range(0, n, batch_size)
-    chunk_sizes = [min(batch_size, n - start) for start in starts]
-    runs = sum(2 + sum(math.ceil(len(v) / max(1, batch_size // b)) for v in by_key.values()) for b in chunk_sizes)
-    with tqdm(total=runs, desc="patching", disable=not progress) as bar:
-        for start in starts:
-            sl = slice(start, start + batch_size)
-            toks, mask, pos = batch.tokens[sl], batch.attention_mask[sl], batch.position_ids[sl]
-            b = toks.shape[0]
-            clean = model.run(toks, attention_mask=mask, position_ids=pos, capture=capture)
-            if clean.logits is None:
-                raise ValueError(
-                    f"patching measures the next-token distribution, but {model.info.name} has no language-model head"
-                )
-            dev = clean.logits.device
-            toks_d, mask_d = toks.to(dev), mask.to(dev)
-            clean_logp = torch.log_softmax(clean.logits.float(), dim=-1)
-            clean_p = clean_logp.exp()
-            totals.clean_logprob += float(_logprob(clean_logp, toks_d, mask_d).sum())
-            totals.n_targets += float((mask[:, :-1].bool() & mask[:, 1:].bool()).sum())
-            totals.n_tokens += float(mask.sum())
-            bad = model.run(
-                corrupt.tokens[sl],
-                attention_mask=corrupt.attention_mask[sl],
-                position_ids=corrupt.position_ids[sl],
-                capture=list({*keys, *capture}),
-            )
-            index = corrupt.index.to(dev)
-            assert bad.logits is not None  # the clean run showed the model has a head
-            bad_logp = torch.log_softmax(bad.logits[:, index].float(), dim=-1)
-            totals.corrupt_logprob += float(_logprob(bad_logp, toks_d, mask_d).sum())
-            totals.corrupt_kl += float(_kl(clean_p, clean_logp, bad_logp, mask_d).sum())
-            source = {key: bad.acts[key][:, index] for key in keys}
-            real = mask.bool()
-            if probe is not None:
-                clean_dec = probe.decode(clean.acts[probe.key])
-                totals.probe_count += real.sum(0).double().numpy()
-                totals.clean_probe += (clean_dec * real).sum(0).numpy()
-                totals.corrupt_probe += (probe.decode(bad.acts[probe.key][:, index]) * real).sum(0).numpy()
+    with tqdm(total=_n_runs(n, batch_size, by_key), desc="patching", disable=not progress) as bar:
+        for start, chunk in batches(batch, batch_size):
+            bad = corrupt.rows(start, start + batch_size)
+            ref = _reference_runs(model, chunk, bad, keys, capture, probe, totals)
             bar.update(2)
-            group_size = max(1, batch_size // b)
+            group_size = max(1, batch_size // len(chunk))
             for key, idx in by_key.items():
-                for g0 in range(0, len(idx), group_size):
-                    group = idx[g0 : g0 + group_size]
-                    r = len(group)
-                    hook = _group_hook([patches[i].edit for i in group], source[key], b)
-                    out = model.run(
-                        toks.repeat(r, 1),
-                        attention_mask=mask.repeat(r, 1),
-                        position_ids=pos.repeat(r, 1),
-                        hooks={key: hook},
-                        capture=capture,
-                    )
-                    assert out.logits is not None  # the clean run showed the model has a head
-                    logp = torch.log_softmax(out.logits.float(), dim=-1).view(r, b, *out.logits.shape[1:])
-                    totals.logprob[group] += _logprob(logp, toks_d, mask_d).sum(-1).cpu().numpy()
-                    totals.kl[group] += _kl(clean_p, clean_logp, logp, mask_d).sum(-1).cpu().numpy()
-                    if probe is not None:
-                        dec = probe.decode(out.acts[probe.key]).view(r, b, s)
-                        for g, i in enumerate(group):
-                            col = patches[i].column
-                            measured = real if col is None else real & (torch.arange(s) == col)
-                            totals.probe[i] += float((dec[g] * measured).sum())
+                for g0 in range(0, len(idx), group_size):  # groups of patches, not of rows
+                    _patched_run(model, ref, key, idx[g0 : g0 + group_size], patches, capture, probe, totals)
                     bar.update()
     if totals.n_targets == 0:
         raise ValueError("no next-token targets: every sequence is shorter than 2 real tokens")
     return totals
+
+
+def _n_runs(n: int, batch_size: int, by_key: dict[SiteKey, list[int]]) -> int:
+    """Forward passes ``run_patches`` makes: per batch of b rows, 2 references and the stacked patched runs."""
+    chunk_sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    return sum(2 + sum(math.ceil(len(v) / max(1, batch_size // b)) for v in by_key.values()) for b in chunk_sizes)
+
+
+def _reference_runs(
+    model: PositionModel,
+    chunk: TokenBatch,
+    corrupt: CorruptInputs,
+    keys: list[SiteKey],
+    capture: list[SiteKey],
+    probe: SiteProbe | None,
+    totals: Totals,
+) -> _Reference:
+    """The clean and corrupted runs of one batch: add their sums to ``totals``; keep what the patches need."""
+    toks, mask, pos = chunk.tokens, chunk.attention_mask, chunk.position_ids
+    clean = model.run(toks, attention_mask=mask, position_ids=pos, capture=capture)
+    if clean.logits is None:
+        raise ValueError(
+            f"patching measures the next-token distribution, but {model.info.name} has no language-model head"
+        )
+    dev = clean.logits.device
+    toks_d, mask_d = toks.to(dev), mask.to(dev)
+    clean_logp = torch.log_softmax(clean.logits.float(), dim=-1)
+    clean_p = clean_logp.exp()
+    totals.clean_logprob += float(_logprob(clean_logp, toks_d, mask_d).sum())
+    totals.n_targets += float((mask[:, :-1].bool() & mask[:, 1:].bool()).sum())
+    totals.n_tokens += float(mask.sum())
+    bad = model.run(
+        corrupt.tokens,
+        attention_mask=corrupt.attention_mask,
+        position_ids=corrupt.position_ids,
+        capture=list({*keys, *capture}),
+    )
+    index = corrupt.index.to(dev)
+    assert bad.logits is not None  # the clean run showed the model has a head
+    bad_logp = torch.log_softmax(bad.logits[:, index].float(), dim=-1)
+    totals.corrupt_logprob += float(_logprob(bad_logp, toks_d, mask_d).sum())
+    totals.corrupt_kl += float(_kl(clean_p, clean_logp, bad_logp, mask_d).sum())
+    source = {key: bad.acts[key][:, index] for key in keys}
+    real = mask.bool()
+    if probe is not None:
+        clean_dec = probe.decode(clean.acts[probe.key])
+        totals.probe_count += real.sum(0).double().numpy()
+        totals.clean_probe += (clean_dec * real).sum(0).numpy()
+        totals.corrupt_probe += (probe.decode(bad.acts[probe.key][:, index]) * real).sum(0).numpy()
+    return _Reference(toks, mask, pos, toks_d, mask_d, clean_logp, clean_p, source)
+
+
+def _patched_run(
+    model: PositionModel,
+    ref: _Reference,
+    key: SiteKey,
+    group: list[int],
+    patches: Sequence[Patch],
+    capture: list[SiteKey],
+    probe: SiteProbe | None,
+    totals: Totals,
+) -> None:
+    """One forward of ``len(group)`` stacked copies of a batch, copy g patched by ``patches[group[g]]``."""
+    r = len(group)
+    b, s = ref.tokens.shape
+    hook = _group_hook([patches[i].edit for i in group], ref.source[key], b)
+    out = model.run(
+        ref.tokens.repeat(r, 1),
+        attention_mask=ref.mask.repeat(r, 1),
+        position_ids=ref.positions.repeat(r, 1),
+        hooks={key: hook},
+        capture=capture,
+    )
+    assert out.logits is not None  # the clean run showed the model has a head
+    logp = torch.log_softmax(out.logits.float(), dim=-1).view(r, b, *out.logits.shape[1:])
+    totals.logprob[group] += _logprob(logp, ref.tokens_d, ref.mask_d).sum(-1).cpu().numpy()
+    totals.kl[group] += _kl(ref.p, ref.logp, logp, ref.mask_d).sum(-1).cpu().numpy()
+    if probe is not None:
+        real = ref.mask.bool()
+        dec = probe.decode(out.acts[probe.key]).view(r, b, s)
+        for g, i in enumerate(group):
+            col = patches[i].column
+            measured = real if col is None else real & (torch.arange(s) == col)
+            totals.probe[i] += float((dec[g] * measured).sum())
 
 
 def metric_rows(totals: Totals, i: int, column: int | None, metrics: Sequence[str]) -> list[dict[str, Any]]:

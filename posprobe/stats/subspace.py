@@ -17,9 +17,9 @@ therefore reports, side by side (RESEARCH.md §2):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -28,21 +28,26 @@ from torch import Tensor, nn
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import PositionModel
+from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey
 from posprobe.stats.patch_runs import (
     CorruptInputs,
     Patch,
-    as_position_model,
+    Totals,
     corrupt_inputs,
     metric_rows,
+    model_source,
     run_patches,
     site_width,
 )
+from posprobe.stats.streaming import Source, batches
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
 
+    from posprobe.models.hf import HFModel
+    from posprobe.models.zoo import ZooModel
     from posprobe.models.zoo_net import Block, ZooTransformer
 
 __all__ = [
@@ -157,37 +162,45 @@ def downstream_read_matrix(
     key = SiteKey(site, None if site in ("embed", "pos_embed") else layer)
     model._check_key(key)
     if isinstance(model, ZooModel):
-        net = model.net
-        if site == "mlp_post":
-            assert layer is not None  # mlp_post has layers (checked above)
-            return cast("Block", net.blocks[layer]).mlp.W_out.detach().double().T
-        if site == "z":
-            assert layer is not None  # z has layers (checked above)
-            W_O = cast("Block", net.blocks[layer]).attn.W_O.detach().double()
-            return W_O.reshape(-1, W_O.shape[-1]).T
-        parts = [_zoo_reader(net, k, i) for k, i in _residual_readers(site, layer, model.info.n_layers, scope)]
-        return torch.cat(parts)
+        return _zoo_read_matrix(model, site, layer, scope)
     if isinstance(model, HFModel) and not model.layout.encoder:
-        layout = model.layout
-        block = cast(nn.ModuleList, model.hf.get_submodule(layout.layers))[layer] if layer is not None else None
-        if site == "mlp_post":
-            assert block is not None  # mlp_post has layers (checked above)
-            return _linear_weight(block.get_submodule(layout.mlp_down))
-        if site == "z":
-            assert block is not None  # z has layers (checked above)
-            return _linear_weight(block.get_submodule(layout.attn_out_proj))
-        if layout.family not in LLAMA_LIKE:
-            raise ValueError(
-                f"downstream_read_matrix reads residual sites of Llama-like / Gemma decoders ({', '.join(LLAMA_LIKE)}) "
-                f"and zoo models; {model.info.name} is a {layout.family!r} model (its mlp_post and z work)"
-            )
-        layers = cast(nn.ModuleList, model.hf.get_submodule(layout.layers))  # discover_layout's block list
-        readers = _residual_readers(site, layer, model.info.n_layers, scope)
-        return torch.cat([_hf_reader(model.hf, layers, k, i) for k, i in readers])
+        return _hf_read_matrix(model, site, layer, scope)
     raise ValueError(
         f"downstream_read_matrix knows zoo models and Hugging Face decoders; {model.info.name} is a "
         f"{model.info.architecture}"
     )
+
+
+def _zoo_read_matrix(model: ZooModel, site: str, layer: int | None, scope: str) -> Tensor:
+    net = model.net
+    if site == "mlp_post":
+        assert layer is not None  # mlp_post has layers (checked by downstream_read_matrix)
+        return cast("Block", net.blocks[layer]).mlp.W_out.detach().double().T
+    if site == "z":
+        assert layer is not None  # z has layers (checked by downstream_read_matrix)
+        W_O = cast("Block", net.blocks[layer]).attn.W_O.detach().double()
+        return W_O.reshape(-1, W_O.shape[-1]).T
+    parts = [_zoo_reader(net, k, i) for k, i in _residual_readers(site, layer, model.info.n_layers, scope)]
+    return torch.cat(parts)
+
+
+def _hf_read_matrix(model: HFModel, site: str, layer: int | None, scope: str) -> Tensor:
+    layout = model.layout
+    block = cast(nn.ModuleList, model.hf.get_submodule(layout.layers))[layer] if layer is not None else None
+    if site == "mlp_post":
+        assert block is not None  # mlp_post has layers (checked by downstream_read_matrix)
+        return _linear_weight(block.get_submodule(layout.mlp_down))
+    if site == "z":
+        assert block is not None  # z has layers (checked by downstream_read_matrix)
+        return _linear_weight(block.get_submodule(layout.attn_out_proj))
+    if layout.family not in LLAMA_LIKE:
+        raise ValueError(
+            f"downstream_read_matrix reads residual sites of Llama-like / Gemma decoders ({', '.join(LLAMA_LIKE)}) "
+            f"and zoo models; {model.info.name} is a {layout.family!r} model (its mlp_post and z work)"
+        )
+    layers = cast(nn.ModuleList, model.hf.get_submodule(layout.layers))  # discover_layout's block list
+    readers = _residual_readers(site, layer, model.info.n_layers, scope)
+    return torch.cat([_hf_reader(model.hf, layers, k, i) for k, i in readers])
 
 
 def _linear_weight(module: nn.Module) -> Tensor:
@@ -216,32 +229,57 @@ def split_direction(direction: Tensor, read: Tensor, rtol: float = 1e-6) -> tupl
 
 
 @dataclass(frozen=True)
-class SubspaceResult:
+class SubspaceResult(Result):
     """What ``subspace_patch`` returns.
 
     ``table``: one row per (split, patch, metric): split (``fit`` / ``heldout``), patch (``full``,
     ``subspace``, ``row``, ``null``), weight (share of v's squared norm in that part), metric,
     value, clean, corrupt, effect, normalized. ``flags``: one row per split with fraction_of_full,
     row_fraction, null_fraction, null_share and possible_illusion (see ``subspace_patch``).
+    ``info``: the run record (``params``: model, site, scope, read_shape, row_weight, shift, mode,
+    illusion_threshold, min_fraction). Figure kinds: the metrics ``"kl"`` and ``"logprob"``, each the
+    effect of the four patches per split.
     """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {"kl": "_bars_figure", "logprob": "_bars_figure"}
+    TABLES: ClassVar[Sequence[str]] = ("flags",)
 
     table: pd.DataFrame
     flags: pd.DataFrame
-    params: dict[str, Any]
+    info: RunInfo
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Deprecated: the settings are ``info.params``."""
+        deprecated_alias("SubspaceResult.params", "SubspaceResult.info.params")
+        return dict(self.info.params)
 
     @property
     def possible_illusion(self) -> bool:
         """True when any evaluated split meets the illusion rule of ``subspace_patch``."""
         return bool(self.flags["possible_illusion"].any())
 
-    def figure(self, metric: str = "kl") -> go.Figure:
-        """Effect of the full, subspace, row-space and null-space patches per split (``posprobe.plots.patching``)."""
+    def figure(self, kind: str | None = None, **options: Any) -> go.Figure:
+        """Effect of the full, subspace, row-space and null-space patches per split on the metric ``kind`` (default
+        ``"kl"``; ``posprobe.plots.patching``); ``metric=`` is the old spelling of ``kind``, kept one release."""
+        if "metric" in options:
+            deprecated_alias("SubspaceResult.figure(metric=...)", "SubspaceResult.figure(kind)")
+            metric = options.pop("metric")
+            if kind is not None:
+                raise TypeError(f"figure got both kind {kind!r} and metric {metric!r}; give the metric as kind")
+            kind = metric
+        return super().figure(kind, **options)
+
+    def _draw(self, kind: str, **options: Any) -> go.Figure:
+        return self._bars_figure(kind, **options)
+
+    def _bars_figure(self, metric: str) -> go.Figure:
         from posprobe.plots.patching import subspace_bars
 
         return subspace_bars(self.table, metric=metric)
 
 
-def _along(u: Tensor):
+def _along(u: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """Edit replacing the component along unit ``u`` [D] (flattened trailing dims) with the corrupted one."""
 
     def edit(x: Tensor, corrupt: Tensor) -> Tensor:
@@ -267,24 +305,44 @@ def _as_direction(direction: Any, width: int, what: str) -> Tensor:
     return v / v.norm()
 
 
-def _paired(
-    model: PositionModel, clean: Any, corrupt: Any, shift: int | None, mode: str, filler: int | None, name: str
-):
-    batch = as_token_batch(model, clean)
-    if (corrupt is None) == (shift is None):
-        raise ValueError(f"give either {name} corrupt tokens or a shift, not both or neither")
-    if shift is not None:
-        return batch, corrupt_inputs(model, batch, shift, mode, filler)
-    bad = as_token_batch(model, corrupt)
-    if bad.tokens.shape != batch.tokens.shape:
-        raise ValueError(
-            f"{name} clean tokens have shape {tuple(batch.tokens.shape)} but corrupt tokens {tuple(bad.tokens.shape)}; "
-            "subspace patching pairs each clean token with the corrupt token at the same index, so they need equal "
-            "length (use shift= for position-shifted twins)"
-        )
-    if not torch.equal(bad.attention_mask, batch.attention_mask):
-        raise ValueError(f"{name} clean and corrupt tokens must have the same padding (attention masks differ)")
-    return batch, CorruptInputs(bad.tokens, bad.attention_mask, bad.position_ids, torch.arange(batch.tokens.shape[1]))
+@dataclass(frozen=True)
+class _Pairing:
+    """Pairs clean tokens with their corrupted twin: given tokens, or the ``shift``-ed twin."""
+
+    model: PositionModel
+    shift: int | None
+    mode: str
+    filler: int | None
+
+    def __call__(self, clean: Any, corrupt: Any, name: str) -> tuple[TokenBatch, CorruptInputs]:
+        model, shift = self.model, self.shift
+        batch = as_token_batch(model, clean)
+        if (corrupt is None) == (shift is None):
+            raise ValueError(f"give either {name} corrupt tokens or a shift, not both or neither")
+        if shift is not None:
+            return batch, corrupt_inputs(model, batch, shift, self.mode, self.filler)
+        bad = as_token_batch(model, corrupt)
+        if bad.tokens.shape != batch.tokens.shape:
+            raise ValueError(
+                f"{name} clean tokens have shape {tuple(batch.tokens.shape)} but corrupt tokens "
+                f"{tuple(bad.tokens.shape)}; subspace patching pairs each clean token with the corrupt token at the "
+                "same index, so they need equal length (use shift= for position-shifted twins)"
+            )
+        if not torch.equal(bad.attention_mask, batch.attention_mask):
+            raise ValueError(f"{name} clean and corrupt tokens must have the same padding (attention masks differ)")
+        index = torch.arange(batch.tokens.shape[1])
+        return batch, CorruptInputs(bad.tokens, bad.attention_mask, bad.position_ids, index)
+
+    def splits(
+        self, batch: TokenBatch, corrupt: Any, heldout: Any, heldout_corrupt: Any
+    ) -> dict[str, tuple[TokenBatch, CorruptInputs]]:
+        """The ``fit`` split and, with ``heldout`` tokens, the ``heldout`` one (its twin shifted when ``shift`` is)."""
+        splits = {"fit": self(batch, corrupt, "fit")}
+        if heldout is not None:
+            splits["heldout"] = self(heldout, None if self.shift is not None else heldout_corrupt, "heldout")
+        elif heldout_corrupt is not None:
+            raise ValueError("heldout_corrupt_tokens given without heldout_tokens")
+        return splits
 
 
 def _null_share(
@@ -293,17 +351,17 @@ def _null_share(
     """Σ(v_null·Δ)² / (Σ(v_row·Δ)² + Σ(v_null·Δ)²) over real tokens, Δ = corrupt − clean at ``key``; NaN if Δ·v ≡ 0."""
     stop = key.layer
     sums = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(batch), batch_size):
-        sl = slice(start, start + batch_size)
-        mask = batch.attention_mask[sl]
-        clean = model.capture(batch.tokens[sl], [key], attention_mask=mask, stop_at_layer=stop)[key]
+    for start, chunk in batches(batch, batch_size):
+        mask = chunk.attention_mask
+        clean = model.capture(chunk.tokens, [key], attention_mask=mask, stop_at_layer=stop)[key]
+        twin = corrupt.rows(start, start + batch_size)
         bad = model.capture(
-            corrupt.tokens[sl],
+            twin.tokens,
             [key],
-            attention_mask=corrupt.attention_mask[sl],
-            position_ids=corrupt.position_ids[sl],
+            attention_mask=twin.attention_mask,
+            position_ids=twin.position_ids,
             stop_at_layer=stop,
-        )[key][:, corrupt.index.to(clean.device)]
+        )[key][:, twin.index.to(clean.device)]
         delta = (bad - clean).reshape(*mask.shape, -1).double().cpu()[mask.bool()]
         sums += ((delta @ parts.T) ** 2).sum(0)
     total = float(sums.sum())
@@ -311,10 +369,10 @@ def _null_share(
 
 
 def subspace_patch(
-    model: Any,
-    clean_tokens: TokenBatch | Tensor | Sequence[str],
-    corrupt_tokens: TokenBatch | Tensor | Sequence[str] | None = None,
+    source: Any,
+    tokens: TokenBatch | Tensor | Sequence[str] | None = None,
     *,
+    corrupt_tokens: TokenBatch | Tensor | Sequence[str] | None = None,
     site: str,
     layer: int | None = None,
     direction: Any,
@@ -333,14 +391,16 @@ def subspace_patch(
 ) -> SubspaceResult:
     """Patch only the component of ``site`` along ``direction``; flag Makelov et al.'s (2023) illusion.
 
-    Corrupted inputs are ``corrupt_tokens`` (same shape as the clean ones, paired token by token)
-    or the position-shifted twin (``shift``, ``mode`` as in ``patch_positions``). ``direction``
-    [D] (a vector or a fitted probe's ``coef_``; D = ``site_width``, heads·d_head flattened for
-    ``z``) is normalised to unit v. Patches, every token at once: ``full`` (the whole activation),
-    ``subspace`` (x + ((c − x)·v) v), ``row`` and ``null`` (the same along the unit row-space and
-    null-space parts of v w.r.t. ``downstream_read_matrix(model, site, layer, scope)``).
-    Metrics: ``logprob`` and ``kl`` as in ``patch_positions``. With ``heldout_tokens`` (and
-    ``heldout_corrupt_tokens`` unless ``shift`` is used) everything is repeated on held-out prompts.
+    ``source`` is a model (anything ``load_model`` accepts) run on the clean ``tokens`` (a
+    TokenBatch, ids [n s] or texts). Corrupted inputs are ``corrupt_tokens`` (same shape as the
+    clean ones, paired token by token) or the position-shifted twin (``shift``, ``mode`` as in
+    ``patch_positions``). ``direction`` [D] (a vector or a fitted probe's ``coef_``; D =
+    ``site_width``, heads·d_head flattened for ``z``) is normalised to unit v. Patches, every
+    token at once: ``full`` (the whole activation), ``subspace`` (x + ((c − x)·v) v), ``row`` and
+    ``null`` (the same along the unit row-space and null-space parts of v w.r.t.
+    ``downstream_read_matrix(model, site, layer, scope)``). Metrics: ``logprob`` and ``kl`` as in
+    ``patch_positions``. With ``heldout_tokens`` (and ``heldout_corrupt_tokens`` unless ``shift``
+    is used) everything is repeated on held-out prompts.
 
     Illusion rule, per split, on E = the effect on ``flag_metric`` (KL(clean ‖ patched) for
     ``"kl"``, |Δ log-prob| for ``"logprob"``): the split is flagged a possible illusion when
@@ -353,75 +413,130 @@ def subspace_patch(
     (KL grows about quadratically with a small logit shift, so 0.5 in KL ≈ 0.7 of the shift).
     ``null_share`` (the null part's share of Σ(v·Δ)²) is reported beside it as evidence.
     """
-    model = as_position_model(model)
-    if site not in SUBSPACE_SITES:
-        raise ValueError(f"subspace patching supports sites {', '.join(SUBSPACE_SITES)}; got {site!r}")
-    if flag_metric not in ("kl", "logprob"):
-        raise ValueError(f"unknown flag_metric {flag_metric!r}; accepted: kl, logprob")
-    if not 0 < illusion_threshold <= 1 or not 0 <= min_fraction <= 1:
-        raise ValueError(
-            f"illusion_threshold must lie in (0, 1] and min_fraction in [0, 1]; "
-            f"got {illusion_threshold}, {min_fraction}"
-        )
+    src, model, batch = model_source(source, tokens, "subspace_patch")
+    rule = _IllusionRule(flag_metric, illusion_threshold, min_fraction)
+    rule.check(site)
     key = SiteKey(site, None if site in ("embed", "pos_embed") else layer)
     model._check_key(key)
-    width = site_width(model.info, site)
-    v = _as_direction(direction, width, f"the width of {key.name} in {model.info.name}")
-    read = downstream_read_matrix(model, site, layer, scope)
-    row, null = split_direction(v, read, rtol)
-    splits = {"fit": _paired(model, clean_tokens, corrupt_tokens, shift, mode, filler_token, "fit")}
-    if heldout_tokens is not None:
-        heldout_bad = None if shift is not None else heldout_corrupt_tokens
-        splits["heldout"] = _paired(model, heldout_tokens, heldout_bad, shift, mode, filler_token, "heldout")
-    elif heldout_corrupt_tokens is not None:
-        raise ValueError("heldout_corrupt_tokens given without heldout_tokens")
-    weights = {"full": float("nan"), "subspace": 1.0, "row": float(row @ row), "null": float(null @ null)}
-    units = {"subspace": v, "row": row, "null": null}
-    kinds = ["full"] + [k for k in ("subspace", "row", "null") if weights[k] > _NOISE]
-    patches = [Patch(key, _full if k == "full" else _along(units[k] / units[k].norm())) for k in kinds]
-    rows, flags = [], []
-    for split, (batch, corrupt) in splits.items():
-        totals = run_patches(model, batch, corrupt, patches, None, batch_size, progress)
-        effects = dict.fromkeys(PATCH_KINDS, 0.0)
-        for kind in PATCH_KINDS:
-            if kind in kinds:
-                metric_list = metric_rows(totals, kinds.index(kind), None, ("logprob", "kl"))
-            else:  # an empty part: patching along nothing changes nothing
-                metric_list = [
-                    {**r, "value": r["clean"], "effect": 0.0, "normalized": 0.0}
-                    for r in metric_rows(totals, 0, None, ("logprob", "kl"))
-                ]
-            for r in metric_list:
-                rows.append({"split": split, "patch": kind, "weight": weights[kind], **r})
-                if r["metric"] == flag_metric:
-                    effects[kind] = abs(r["effect"])
-        sub, full = effects["subspace"], effects["full"]
-        parts = torch.stack([row, null])
-        flags.append(
-            {
-                "split": split,
-                "flag_metric": flag_metric,
-                "fraction_of_full": sub / full if full > _NOISE else float("nan"),
-                "row_fraction": effects["row"] / sub if sub > _NOISE else float("nan"),
-                "null_fraction": effects["null"] / sub if sub > _NOISE else float("nan"),
-                "null_share": _null_share(model, batch, corrupt, key, parts, batch_size),
-                "possible_illusion": bool(
-                    sub > _NOISE and sub >= min_fraction * full and effects["row"] < illusion_threshold * sub
-                ),
-            }
-        )
-    params = {
-        "model": model.info.name,
-        "site": key.name,
-        "scope": scope,
-        "read_shape": tuple(read.shape),
-        "row_weight": weights["row"],
-        "shift": shift,
-        "mode": mode if shift is not None else "tokens",
-        "illusion_threshold": illusion_threshold,
-        "min_fraction": min_fraction,
-    }
+    plan = _Plan.of(model, key, direction, scope, rtol)
+    pairing = _Pairing(model, shift, mode, filler_token)
+    splits = pairing.splits(batch, corrupt_tokens, heldout_tokens, heldout_corrupt_tokens)
+    rows, flags = plan.evaluate(model, splits, rule, batch_size, progress)
     table = pd.DataFrame(rows)
     table.insert(0, "model", model.info.name)
     table.insert(1, "site", key.name)
-    return SubspaceResult(table, pd.DataFrame(flags), params)
+    settings = {"scope": scope, "shift": shift, "mode": mode if shift is not None else "tokens"}
+    return SubspaceResult(table, pd.DataFrame(flags), _subspace_info(src, plan, rule, settings))
+
+
+def _subspace_info(src: Source, plan: _Plan, rule: _IllusionRule, settings: dict[str, Any]) -> RunInfo:
+    """The run record; ``params`` as ``SubspaceResult.params`` always was."""
+    params = {
+        "model": src.name,
+        "site": plan.key.name,
+        "scope": settings["scope"],
+        "read_shape": plan.read_shape,
+        "row_weight": plan.weights["row"],
+        "shift": settings["shift"],
+        "mode": settings["mode"],
+        "illusion_threshold": rule.illusion_threshold,
+        "min_fraction": rule.min_fraction,
+    }
+    return src.run_info("subspace_patch", site=plan.key.site, layers=[plan.key.layer], params=params)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The patches of ``subspace_patch`` at ``key``: v's parts, their weights, the kinds with a non-empty part."""
+
+    key: SiteKey
+    read_shape: tuple[int, ...]
+    weights: dict[str, float]
+    kinds: list[str]
+    patches: list[Patch]
+    parts: Tensor  # [2 D]: the row-space and null-space parts of v
+
+    @classmethod
+    def of(cls, model: PositionModel, key: SiteKey, direction: Any, scope: str, rtol: float) -> _Plan:
+        v = _as_direction(direction, site_width(model.info, key.site), f"the width of {key.name} in {model.info.name}")
+        read = downstream_read_matrix(model, key.site, key.layer, scope)
+        row, null = split_direction(v, read, rtol)
+        weights = {"full": float("nan"), "subspace": 1.0, "row": float(row @ row), "null": float(null @ null)}
+        units = {"subspace": v, "row": row, "null": null}
+        kinds = ["full"] + [k for k in ("subspace", "row", "null") if weights[k] > _NOISE]
+        patches = [Patch(key, _full if k == "full" else _along(units[k] / units[k].norm())) for k in kinds]
+        return cls(key, tuple(read.shape), weights, kinds, patches, torch.stack([row, null]))
+
+    def evaluate(
+        self,
+        model: PositionModel,
+        splits: dict[str, tuple[TokenBatch, CorruptInputs]],
+        rule: _IllusionRule,
+        batch_size: int,
+        progress: bool,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The table rows and the flags of every split."""
+        rows, flags = [], []
+        for split, (clean, corrupt) in splits.items():
+            totals = run_patches(model, clean, corrupt, self.patches, None, batch_size, progress)
+            split_rows, effects = _split_rows(totals, split, self.kinds, self.weights, rule.flag_metric)
+            rows += split_rows
+            null_share = _null_share(model, clean, corrupt, self.key, self.parts, batch_size)
+            flags.append(rule.flags(split, effects, null_share))
+        return rows, flags
+
+
+@dataclass(frozen=True)
+class _IllusionRule:
+    """The settings of ``subspace_patch``'s illusion rule, checked, and the flags it gives a split."""
+
+    flag_metric: str
+    illusion_threshold: float
+    min_fraction: float
+
+    def check(self, site: str) -> None:
+        if site not in SUBSPACE_SITES:
+            raise ValueError(f"subspace patching supports sites {', '.join(SUBSPACE_SITES)}; got {site!r}")
+        if self.flag_metric not in ("kl", "logprob"):
+            raise ValueError(f"unknown flag_metric {self.flag_metric!r}; accepted: kl, logprob")
+        if not 0 < self.illusion_threshold <= 1 or not 0 <= self.min_fraction <= 1:
+            raise ValueError(
+                f"illusion_threshold must lie in (0, 1] and min_fraction in [0, 1]; "
+                f"got {self.illusion_threshold}, {self.min_fraction}"
+            )
+
+    def flags(self, split: str, effects: dict[str, float], null_share: float) -> dict[str, Any]:
+        """One row of ``SubspaceResult.flags`` from the |effects| of the four patches on ``flag_metric``."""
+        sub, full = effects["subspace"], effects["full"]
+        return {
+            "split": split,
+            "flag_metric": self.flag_metric,
+            "fraction_of_full": sub / full if full > _NOISE else float("nan"),
+            "row_fraction": effects["row"] / sub if sub > _NOISE else float("nan"),
+            "null_fraction": effects["null"] / sub if sub > _NOISE else float("nan"),
+            "null_share": null_share,
+            "possible_illusion": bool(
+                sub > _NOISE and sub >= self.min_fraction * full and effects["row"] < self.illusion_threshold * sub
+            ),
+        }
+
+
+def _split_rows(
+    totals: Totals, split: str, kinds: list[str], weights: dict[str, float], flag_metric: str
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The table rows of one split and each patch's |effect| on ``flag_metric``."""
+    rows = []
+    effects = dict.fromkeys(PATCH_KINDS, 0.0)
+    for kind in PATCH_KINDS:
+        if kind in kinds:
+            metric_list = metric_rows(totals, kinds.index(kind), None, ("logprob", "kl"))
+        else:  # an empty part: patching along nothing changes nothing
+            metric_list = [
+                {**r, "value": r["clean"], "effect": 0.0, "normalized": 0.0}
+                for r in metric_rows(totals, 0, None, ("logprob", "kl"))
+            ]
+        for r in metric_list:
+            rows.append({"split": split, "patch": kind, "weight": weights[kind], **r})
+            if r["metric"] == flag_metric:
+                effects[kind] = abs(r["effect"])
+    return rows, effects
