@@ -106,7 +106,9 @@ def probe_depths(
         twin, batch, sites, layers=sorted({0, *post_layers}), out=f"{tmp}/random", batch_size=8, progress=False
     )
     common = {"random_init_store": rand, "seed": seed, "exclude_pos0": exclude_pos0, "controls": tuple(controls)}
-    parts = [pp.probe_position(real, site=site, layers=ls, **common).table.assign(site=site) for site, ls in keys.items()]
+    parts = [
+        pp.probe_position(real, site=site, layers=ls, **common).table.assign(site=site) for site, ls in keys.items()
+    ]
     if logistic:
         k = min(logistic_windows, n)
         mask, toks, pos = real.attention_mask[:k], real.tokens[:k], real.position_ids[:k]

@@ -53,8 +53,8 @@ def shift_table(model, label: str, cfg: dict, seed: int) -> pd.DataFrame:
 
     batch = pp.data.text_windows(model, n=cfg["n"], seq_len=cfg["seq_len"], seed=seed)
     bos = (True, False) if model.info.bos_token_id is not None else (False,)
-    table = pp.shift_invariance(model, batch, shifts=cfg["shifts"], with_bos=bos, batch_size=4)
-    return table.assign(model=label, position_scheme=model.info.position_scheme)
+    result = pp.shift_invariance(model, batch, shifts=cfg["shifts"], with_bos=bos, batch_size=4)
+    return result.table.assign(model=label, position_scheme=model.info.position_scheme)
 
 
 def shift_figure(table: pd.DataFrame) -> go.Figure:

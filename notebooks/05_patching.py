@@ -39,7 +39,7 @@ pd.set_option("display.width", 160)
 # %%
 zoo = {v: pp.load_model(f"zoo:{v}") for v in ("none", "learned", "sinusoidal", "rope")}
 tokens = pp.data.text_windows(zoo["none"], n=8, seq_len=64, seed=0)
-shift = pd.concat([pp.shift_invariance(m, tokens, shifts=(1, 8, 64)) for m in zoo.values()], ignore_index=True)
+shift = pd.concat([pp.shift_invariance(m, tokens, shifts=(1, 8, 64)).table for m in zoo.values()], ignore_index=True)
 shift[["model", "shift", "with_bos", "kl", "max_abs_logit_diff"]]
 
 # %% [markdown]
@@ -70,10 +70,10 @@ pd.DataFrame(
 ).round(3)
 
 # %%
-patch.figure(metric="kl")
+patch.figure("kl")
 
 # %%
-patch.figure(metric="probe_position", value="normalized")
+patch.figure("probe_position", value="normalized")
 
 # %% [markdown]
 # **How to read it.** `kl` and `logprob` average over every token of the window, so one position's

@@ -24,7 +24,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -359,21 +359,19 @@ def _model_facts(model) -> dict[str, Any]:
 # -- outputs ----------------------------------------------------------------------------------------
 
 
-def _save(
-    out: str, tables: dict[str, Any], figures: dict[str, Any], formats: Sequence[str] = (), headline: str | None = None
-) -> None:
-    """Write tables (CSV), figures (HTML, ``formats``) and the headline (printed, and in ``summary.json``)."""
-    from posprobe.plots.export import save_figure
-
-    folder = Path(out)
+def _save(args: argparse.Namespace, results: Any, headline: str | None = None) -> None:
+    """Save a result (or several by name, each in its own folder) with ``Result.save``; print the headline
+    and keep it in ``summary.json``."""
+    folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     if headline is not None:
         print(headline)
         (folder / "summary.json").write_text(json.dumps({"headline": headline}, indent=1) + "\n")
-    for name, table in tables.items():
-        table.to_csv(folder / f"{name}.csv", index=False)
-    for name, fig in figures.items():
-        save_figure(fig, folder / f"{name}.html", formats)
+    if isinstance(results, Mapping):
+        for name, result in results.items():
+            result.save(folder / name, formats=args.formats)
+    else:
+        results.save(folder, formats=args.formats)
     logging.getLogger("posprobe").info("wrote %s", folder)
 
 
@@ -450,88 +448,59 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
+    from posprobe.headlines import probe_headline
     from posprobe.stats.probes import probe_model
 
     model = _load(args)
     result = probe_model(
         model,
         _windows(model, args),
-        args.site,
+        site=args.site,
         seed=args.seed,
         target=args.target,
         kind=args.kind,
         n_splits=args.n_splits,
     )
-    from posprobe.headlines import probe_headline
+    _save(args, result, probe_headline(result.table, args.site, args.target))
 
-    headline = probe_headline(result.table, args.site, args.target)
-    _save(args.out, {"probes": result.table}, {"probes": result.figure()}, args.formats, headline)
+
+def _twin(model: Any, args: argparse.Namespace) -> Callable[[], Any]:
+    return lambda: model.random_init_copy(args.seed)
 
 
 def cmd_rope(args: argparse.Namespace) -> None:
-    from posprobe.headlines import roles_headline
-    from posprobe.labels import ROPE_ROLES
-    from posprobe.stats.rope import rope_frequency_usage
+    from posprobe.reporting import rope_roles
 
     model = _load(args)
-    tokens = _windows(model, args)
-    usage = rope_frequency_usage(model, tokens, progress=True)
-    twin = rope_frequency_usage(model.random_init_copy(args.seed), tokens, progress=True)
-    headline = roles_headline(usage.head_roles, twin.head_roles, ROPE_ROLES, ROPE_ROLES[-1])
-    _save(
-        args.out,
-        {"rope_usage": usage.table, "head_roles": usage.head_roles, "contributions": usage.contributions},
-        {"rope_heatmap": usage.figure(), "rope_spectra": usage.figure("spectrum")},
-        args.formats,
-        headline,
-    )
+    usage, headline = rope_roles(model, _windows(model, args), _twin(model, args), progress=True)
+    _save(args, usage, headline)
 
 
 def cmd_positions(args: argparse.Namespace) -> None:
-    from posprobe.stats.position_table import FIGURE_KINDS, position_embedding_geometry
+    from posprobe.stats.position_table import position_embedding_geometry
 
     geometry = position_embedding_geometry(_load(args), n_components=args.components, seed=args.seed)
-    _save(
-        args.out,
-        {"components": geometry.components, "neighbours": geometry.neighbours, "coordinates": geometry.coords},
-        {kind: geometry.figure(kind) for kind in FIGURE_KINDS},
-        args.formats,
-    )
+    _save(args, geometry)
     print(json.dumps(geometry.summary))
 
 
 def cmd_neurons(args: argparse.Namespace) -> None:
-    from posprobe.headlines import neurons_headline
-    from posprobe.stats.neurons import model_positional_neurons
+    from posprobe.reporting import neuron_positions
 
     model = _load(args)
-    tokens = _windows(model, args)
-    result = model_positional_neurons(model, tokens)
-    twin = model_positional_neurons(model.random_init_copy(args.seed), tokens)
-    figures = {"neuron_counts": result.figure("counts")}
-    if result.table["is_positional"].any():  # the heatmap draws positional neurons only
-        figures["neuron_heatmap"] = result.figure("heatmap")
-    headline = neurons_headline(result.table, twin.table)
-    _save(args.out, {"neurons": result.table, "layers": result.layer_summary}, figures, args.formats, headline)
+    result, headline = neuron_positions(model, _windows(model, args), _twin(model, args), progress=True)
+    _save(args, result, headline)
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
-    from posprobe.headlines import roles_headline
-    from posprobe.stats.attention import ROLES, attention_stats
+    from posprobe.reporting import attention_roles
     from posprobe.stats.variance import attention_variance
 
     model = _load(args)
     tokens = _windows(model, args)
-    stats = attention_stats(model, tokens, progress=True)
-    twin = attention_stats(model.random_init_copy(args.seed), tokens, progress=True)
+    stats, headline = attention_roles(model, tokens, _twin(model, args), progress=True)
     variance = attention_variance(model, tokens, progress=True)
-    _save(
-        args.out,
-        {"heads": stats.heads, "roles": stats.roles, "variance": variance.table, "exponents": variance.exponents},
-        {"head_roles": stats.figure(), "variance": variance.figure()},
-        args.formats,
-        roles_headline(stats.roles, twin.roles, ROLES, ROLES[-1]),
-    )
+    _save(args, {"attention_stats": stats, "attention_variance": variance}, headline)
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
@@ -542,13 +511,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
     tokens = _windows(model, args)
     result = patch_positions(model, tokens, shift=args.shift, sites=tuple(args.sites), per_position=args.per_position)
     invariance = shift_invariance(model, tokens, shifts=(1, args.shift))
-    _save(
-        args.out,
-        {"patching": result.table, "shift_invariance": invariance},
-        {"patching": result.figure()},
-        args.formats,
-        shift_headline(invariance),
-    )
+    _save(args, {"patch_positions": result, "shift_invariance": invariance}, shift_headline(invariance.table))
 
 
 def cmd_train(args: argparse.Namespace) -> None:

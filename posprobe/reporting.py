@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 import torch
 
 from posprobe.headlines import neurons_headline, probe_headline, roles_headline, shift_headline
-from posprobe.labels import ROPE_ROLES
+from posprobe.labels import ROLES, ROPE_ROLES
 from posprobe.models import PositionModel, load_model
 from posprobe.progress import tqdm
 
@@ -169,15 +169,44 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
 R2_FLOOR = -1.0
 
 
-def _rope(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
+# -- analyses beside their random-init twin (the report's sections and the CLI's commands) -----------
+
+#: a model's random-init twin, made when first asked for (None: no twin control)
+Twin = Callable[[], PositionModel] | None
+
+
+def rope_roles(model: PositionModel, tokens: Any, twin: Twin, progress: bool = False) -> tuple[Any, str]:
+    """RoPE frequency usage of ``model`` and its headline: head roles counted beside the twin's."""
     from posprobe.stats.rope import rope_frequency_usage
 
+    usage = rope_frequency_usage(model, tokens, progress=progress)
+    twin_roles = rope_frequency_usage(twin(), tokens, progress=progress).head_roles if twin is not None else None
+    summary = roles_headline(usage.head_roles, twin_roles, ROPE_ROLES, fallback=ROPE_ROLES[-1])
+    return usage, summary.replace("head roles", "head roles from frequency use", 1)
+
+
+def neuron_positions(model: PositionModel, tokens: Any, twin: Twin, progress: bool = False) -> tuple[Any, str]:
+    """Positional neurons of ``model`` and their headline: counted beside the twin's."""
+    from posprobe.stats.neurons import model_positional_neurons
+
+    result = model_positional_neurons(model, tokens, progress=progress)
+    twin_table = model_positional_neurons(twin(), tokens, progress=progress).table if twin is not None else None
+    return result, neurons_headline(result.table, twin_table)
+
+
+def attention_roles(model: PositionModel, tokens: Any, twin: Twin, progress: bool = False) -> tuple[Any, str]:
+    """Attention statistics of ``model`` and their headline: head roles counted beside the twin's."""
+    from posprobe.stats.attention import attention_stats
+
+    stats = attention_stats(model, tokens, progress=progress)
+    twin_roles = attention_stats(twin(), tokens, progress=progress).roles if twin is not None else None
+    return stats, roles_headline(stats.roles, twin_roles, ROLES, fallback=ROLES[-1])
+
+
+def _rope(model: PositionModel, tokens, twin: Twin) -> Section:
     few = tokens[: min(len(tokens), 8)]
-    usage = rope_frequency_usage(model, few)
+    usage, summary = rope_roles(model, few, twin)
     roles = usage.head_roles
-    twin_roles = rope_frequency_usage(twin(), few).head_roles if twin is not None else None
-    summary = roles_headline(roles, twin_roles, ROPE_ROLES, fallback=ROPE_ROLES[-1])
-    summary = summary.replace("head roles", "head roles from frequency use", 1)
     return Section(
         "rope",
         "Which rotation frequencies does each head use? (Barbero et al. 2024)",
@@ -215,14 +244,10 @@ def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
     )
 
 
-def _neurons(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
-    from posprobe.stats.neurons import model_positional_neurons
-
-    result = model_positional_neurons(model, tokens, progress=False)
+def _neurons(model: PositionModel, tokens, twin: Twin) -> Section:
+    result, summary = neuron_positions(model, tokens, twin)
     summary_table = result.layer_summary
     positional = result.table[result.table["is_positional"]]
-    twin_table = model_positional_neurons(twin(), tokens, progress=False).table if twin is not None else None
-    summary = neurons_headline(result.table, twin_table)
     figures = [result.figure("counts")]
     if len(positional):
         figures.append(result.figure("heatmap", top=20))
@@ -235,18 +260,15 @@ def _neurons(model: PositionModel, tokens, twin: Callable[[], PositionModel] | N
     )
 
 
-def _attention(model: PositionModel, tokens, twin: Callable[[], PositionModel] | None) -> Section:
-    from posprobe.stats.attention import ROLES, attention_stats
+def _attention(model: PositionModel, tokens, twin: Twin) -> Section:
     from posprobe.stats.similarity import embedding_similarity
     from posprobe.stats.variance import attention_variance
 
-    stats = attention_stats(model, tokens)
+    stats, summary = attention_roles(model, tokens, twin)
     variance = attention_variance(model, tokens)
     similarity = embedding_similarity(model, tokens)
     roles = stats.roles
     exps = variance.exponents
-    twin_roles = attention_stats(twin(), tokens).roles if twin is not None else None
-    summary = roles_headline(roles, twin_roles, ROLES, fallback=ROLES[-1])
     if "exponent" in exps:
         summary += f"; attention-output variance ∝ position^-a with median a = {exps['exponent'].median():.2f}"
     if stats.notes:  # a bidirectional model: say which statistics assume causal attention
