@@ -3,9 +3,12 @@ sinks, similarity of nearby embeddings, streaming == stored, and bad inputs."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -21,6 +24,7 @@ from posprobe.plots.attention import (
     similarity_curves,
     variance_curves,
 )
+from posprobe.results import INFO_FILE
 from posprobe.stats.attention import ROLES, HeadRoleRules, attention_patterns, attention_stats
 from posprobe.stats.similarity import compare_position_predictors, embedding_similarity
 from posprobe.stats.variance import attention_variance
@@ -84,7 +88,7 @@ def test_variance_of_cumulative_means_in_a_store(tmp_path):
 
 
 def test_variance_per_head_on_z_matches_store(tmp_path):
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
     model, tokens = nope_zoo(), zoo_tokens(6, 48)
     live = attention_variance(model, tokens, site="z", batch_size=4)
@@ -146,7 +150,7 @@ def test_planted_heads_scores_and_roles(tmp_path):
     mass = result.by_distance(include_pos0=True).groupby("head")["mass"].sum()
     np.testing.assert_allclose(mass, 1.0, atol=1e-9)
     assert isinstance(result.figure(), go.Figure)
-    assert isinstance(result.distance_figure(0), go.Figure)
+    assert isinstance(result.figure("distance", layer=0), go.Figure)
 
 
 def test_previous_token_head_written_by_a_pattern_hook():
@@ -179,7 +183,7 @@ def test_sliding_window_layers_keep_all_mass_in_the_window(tiny_gemma3):
 
 
 def test_streamed_stats_equal_stored_patterns(tiny_llama, tmp_path):
-    from posprobe.extract import extract
+    from posprobe.extraction import extract
 
     tokens = random_ids(5, 16, seed=4)
     live = attention_stats(tiny_llama, tokens, batch_size=2)
@@ -296,8 +300,8 @@ def test_bad_arguments(tiny_llama, tmp_path):
         attention_variance(store, tokens)
     with pytest.raises(ValueError, match="needs tokens"):
         attention_stats(tiny_llama)
-    with pytest.raises(TypeError, match="PositionModel"):
-        attention_stats("smollm2-135m", tokens)
+    with pytest.raises(TypeError, match="expected a model"):
+        attention_stats(3, tokens)  # a name string is a model now (loaded like pp.load_model)
     with pytest.raises(ValueError, match="'attn_out' or 'z'"):
         attention_variance(tiny_llama, tokens, site="resid_post")
     with pytest.raises(ValueError, match="window"):
@@ -316,7 +320,7 @@ def test_bad_arguments(tiny_llama, tmp_path):
 
 
 def test_pattern_viewer_has_one_heatmap_per_head_and_token_hover(tiny_llama):
-    table = attention_patterns(tiny_llama, random_ids(2, 12, seed=7), seq=1, layers=[0, 2], max_tokens=6)
+    table = attention_patterns(tiny_llama, random_ids(2, 12, seed=7), seq=1, layers=[0, 2], max_tokens=6).table
     assert set(table["layer"]) == {0, 2} and len(table) == 2 * 4 * 21
     assert table.groupby(["layer", "head", "query_pos"])["weight"].sum().between(1 - 1e-5, 1 + 1e-5).all()
     fig = attention_pattern_viewer(table)
@@ -340,6 +344,104 @@ def test_plot_functions_read_tables_and_reject_bad_ones(tmp_path):
         variance_curves(stats.roles)
     with pytest.raises(ValueError, match="needs columns"):
         similarity_curves(stats.roles)
+
+
+# -- the result contract: .table, .info, .figure(kind), .save ------------------------------------
+
+
+def saved_files(tables: tuple[str, ...], figures: tuple[str, ...]) -> set[str]:
+    """The files ``Result.save`` writes for these tables and figure kinds."""
+    return {f"{t}.{ext}" for t in tables for ext in ("csv", "parquet")} | {f"{k}.html" for k in figures} | {INFO_FILE}
+
+
+def test_attention_stats_result_contract(tmp_path):
+    tokens = torch.zeros(2, 16, dtype=torch.long)
+    planted = {"name": "planted", "causal": True}
+    write_store(tmp_path / "p", {"pattern.0": planted_patterns(2, 16)}, tokens, model_info=planted, prepend_bos=True)
+    result = attention_stats(str(tmp_path / "p"), window=4)  # a store's folder is a source too
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers) == ("attention_stats", "planted", "pattern", (0,))
+    assert (info.n_sequences, info.seq_len, info.n_tokens) == (2, 16, 32)
+    assert info.causal and info.prepend_bos and info.exclude_pos0 == "both" and info.notes == ()
+    assert info.params == {"window": 4, "rules": {"previous_token": 0.5, "sink": 0.5, "local": 0.5}}
+    assert result.heads is result.table and result.window == 4 and result.model_name == "planted"
+    assert result.figure_kinds() == ["roles", "distance"]
+    assert result.figure().data[0].type == "heatmap"  # the default: the head-role map
+    with pytest.raises(
+        ValueError, match=r"^unknown figure kind 'spectrum' for AttentionStats; kinds: roles, distance$"
+    ):
+        result.figure("spectrum")
+    with pytest.warns(DeprecationWarning, match=r"distance_figure\(layer\) is deprecated"):
+        old = result.distance_figure(0, max_distance=8)
+    assert old.to_json() == result.figure("distance", layer=0, max_distance=8).to_json()
+    out = result.save(tmp_path / "saved")
+    assert {f.name for f in out.iterdir()} == saved_files(("table", "roles", "rules_table"), ("roles",))
+    assert json.loads((out / INFO_FILE).read_text())["exclude_pos0"] == "both"
+    assert pd.read_parquet(out / "roles.parquet")["role"].tolist() == result.roles["role"].tolist()
+
+
+def test_embedding_similarity_result_contract(tmp_path):
+    acts = {"resid_post.0": torch.randn(3, 12, 8, generator=torch.Generator().manual_seed(0))}
+    write_store(tmp_path / "s", acts, torch.zeros(3, 12, dtype=torch.long), model_info={"name": "synthetic"})
+    result = embedding_similarity(tmp_path / "s", max_distance=5, n_neighbors=2)
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers) == (
+        "embedding_similarity",
+        "synthetic",
+        "resid_post",
+        (0,),
+    )
+    assert (info.n_sequences, info.seq_len, info.n_tokens, info.exclude_pos0) == (3, 12, 36, "both")
+    assert info.params == {"max_distance": 5, "max_spectral_tokens": 512, "n_neighbors": 2}
+    assert (result.site, result.n_neighbors, result.max_spectral_tokens) == ("resid_post", 2, 512)
+    assert result.figure_kinds() == ["curves"]
+    assert "without position 0" in result.figure().layout.title.text
+    with_pos0 = result.figure("curves", include_pos0=True)
+    assert "with position 0" in with_pos0.layout.title.text
+    with pytest.warns(DeprecationWarning, match=r"figure\(include_pos0\) is deprecated"):
+        assert result.figure(True).to_json() == with_pos0.to_json()
+    with pytest.raises(ValueError, match="unknown figure kind 'heatmap' for EmbeddingSimilarity; kinds: curves"):
+        result.figure("heatmap")
+    out = result.save(tmp_path / "saved")
+    assert {f.name for f in out.iterdir()} == saved_files(("table", "summary"), ("curves",))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "summary.parquet"), result.summary)
+
+
+def test_attention_patterns_result_reads_like_its_table_for_one_release(tiny_llama, tmp_path):
+    result = attention_patterns(tiny_llama, random_ids(2, 12, seed=7), seq=1, layers=[0], max_tokens=6)
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers) == ("attention_patterns", "tiny-llama", "pattern", (0,))
+    assert (info.n_sequences, info.seq_len, info.n_tokens) == (1, 6, 6)
+    assert info.params == {"seq": 1, "max_tokens": 6}
+    assert result.figure_kinds() == ["viewer"]
+    title = "Attention of tiny-llama, sequence 1"
+    assert result.figure().to_json() == attention_pattern_viewer(result.table, title=title).to_json()
+    with pytest.warns(
+        DeprecationWarning, match=r"AttentionPatterns\[\.\.\.\] \(the result read as .*\.table\[\.\.\.\]"
+    ):
+        assert result["weight"].equals(result.table["weight"])
+    with pytest.warns(DeprecationWarning, match=r"len\(AttentionPatterns\)"):
+        assert len(result) == len(result.table) == 4 * 21
+    with pytest.warns(DeprecationWarning, match=r"AttentionPatterns.groupby \(the result read as a DataFrame\)"):
+        assert result.groupby("head").ngroups == 4
+    with pytest.warns(DeprecationWarning, match="'column' in AttentionPatterns"):
+        assert "weight" in result
+    with pytest.warns(DeprecationWarning):  # the viewer still takes the old return value
+        old = attention_pattern_viewer(result)
+    assert old.to_json() == attention_pattern_viewer(result.table).to_json()
+    with pytest.raises(AttributeError, match="no attribute 'no_such_column'"):
+        _ = result.no_such_column
+    out = result.save(tmp_path / "saved")
+    assert {f.name for f in out.iterdir()} == saved_files(("table",), ("viewer",))
+
+
+def test_everything_after_tokens_is_keyword_only(tiny_llama):
+    for fn in (attention_stats, attention_patterns, embedding_similarity):
+        params = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in params[:2]] == ["source", "tokens"], fn.__name__
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:]), fn.__name__
+    with pytest.raises(TypeError, match="positional"):
+        attention_stats(tiny_llama, random_ids(1, 8), [0])
 
 
 # -- pretrained ------------------------------------------------------------------------------------

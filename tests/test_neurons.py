@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 
 import pandas as pd
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from posprobe.finite import NonFiniteError
+from posprobe.results import INFO_FILE
 from posprobe.stats.neurons import (
     CATEGORIES,
     NOT_POSITIONAL,
@@ -136,7 +139,7 @@ def test_exclude_bos_and_position_zero(data):
     x = acts[0].clone()
     x[:, 0, 5] = 10.0  # a neuron that fires only at position 0 (a BOS detector)
     x[:, 1:, 5] = -1.0
-    with_bos = positional_neurons(x, exclude_bos=False, device="cpu")
+    with_bos = positional_neurons(x, exclude_pos0=False, device="cpu")
     without = positional_neurons(x, device="cpu")
     assert row(with_bos, 0, 5)["is_positional"] and row(with_bos, 0, 5)["category"] == "one-extreme"
     assert row(without, 0, 5)["dead"] and not row(without, 0, 5)["is_positional"]
@@ -169,7 +172,7 @@ def test_default_threshold_follows_act_fn(tmp_path, data):
     unknown = write_store(tmp_path / "u", {"mlp_post.0": acts[0]}, tokens, model_info={"name": "x", "act_fn": "mish"})
     with pytest.raises(ValueError, match=r"'mish'.*threshold="):
         positional_neurons(unknown, device="cpu")
-    assert positional_neurons(unknown, threshold=0.0, device="cpu").params["threshold"] == 0.0
+    assert positional_neurons(unknown, threshold=0.0, device="cpu").info.params["threshold"] == 0.0
 
 
 def test_figures(store):
@@ -183,6 +186,84 @@ def test_figures(store):
     assert profile["position"].tolist() == list(range(1, SEQ))
     with pytest.raises(ValueError, match="unknown figure kind 'bars'"):
         result.figure("bars")
+
+
+# -- the result contract: .table, .info, .figure(kind), .save ------------------------------------
+
+
+def test_result_contract(store, tmp_path):
+    result = positional_neurons(store, device="cpu")
+    info = result.info
+    assert (info.analysis, info.model, info.site, info.layers) == (
+        "positional_neurons",
+        "synthetic",
+        "mlp_post",
+        (0, 1),
+    )
+    assert (info.n_sequences, info.seq_len, info.n_tokens) == (N_SEQ, SEQ, N_SEQ * (SEQ - 1))  # position 0 left out
+    assert info.exclude_pos0 is True and info.causal is True
+    params = {"mi_threshold": 0.05, "always_on_rate": 0.99, "oscillation_power": 0.5}
+    assert info.params == {"site": "mlp_post", "threshold": 0.0, "exclude_bos": True, **params}
+    assert result.figure_kinds() == ["counts", "heatmap", "profile"]
+    assert result.figure().to_json() == result.figure("counts").to_json()
+    with pytest.raises(ValueError, match="needs neuron="):
+        result.figure("profile")
+    out = result.save(tmp_path / "saved")
+    tables = {f"{t}.{ext}" for t in ("table", "layer_summary") for ext in ("csv", "parquet")}
+    assert {f.name for f in out.iterdir()} == tables | {INFO_FILE, "counts.html"}
+    assert json.loads((out / INFO_FILE).read_text())["params"]["exclude_bos"] is True
+    in_memory = positional_neurons(planted()[0][0], exclude_pos0=False, device="cpu").info
+    assert (in_memory.model, in_memory.layers, in_memory.n_sequences, in_memory.seq_len) == (
+        "activations",
+        (0,),
+        N_SEQ,
+        SEQ,
+    )
+    assert in_memory.n_tokens == N_SEQ * SEQ and in_memory.exclude_pos0 is False and in_memory.causal is None
+
+
+def test_exclude_bos_is_the_old_spelling_of_exclude_pos0(data):
+    x = data[0][0]
+    new = positional_neurons(x, exclude_pos0=False, device="cpu")
+    with pytest.warns(DeprecationWarning, match="exclude_bos= is deprecated .*; use exclude_pos0="):
+        old = positional_neurons(x, exclude_bos=False, device="cpu")
+    pd.testing.assert_frame_equal(old.table, new.table, check_exact=True)
+    assert old.info == new.info
+    with pytest.warns(DeprecationWarning, match="PositionalNeurons.params is deprecated"):
+        assert old.params == dict(new.info.params) and old.params["exclude_bos"] is False
+    with pytest.warns(DeprecationWarning, match="exclude_bos= is deprecated"):
+        old_stats = neuron_position_stats(x, exclude_bos=False, device="cpu")
+    new_stats = neuron_position_stats(x, exclude_pos0=False, device="cpu")
+    assert torch.equal(old_stats.act_sum, new_stats.act_sum) and new_stats.exclude_pos0 is False
+    with pytest.warns(DeprecationWarning, match="NeuronPositionStats.exclude_bos is deprecated"):
+        assert new_stats.exclude_bos is False
+    with pytest.raises(ValueError, match="exclude_pos0 must be True or False, got 'both'"):
+        positional_neurons(x, exclude_pos0="both", device="cpu")
+
+
+def test_a_model_is_extracted_first_and_scores_like_its_store(tmp_path):
+    from posprobe.extraction import extract
+
+    model = planted_zoo()
+    tokens = torch.randint(0, model.info.d_vocab, (12, 64), generator=torch.Generator().manual_seed(2))
+    direct = positional_neurons(model, tokens, device="cpu")
+    extract(model, tokens, sites="mlp_post", device="cpu", out=tmp_path / "zoo", progress=False)
+    from_folder = positional_neurons(tmp_path / "zoo", device="cpu")  # a store's folder is a source too
+    pd.testing.assert_frame_equal(direct.table, from_folder.table, check_exact=True)
+    assert direct.info == from_folder.info and direct.info.model == model.info.name
+    with pytest.raises(ValueError, match="activations carry no tokens"):
+        positional_neurons(torch.randn(2, 4, 3), tokens, device="cpu")
+    with pytest.raises(ValueError, match="needs tokens"):
+        positional_neurons(model, device="cpu")
+
+
+def test_everything_after_tokens_is_keyword_only(data):
+    for fn in (positional_neurons, neuron_position_stats):
+        params = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in params[:2]] == ["source", "tokens"], fn.__name__
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:]), fn.__name__
+    with pytest.raises(TypeError, match="positional"):
+        positional_neurons(data[0][0], None, "mlp_post")
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -268,7 +349,7 @@ def test_zoo_model_positional_neuron_is_found(tmp_path):
     tokens = torch.randint(0, model.info.d_vocab, (24, 64), generator=torch.Generator().manual_seed(1))
     acts = model.run(tokens, capture=[SiteKey("mlp_post", 0)], return_logits=False).acts[SiteKey("mlp_post", 0)]
     results = [positional_neurons(acts, device="cpu")]
-    extract = pytest.importorskip("posprobe.extract").extract
+    extract = pytest.importorskip("posprobe.extraction").extract
     store = extract(model, tokens, sites="mlp_post", batch_size=8, device="cpu", out=tmp_path / "zoo", progress=False)
     assert store.model_info["act_fn"] == "gelu"
     results.append(positional_neurons(store, device="cpu"))
@@ -282,6 +363,6 @@ def test_short_runs_do_not_call_noise_positional():
     """With 8 tokens per position the plug-in MI of pure noise exceeds 0.05 bits; the bias correction must absorb it."""
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(8, 128, 64, generator=gen)
-    result = positional_neurons(acts, exclude_bos=False, device="cpu")
+    result = positional_neurons(acts, exclude_pos0=False, device="cpu")
     assert (result.table["mi"] > 0.05).mean() > 0.5  # the raw estimate is fooled
     assert not result.table["is_positional"].any()

@@ -29,12 +29,8 @@ def attention_pattern_viewer(patterns: pd.DataFrame, title: str = "Attention pat
     """
     columns = ["layer", "head", "query_pos", "key_pos", "query_token", "key_token", "weight"]
     require_columns(patterns, columns, "attention_pattern_viewer", nonempty=True)
-    n = int(max(patterns["query_pos"].max(), patterns["key_pos"].max())) + 1
-    words = [""] * n
-    for col, tok in (("query_pos", "query_token"), ("key_pos", "key_token")):
-        for p, w in patterns[[col, tok]].drop_duplicates(col).itertuples(index=False):
-            words[int(p)] = str(w)
-    labels = [f"{i}: {w}" for i, w in enumerate(words)]
+    labels = _position_labels(patterns)
+    n = len(labels)
     hover = np.array([[f"query {labels[q]}<br>key {labels[k]}" for k in range(n)] for q in range(n)])
     fig = go.Figure()
     groups = list(patterns.groupby(["layer", "head"], sort=True))
@@ -54,21 +50,13 @@ def attention_pattern_viewer(patterns: pd.DataFrame, title: str = "Attention pat
             visible=i == 0,
             name=f"L{layer} H{head}",
         )
-    buttons = [
-        {
-            "label": f"layer {layer} head {head}",
-            "method": "update",
-            "args": [
-                {"visible": [j == i for j in range(len(groups))]},
-                {"title.text": f"{title}: layer {layer}, head {head}"},
-            ],
-        }
-        for i, ((layer, head), _) in enumerate(groups)
-    ]
-    first_layer, first_head = groups[0][0]
+    keys = [key for key, _ in groups]
+    first_layer, first_head = keys[0]
     fig.update_layout(
         title=f"{title}: layer {first_layer}, head {first_head}",
-        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.15}],
+        updatemenus=[
+            {"buttons": _head_buttons(keys, title), "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.15}
+        ],
         xaxis={
             "title": "key position (token)",
             "tickvals": list(range(n)),
@@ -84,6 +72,31 @@ def attention_pattern_viewer(patterns: pd.DataFrame, title: str = "Attention pat
         },
     )
     return fig
+
+
+def _position_labels(patterns: pd.DataFrame) -> list[str]:
+    """``"position: token"`` for every position 0..n−1 of the table (a blank token where none is named)."""
+    n = int(max(patterns["query_pos"].max(), patterns["key_pos"].max())) + 1
+    words = [""] * n
+    for col, tok in (("query_pos", "query_token"), ("key_pos", "key_token")):
+        for p, w in patterns[[col, tok]].drop_duplicates(col).itertuples(index=False):
+            words[int(p)] = str(w)
+    return [f"{i}: {w}" for i, w in enumerate(words)]
+
+
+def _head_buttons(keys: list[tuple[int, int]], title: str) -> list[dict]:
+    """One dropdown entry per (layer, head): it shows that head's heatmap alone and retitles the figure."""
+    return [
+        {
+            "label": f"layer {layer} head {head}",
+            "method": "update",
+            "args": [
+                {"visible": [j == i for j in range(len(keys))]},
+                {"title.text": f"{title}: layer {layer}, head {head}"},
+            ],
+        }
+        for i, (layer, head) in enumerate(keys)
+    ]
 
 
 def variance_curves(

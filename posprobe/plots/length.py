@@ -10,7 +10,7 @@ REQUIRED = ["model", "bucket_start", "bucket_end", "loss", "n_tokens", "availabl
 
 
 def length_generalization_figure(df: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """Plot ``posprobe.stats.length.length_generalization`` output: loss vs position with n_ctx marked.
+    """Plot the table of ``length_generalization`` (``LengthGeneralization.table``): loss vs position, n_ctx marked.
 
     Solid lines: each model reading the whole sequence; buckets it could not run (absolute schemes
     past their context) are gaps. Dotted lines, when the table has ``window_loss``: the same

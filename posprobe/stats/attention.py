@@ -19,9 +19,9 @@ Head roles (previous-token, sink, local/positional, broad/semantic) follow the r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -31,9 +31,12 @@ from torch import Tensor
 from posprobe.data import TokenBatch
 from posprobe.finite import undetermined
 from posprobe.labels import ROLES, UNDETERMINED
-from posprobe.models.base import PositionModel
+from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.stats.length import DataFrameAlias
 from posprobe.stats.streaming import Batch, LayerOutOfRange, Source, as_source
-from posprobe.store import ActivationStore
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 #: A batch is shrunk so that one layer's attention map [b heads s s] in float32 stays below this.
 PATTERN_BUDGET_BYTES = 1 << 30
@@ -102,29 +105,38 @@ class HeadRoleRules:
 
 
 @dataclass(frozen=True)
-class AttentionStats:
+class AttentionStats(Result):
     """Per-head attention diagnostics of one run (``attention_stats``).
 
-    ``heads``: one row per (layer, head, include_pos0) with n_queries, entropy (nats),
+    ``table`` (also ``heads``): one row per (layer, head, include_pos0) with n_queries, entropy (nats),
     normalized_entropy (entropy / log(visible keys), 1 = uniform), mean_distance (mean |Δ| of
     the attention, in tokens), first_token_mass (attention sink; BOS when ``prepend_bos``),
     previous_token (mean attention on t − 1), diagonal (on t), local_mass (on |Δ| < window).
     ``roles``: one row per (layer, head) with its role and the scores it was read from
     (include_pos0 False); role ``"undetermined"`` and a ``note`` naming the score when one of them
     is NaN. ``rules``: the thresholds; ``rules_table``: them as text.
-    ``notes``: how the statistics read for non-causal models (empty for causal ones).
+    ``info``: the run record (``notes``: how the statistics read for non-causal models, empty for
+    causal ones; ``params``: window and the role thresholds). Figure kinds: ``"roles"`` (the head-role
+    map) and ``"distance"`` (mass vs distance of one ``layer``).
     """
 
-    heads: pd.DataFrame
+    FIGURES: ClassVar[Mapping[str, str]] = {"roles": "_roles_figure", "distance": "_distance_figure"}
+    SAVED: ClassVar[Sequence[str]] = ("roles",)
+    TABLES: ClassVar[Sequence[str]] = ("roles", "rules_table")
+
+    table: pd.DataFrame
     roles: pd.DataFrame
-    rules: HeadRoleRules
     rules_table: pd.DataFrame
-    window: int
-    causal: bool
-    prepend_bos: bool
-    model_name: str
-    notes: tuple[str, ...]
+    info: RunInfo
+    rules: HeadRoleRules
     sums: dict[int, dict[str, Tensor]] = field(repr=False)
+
+    heads = property(lambda self: self.table)
+    window = property(lambda self: self.info.params["window"])
+    causal = property(lambda self: self.info.causal)
+    prepend_bos = property(lambda self: self.info.prepend_bos)
+    model_name = property(lambda self: self.info.model)
+    notes = property(lambda self: self.info.notes)
 
     def by_position(self) -> pd.DataFrame:
         """Per (layer, head, query position): n_queries, entropy, normalized_entropy, uniform_entropy, first_token_mass.
@@ -187,35 +199,40 @@ class AttentionStats:
                 )
         return pd.concat(frames, ignore_index=True)
 
-    def figure(self) -> Any:
+    def _roles_figure(self) -> go.Figure:
         """Head-role map: layer × head, colored by role."""
         from posprobe.plots.attention import head_role_map
 
         return head_role_map(self.roles, title=f"Head roles of {self.model_name} (BOS prepended: {self.prepend_bos})")
 
-    def distance_figure(self, layer: int, max_distance: int | None = 64) -> Any:
+    def _distance_figure(self, layer: int, max_distance: int | None = 64) -> go.Figure:
         """Attention mass vs distance for every head of ``layer`` (queries at position 0 excluded)."""
         from posprobe.plots.attention import attention_by_distance
 
         table = self.by_distance(include_pos0=False, max_distance=max_distance)
         return attention_by_distance(table[table["layer"] == layer])
 
+    def distance_figure(self, layer: int, max_distance: int | None = 64) -> go.Figure:
+        """Deprecated: ``figure("distance", layer=..., max_distance=...)``."""
+        deprecated_alias("AttentionStats.distance_figure(layer)", 'AttentionStats.figure("distance", layer=layer)')
+        return self.figure("distance", layer=layer, max_distance=max_distance)
+
 
 def attention_stats(
-    model: PositionModel | ActivationStore,
+    source: Any,
     tokens: Any = None,
+    *,
     layers: int | Sequence[int] | None = None,
     window: int = 8,
     batch_size: int = 8,
-    *,
     rules: HeadRoleRules | None = None,
     progress: bool = False,
 ) -> AttentionStats:
     """Measure every head's entropy, distance, sink, previous-token and local scores; assign head roles.
 
-    ``model`` is a PositionModel run on ``tokens`` (TokenBatch, ids [n s] or texts) with a
-    streaming pattern hook — no attention map is stored, and ``batch_size`` is lowered so one
-    layer's map [b heads s s] stays under 1 GiB — or an ActivationStore holding ``pattern``
+    ``source`` is a model (anything ``load_model`` accepts) run on ``tokens`` (TokenBatch, ids [n s]
+    or texts) with a streaming pattern hook — no attention map is stored, and ``batch_size`` is
+    lowered so one layer's map [b heads s s] stays under 1 GiB — or a store holding ``pattern``
     (``pp.extract(model, tokens, ["pattern"])``), for small runs. ``window`` (tokens) sets the
     local-window mass: keys with 0 ≤ Δ < window (|Δ| < window for bidirectional models).
     Sinks: Xiao et al. 2023; roles: ``HeadRoleRules``. Sequences need at least two tokens.
@@ -223,19 +240,14 @@ def attention_stats(
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window!r}")
     rules = rules or HeadRoleRules()
-    source = as_source(model, tokens)
+    source = as_source(source, tokens)
     n_pos = source.n_positions
     if n_pos < 2:
         raise ValueError(
             "sequences of length 1 hold only position 0, whose causal query can attend only to itself: "
             "attention statistics need sequences of at least 2 tokens"
         )
-    try:
-        layer_list = cast("list[int]", source.resolve_layers("pattern", layers))  # pattern has layers
-    except LayerOutOfRange:
-        raise
-    except ValueError as err:
-        raise ValueError(f"{source.name} does not expose attention weights (site 'pattern'): {err}") from err
+    layer_list = _pattern_layers(source, layers)
     sums = _PatternSums(source, n_pos)
     source.stream("pattern", layer_list, sums.add, _capped_batch(source, batch_size), progress, "attention stats")
     heads = pd.concat(
@@ -243,6 +255,29 @@ def attention_stats(
     )
     heads = heads.sort_values(["layer", "include_pos0", "head"], ignore_index=True)
     heads["bos_prepended"] = source.prepend_bos
+    info = source.run_info(
+        "attention_stats",
+        site="pattern",
+        layers=layer_list,
+        exclude_pos0="both",
+        notes=() if source.causal else BIDIRECTIONAL_NOTES,
+        params={"window": window, "rules": asdict(rules)},
+    )
+    return AttentionStats(heads, _roles(heads, rules), rules.table(window), info, rules, sums.acc)
+
+
+def _pattern_layers(source: Source, layers: int | Sequence[int] | None) -> list[int]:
+    """The layers of ``pattern`` to read; a model or store without attention weights is said as such."""
+    try:
+        return cast("list[int]", source.resolve_layers("pattern", layers))  # pattern has layers
+    except LayerOutOfRange:
+        raise
+    except ValueError as err:
+        raise ValueError(f"{source.name} does not expose attention weights (site 'pattern'): {err}") from err
+
+
+def _roles(heads: pd.DataFrame, rules: HeadRoleRules) -> pd.DataFrame:
+    """One row per (layer, head) of the scores without position 0, with its role and a note when undetermined."""
     roles = heads[~heads["include_pos0"]].drop(columns=["include_pos0"]).reset_index(drop=True)
     roles.insert(
         2,
@@ -255,18 +290,7 @@ def attention_stats(
         )
         for r in roles.itertuples(index=False)
     ]
-    return AttentionStats(
-        heads=heads,
-        roles=roles,
-        rules=rules,
-        rules_table=rules.table(window),
-        window=window,
-        causal=source.causal,
-        prepend_bos=source.prepend_bos,
-        model_name=source.name,
-        notes=() if source.causal else BIDIRECTIONAL_NOTES,
-        sums=sums.acc,
-    )
+    return roles
 
 
 def _capped_batch(source: Source, batch_size: int) -> int:
@@ -423,25 +447,79 @@ def _head_table(layer: int, acc: dict[str, Tensor], window: int, include_pos0: b
     )
 
 
+@dataclass(frozen=True)
+class AttentionPatterns(DataFrameAlias, Result):
+    """One sequence's attention maps (``attention_patterns``), for ``plots.attention.attention_pattern_viewer``.
+
+    ``table``: layer, head, query_pos, key_pos, query_token, key_token, weight — one row per (query,
+    key) pair the query can see. ``info``: the run record (one sequence; ``params``: seq, max_tokens).
+    Figure kinds: ``"viewer"``. For one release the result also reads like its table, with a
+    DeprecationWarning: use ``.table``.
+    """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {"viewer": "_viewer_figure"}
+
+    table: pd.DataFrame
+    info: RunInfo
+
+    def _viewer_figure(self, title: str | None = None) -> go.Figure:
+        """Interactive heatmap of the sequence's attention, a dropdown picks layer and head."""
+        from posprobe.plots.attention import attention_pattern_viewer
+
+        seq = self.info.params["seq"]
+        return attention_pattern_viewer(self.table, title=title or f"Attention of {self.info.model}, sequence {seq}")
+
+
 def attention_patterns(
-    model: PositionModel | ActivationStore,
+    source: Any,
     tokens: Any = None,
+    *,
     seq: int = 0,
     layers: int | Sequence[int] | None = None,
     max_tokens: int = 64,
-) -> pd.DataFrame:
-    """One sequence's attention maps as a tidy table for ``plots.attention.attention_pattern_viewer``.
+) -> AttentionPatterns:
+    """One sequence's attention maps as a tidy table, to look at with ``.figure()`` (a pattern viewer).
 
     Rows: layer, head, query_pos, key_pos, query_token, key_token, weight — for the first
     ``max_tokens`` real tokens of row ``seq`` and every (query, key) pair the query can see.
-    ``model`` is a PositionModel with ``tokens`` or a store holding ``pattern``.
+    ``source`` is a model (anything ``load_model`` accepts) with ``tokens`` or a store holding ``pattern``.
     """
-    source = as_source(model, tokens)
+    source = as_source(source, tokens)
     n_rows = len(source.position_ids)
     if not 0 <= seq < n_rows:
         raise ValueError(f"seq {seq} out of range; the run has sequences 0..{n_rows - 1}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be ≥ 1, got {max_tokens}")
+    row_source, row, cols = _one_sequence(source, seq, max_tokens)
+    layer_list = cast("list[int]", row_source.resolve_layers("pattern", layers))  # pattern has layers
+    maps: dict[int, Tensor] = {}
+
+    def grab(layer: int, pattern: Tensor, batch: Batch) -> None:
+        local = row - batch.start
+        if 0 <= local < pattern.shape[0]:
+            idx = cols.to(pattern.device)
+            maps[layer] = pattern[local][:, idx][:, :, idx].float().cpu()
+
+    row_source.stream("pattern", layer_list, grab, batch_size=1)
+    table = _pattern_table(maps, _token_strings(row_source, row, cols), row_source.causal)
+    n = len(cols)
+    info = source.run_info(
+        "attention_patterns",
+        site="pattern",
+        layers=layer_list,
+        n_sequences=1,
+        seq_len=n,
+        n_tokens=n,
+        params={"seq": seq, "max_tokens": max_tokens},
+    )
+    return AttentionPatterns(table, info)
+
+
+def _one_sequence(source: Source, seq: int, max_tokens: int) -> tuple[Source, int, Tensor]:
+    """What to read for row ``seq``: (source, its row there, its first ``max_tokens`` real columns).
+
+    A model runs on that row alone, cut to those columns; a store is read as it is.
+    """
     keep = torch.nonzero(source.attention_mask[seq].bool()).squeeze(1)
     if source.model is not None:
         full, cols = source.tokens, keep[:max_tokens]
@@ -456,21 +534,14 @@ def attention_patterns(
         )
         source = Source(source.model, None, row, source.info, source.prepend_bos)
         seq, keep = 0, torch.arange(len(cols))
-    cols = keep[:max_tokens]
-    layer_list = cast("list[int]", source.resolve_layers("pattern", layers))  # pattern has layers
-    maps: dict[int, Tensor] = {}
+    return source, seq, keep[:max_tokens]
 
-    def grab(layer: int, pattern: Tensor, batch: Batch) -> None:
-        local = seq - batch.start
-        if 0 <= local < pattern.shape[0]:
-            idx = cols.to(pattern.device)
-            maps[layer] = pattern[local][:, idx][:, :, idx].float().cpu()
 
-    source.stream("pattern", layer_list, grab, batch_size=1)
-    words = _token_strings(source, seq, cols)
-    n = len(cols)
+def _pattern_table(maps: dict[int, Tensor], words: list[str], causal: bool) -> pd.DataFrame:
+    """Rows (layer, head, query, key) of the maps [heads n n], over the pairs a query can see."""
+    n = len(words)
     q, k = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    visible = (k <= q) if source.causal else np.ones_like(q, dtype=bool)
+    visible = (k <= q) if causal else np.ones_like(q, dtype=bool)
     q, k = q[visible], k[visible]
     frames = []
     for layer, pattern in sorted(maps.items()):

@@ -10,7 +10,10 @@ a sliding window of ``n_ctx`` tokens over the same text (``window_loss``). Absol
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -18,6 +21,14 @@ import torch
 
 from posprobe.data import TokenBatch, corpus_ids, corpus_text
 from posprobe.models.base import PositionModel
+from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.stats.streaming import as_model
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+#: held-out windows ``length_generalization`` draws when no tokens are given
+DEFAULT_WINDOWS = 16
 
 COLUMNS = [
     "model",
@@ -32,6 +43,70 @@ COLUMNS = [
     "beyond_context",
     "n_ctx",
 ]
+
+
+class DataFrameAlias:
+    """For one release: a result that used to be a bare DataFrame still reads like one, through ``.table``.
+
+    ``[...]``, ``len()``, ``in``, iteration and the DataFrame's public attributes warn (DeprecationWarning);
+    pandas' own internals pass silently, so ``pd.concat`` still takes the result.
+    """
+
+    table: pd.DataFrame
+
+    def __getattr__(self, name: str) -> Any:
+        table = vars(self).get("table")  # absent while the dataclass is built or copied
+        if name.startswith("__") or table is None or not hasattr(table, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if not name.startswith("_"):
+            cls = type(self).__name__
+            deprecated_alias(f"{cls}.{name} (the result read as a DataFrame)", f"{cls}.table.{name}")
+        return getattr(table, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        cls = type(self).__name__
+        deprecated_alias(f"{cls}[...] (the result read as a DataFrame)", f"{cls}.table[...]")
+        return self.table[key]
+
+    def __len__(self) -> int:
+        cls = type(self).__name__
+        deprecated_alias(f"len({cls}) (the result read as a DataFrame)", f"len({cls}.table)")
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[Any]:
+        cls = type(self).__name__
+        deprecated_alias(f"iterating a {cls} (the result read as a DataFrame)", f"{cls}.table")
+        return iter(self.table)
+
+    def __contains__(self, column: Any) -> bool:
+        cls = type(self).__name__
+        deprecated_alias(f"'column' in {cls} (the result read as a DataFrame)", f"{cls}.table")
+        return column in self.table
+
+    def __bool__(self) -> bool:
+        return True  # a result is always there; a DataFrame's truth value was an error anyway
+
+
+@dataclass(frozen=True)
+class LengthGeneralization(DataFrameAlias, Result):
+    """Held-out loss per position bucket and model (``length_generalization``).
+
+    ``table``: one row per (model, position bucket); columns in ``COLUMNS`` (see ``length_generalization``).
+    ``info``: the run record (``model``: the model names joined; ``params``: models, bucket, max_len,
+    batch_size, sliding_window). Figure kinds: ``"loss"``. For one release the result also reads like
+    its table (``result["loss"]``, ``len(result)``), with a DeprecationWarning: use ``.table``.
+    """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {"loss": "_loss_figure"}
+
+    table: pd.DataFrame
+    info: RunInfo
+
+    def _loss_figure(self, title: str | None = None) -> go.Figure:
+        """Loss against position, one line per model, the sliding-window baseline dotted, n_ctx marked."""
+        from posprobe.plots.length import length_generalization_figure
+
+        return length_generalization_figure(self.table, title=title)
 
 
 def heldout_long_windows(model: PositionModel, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -57,19 +132,22 @@ def heldout_long_windows(model: PositionModel, n: int, seq_len: int, seed: int =
 
 
 def length_generalization(
-    model: PositionModel | Sequence[PositionModel] | Mapping[str, PositionModel],
-    tokens_or_n: TokenBatch | torch.Tensor | int = 16,
+    source: Any,
+    tokens: TokenBatch | torch.Tensor | int | None = None,
+    *,
     max_len: int | None = None,
     bucket: int | None = None,
     batch_size: int = 4,
     seed: int = 0,
     sliding_window: bool = True,
-) -> pd.DataFrame:
-    """Held-out loss per position bucket for one or several models → tidy DataFrame.
+) -> LengthGeneralization:
+    """Held-out loss per position bucket for one or several models (Press et al. 2022, Kazemnejad et al. 2023).
 
-    ``tokens_or_n`` is a token batch [n seq] or a count of held-out windows to draw
-    (``max_len`` tokens each, default 4 × the largest ``n_ctx``). ``bucket`` (default n_ctx / 4)
-    groups positions; a loss sits at the position of the token predicting the next one.
+    ``source``: a model (anything ``load_model`` accepts), a list of them, or a mapping name → model.
+    ``tokens`` is a token batch [n seq] or a count of held-out windows to draw (default
+    ``DEFAULT_WINDOWS``; ``max_len`` tokens each, default 4 × the largest ``n_ctx``; ``seed`` picks them).
+    ``bucket`` (default n_ctx / 4) groups positions; a loss sits at the position of the token predicting
+    the next one.
 
     Buckets hold different text, so their losses differ by content as well as by position. With
     ``sliding_window`` each bucket is also scored with the model seeing only the ``n_ctx`` tokens
@@ -77,26 +155,44 @@ def length_generalization(
     training context. ``gap = loss − window_loss`` is then the price of the longer context alone
     (zero inside the context; NaN where the model cannot run).
 
-    Columns: model, position_bucket ("0-63"), bucket_start, bucket_end (exclusive), loss (mean
+    ``table`` columns: model, position_bucket ("0-63"), bucket_start, bucket_end (exclusive), loss (mean
     nats), window_loss, gap, n_tokens, available (the model could run there), beyond_context
     (bucket_start ≥ n_ctx), n_ctx.
     """
-    models = _as_named(model)
+    models = _as_named(source)
     n_ctx = max(m.info.n_ctx for m in models.values())
     bucket = bucket or max(1, n_ctx // 4)
-    frames = []
+    wanted = DEFAULT_WINDOWS if tokens is None else tokens
+    frames, ids = [], torch.empty(0, 0)
     for name, m in models.items():
-        if isinstance(tokens_or_n, int):
-            tokens = heldout_long_windows(m, tokens_or_n, max_len or 4 * n_ctx, seed)
-        else:
-            tokens = tokens_or_n.tokens if isinstance(tokens_or_n, TokenBatch) else torch.as_tensor(tokens_or_n)
-            tokens = tokens[:, :max_len] if max_len else tokens
+        ids = _model_tokens(m, wanted, max_len, n_ctx, seed)
         if sliding_window and bucket > m.info.n_ctx // 2:
             raise ValueError(
                 f"bucket {bucket} > n_ctx/2 = {m.info.n_ctx // 2} leaves no context for the sliding window"
             )
-        frames.append(_one_model(name, m, tokens, bucket, batch_size, sliding_window))
-    return pd.concat(frames, ignore_index=True)[COLUMNS]
+        frames.append(_one_model(name, m, ids, bucket, batch_size, sliding_window))
+    params = {"bucket": bucket, "max_len": max_len, "batch_size": batch_size, "sliding_window": sliding_window}
+    info = RunInfo(
+        "length_generalization",
+        ", ".join(map(str, models)),
+        n_sequences=int(ids.shape[0]),
+        seq_len=int(ids.shape[1]),
+        n_tokens=int(ids.numel()),
+        seed=seed if isinstance(wanted, int) else None,
+        causal=all(m.info.causal for m in models.values()),
+        params={"models": list(map(str, models)), **params},
+    )
+    return LengthGeneralization(pd.concat(frames, ignore_index=True)[COLUMNS], info)
+
+
+def _model_tokens(
+    model: PositionModel, wanted: TokenBatch | torch.Tensor | int, max_len: int | None, n_ctx: int, seed: int
+) -> torch.Tensor:
+    """The ids [n seq] ``model`` reads: ``wanted`` windows of held-out text, or the given tokens cut to ``max_len``."""
+    if isinstance(wanted, int):
+        return heldout_long_windows(model, wanted, max_len or 4 * n_ctx, seed)
+    ids = wanted.tokens if isinstance(wanted, TokenBatch) else torch.as_tensor(wanted)
+    return ids[:, :max_len] if max_len else ids
 
 
 def _losses(model: PositionModel, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -151,12 +247,14 @@ def _window_loss(
     return _losses(model, window, batch_size)[:, start + offset : end + offset].mean().item()
 
 
-def _as_named(model: PositionModel | Sequence[PositionModel] | Mapping[str, PositionModel]) -> dict[str, PositionModel]:
-    if isinstance(model, PositionModel):
+def _as_named(source: Any) -> dict[Any, PositionModel]:
+    """Models by name: one model (anything ``load_model`` accepts), several in a list, or a mapping name → model."""
+    if isinstance(source, Mapping):
+        return {name: as_model(m) for name, m in source.items()}
+    if isinstance(source, PositionModel | str | os.PathLike) or hasattr(source, "parameters"):
+        model = as_model(source)
         return {model.info.name: model}
-    if isinstance(model, Mapping):
-        return dict(model)
-    models = list(model)
+    models = [as_model(m) for m in source]
     if not models:
         raise ValueError("length_generalization needs at least one model")
     return {m.info.name: m for m in models}

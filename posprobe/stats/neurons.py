@@ -17,9 +17,12 @@ passed in memory give bit-identical statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -30,9 +33,14 @@ from torch import Tensor
 from posprobe.devices import resolve_device
 from posprobe.finite import FiniteGuard, undetermined
 from posprobe.labels import CATEGORIES, NOT_POSITIONAL, UNDETERMINED
-from posprobe.models.base import positions_from_mask
+from posprobe.models.base import PositionModel, positions_from_mask
+from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey, check_site, resolve_stored_layers
+from posprobe.stats.streaming import UNSET, as_source, exclude_pos0_choice
 from posprobe.store import ActivationStore
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 #: Categories of positional neurons, in the order plots stack them.
 
@@ -77,7 +85,7 @@ class NeuronPositionStats:
     site: str
     layers: tuple[int | None, ...]
     threshold: float
-    exclude_bos: bool
+    exclude_pos0: bool
     n_tokens: Tensor
     n_active: Tensor
     act_sum: Tensor
@@ -89,6 +97,12 @@ class NeuronPositionStats:
             value = getattr(self, name)
             if value.ndim != 3 or tuple(value.shape[:2]) != shape:
                 raise ValueError(f"{name} must be [L P N] with L, P = {shape}; got {tuple(value.shape)}")
+
+    @property
+    def exclude_bos(self) -> bool:
+        """Deprecated: ``exclude_pos0``."""
+        deprecated_alias("NeuronPositionStats.exclude_bos", "NeuronPositionStats.exclude_pos0")
+        return self.exclude_pos0
 
     @property
     def n_neurons(self) -> int:
@@ -131,20 +145,48 @@ class NeuronPositionStats:
 
 
 @dataclass(frozen=True)
-class PositionalNeurons:
+class PositionalNeurons(Result):
     """What ``positional_neurons`` returns: one row per neuron, a per-layer summary, and the sums.
 
     ``table``: layer, neuron, mi (bits), mi_bias, mi_norm, eta2, period, period_power,
     firing_rate, mean, std, peak_position, dead, always_on, is_positional, category, note (why a
-    neuron got no category: ``"undetermined"`` when its score is NaN).
+    neuron got no category: ``"undetermined"`` when its score is NaN). Scores: see ``positional_neurons``.
+
+    Category of a positional neuron, first rule that holds (others get ``"none"``):
+
+    1. ``oscillatory``: k* ≥ 2 (two or more cycles fit) and ``period_power ≥ oscillation_power``.
+    2. Smooth the firing-rate profile (moving average over max(1, K // 32) positions, rounded
+       up to odd) and mark positions at or above its mid-range (max + min) / 2 as high.
+       ``one-extreme``: the high positions form one run that touches exactly one end
+       (a step or ramp: fires only early, or only late). ``both-extremes``: two runs, one at
+       each end (fires at the start and the end, not in the middle).
+    3. ``other-strong`` when ``mi_norm ≥ 0.5`` (position explains half the firing entropy),
+       else ``other-weak``.
+
     ``layer_summary``: layer, n_neurons, dead, always_on, positional, and one count per category.
-    ``params``: site, threshold, exclude_bos, mi_threshold, always_on_rate, oscillation_power.
+    ``info``: the run record (``n_tokens``: the tokens analysed; ``params``: site, threshold, exclude_bos,
+    mi_threshold, always_on_rate, oscillation_power). Figure kinds: ``"counts"`` per layer and category,
+    ``"heatmap"`` of the ``top`` positional neurons, ``"profile"`` of one ``neuron`` (and ``layer``).
     """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {
+        "counts": "_counts_figure",
+        "heatmap": "_heatmap_figure",
+        "profile": "_profile_figure",
+    }
+    SAVED: ClassVar[Sequence[str]] = ("counts",)
+    TABLES: ClassVar[Sequence[str]] = ("layer_summary",)
 
     table: pd.DataFrame
     layer_summary: pd.DataFrame
     stats: NeuronPositionStats
-    params: dict[str, Any] = field(default_factory=dict)
+    info: RunInfo
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Deprecated: ``info.params``."""
+        deprecated_alias("PositionalNeurons.params", "PositionalNeurons.info.params")
+        return dict(self.info.params)
 
     def top(self, n: int = 20, by: str = "mi") -> pd.DataFrame:
         """The ``n`` positional neurons with the highest ``by`` score."""
@@ -155,23 +197,29 @@ class PositionalNeurons:
         """One neuron's mean activation, spread and firing rate per position."""
         return self.stats.profiles([(layer, neuron)])
 
-    def figure(self, kind: str = "counts", *, layer: int | None = None, neuron: int | None = None, top: int = 20):
-        """A plotly Figure: ``"counts"`` per layer and category, ``"profile"`` of one neuron, ``"heatmap"``."""
-        from posprobe.plots import neurons as plots
+    def _counts_figure(self) -> go.Figure:
+        """Stacked bars: positional neurons per layer by category."""
+        from posprobe.plots.neurons import positional_neuron_counts
 
-        if kind == "counts":
-            return plots.positional_neuron_counts(self.layer_summary)
-        if kind == "profile":
-            if neuron is None:
-                raise ValueError("kind='profile' needs neuron= (and layer=)")
-            return plots.neuron_position_profile(self.profile(layer, neuron))
-        if kind == "heatmap":
-            chosen = self.top(top)
-            if chosen.empty:
-                raise ValueError(f"no positional neurons (mi > {self.params['mi_threshold']}) to draw")
-            pairs = list(zip(chosen["layer"], chosen["neuron"], strict=True))
-            return plots.positional_neuron_heatmap(self.stats.profiles(pairs))
-        raise ValueError(f"unknown figure kind {kind!r}; choose one of 'counts', 'profile', 'heatmap'")
+        return positional_neuron_counts(self.layer_summary)
+
+    def _heatmap_figure(self, top: int = 20) -> go.Figure:
+        """Neuron × position heatmap of the ``top`` positional neurons by mi."""
+        from posprobe.plots.neurons import positional_neuron_heatmap
+
+        chosen = self.top(top)
+        if chosen.empty:
+            raise ValueError(f"no positional neurons (mi > {self.info.params['mi_threshold']}) to draw")
+        pairs = list(zip(chosen["layer"], chosen["neuron"], strict=True))
+        return positional_neuron_heatmap(self.stats.profiles(pairs))
+
+    def _profile_figure(self, layer: int | None = None, neuron: int | None = None) -> go.Figure:
+        """One neuron's mean activation ± 1 std and firing rate over position."""
+        from posprobe.plots.neurons import neuron_position_profile
+
+        if neuron is None:
+            raise ValueError("kind='profile' needs neuron= (and layer=)")
+        return neuron_position_profile(self.profile(layer, neuron))
 
 
 # -- accumulation ------------------------------------------------------------------------------
@@ -180,8 +228,8 @@ class PositionalNeurons:
 class _Accumulator:
     """Running float64 sums, updated one sequence at a time (a fixed order, hence exact replay)."""
 
-    def __init__(self, site: str, layers: tuple, threshold: float, exclude_bos: bool, size: int, device) -> None:
-        self.site, self.layers, self.threshold, self.exclude_bos = site, layers, threshold, exclude_bos
+    def __init__(self, site: str, layers: tuple, threshold: float, exclude_pos0: bool, size: int, device) -> None:
+        self.site, self.layers, self.threshold, self.exclude_pos0 = site, layers, threshold, exclude_pos0
         self.device, self.size = device, size  # size: number of position ids (max id + 1)
         self.sums: Tensor | None = None  # [3 L P N]: firing counts, sums, sums of squares
         self.n_tokens = torch.zeros(size, dtype=torch.float64, device=device)
@@ -201,7 +249,7 @@ class _Accumulator:
             counts = [a.shape[2] for a in acts]
             raise ValueError(f"{self.site}: neuron counts {counts} differ from the first batch's {self.sums.shape[3]}")
         keep = attention_mask.bool()
-        if self.exclude_bos:
+        if self.exclude_pos0:
             keep &= position_ids > 0
         acts = [a.to(self.device) for a in acts]
         guard = FiniteGuard(start)
@@ -231,14 +279,14 @@ class _Accumulator:
 
     def result(self) -> NeuronPositionStats:
         if float(self.n_tokens.sum()) == 0:
-            what = "excluding position 0 " if self.exclude_bos else ""
+            what = "excluding position 0 " if self.exclude_pos0 else ""
             raise ValueError(f"no tokens to analyse in {self.site} ({what}and padding); the input is empty")
         if int((self.n_tokens > 0).sum()) < 2:
             raise ValueError(f"{self.site}: tokens at only one position; position scores need at least two positions")
         assert self.sums is not None  # set by the first batch, and there were tokens
         cpu = self.sums.cpu()
         return NeuronPositionStats(
-            self.site, self.layers, self.threshold, self.exclude_bos, self.n_tokens.cpu(), cpu[0], cpu[1], cpu[2]
+            self.site, self.layers, self.threshold, self.exclude_pos0, self.n_tokens.cpu(), cpu[0], cpu[1], cpu[2]
         )
 
 
@@ -290,38 +338,87 @@ def _store_batches(store: ActivationStore, site: str, layers):
 
 
 def neuron_position_stats(
-    source: ActivationStore | Tensor,
+    source: Any,
+    tokens: Any = None,
+    *,
     site: str = "mlp_post",
     layers: int | Sequence[int] | None = None,
     threshold: float | None = None,
-    exclude_bos: bool = True,
+    exclude_pos0: bool = True,
     device: str | torch.device = "auto",
-    *,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
+    progress: bool = False,
+    exclude_bos: Any = UNSET,
 ) -> NeuronPositionStats:
     """Gather per-position firing counts, sums and sums of squares per neuron in one streaming pass.
 
-    ``source`` is a store (read shard by shard), a tensor [n seq N] (one layer, labelled
-    ``layers`` or 0) or [L n seq N] (labelled ``layers`` or 0..L-1); ``attention_mask`` /
-    ``position_ids`` [n seq] apply to tensors (stores carry their own). Padding is skipped, and
-    position 0 (the BOS, or the first token — an attention sink either way) when ``exclude_bos``.
+    ``source`` is a store or its folder (read shard by shard), a tensor [n seq N] (one layer, labelled
+    ``layers`` or 0) or [L n seq N] (labelled ``layers`` or 0..L-1), or a model (anything ``load_model``
+    accepts) run on ``tokens``, whose ``site`` is extracted into a temporary store first (``progress``
+    shows that extraction); ``attention_mask`` / ``position_ids`` [n seq] apply to tensors (stores
+    carry their own). Padding is skipped, and position 0 (the BOS, or the first token — an attention
+    sink either way) when ``exclude_pos0`` (``exclude_bos``: its old name, deprecated).
     ``threshold=None`` takes ``active_threshold(store.model_info["act_fn"])`` (0 for tensors).
     """
+    exclude_pos0 = bool(exclude_pos0_choice(exclude_pos0, old="exclude_bos", old_value=exclude_bos))
+    masks = {"attention_mask": attention_mask, "position_ids": position_ids}
+    return _gather(source, tokens, site, layers, threshold, exclude_pos0, device, progress=progress, **masks)[0]
+
+
+def _gather(
+    source: Any,
+    tokens: Any,
+    site: str,
+    layers: int | Sequence[int] | None,
+    threshold: float | None,
+    exclude_pos0: bool,
+    device: str | torch.device,
+    *,
+    progress: bool,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> tuple[NeuronPositionStats, dict[str, Any]]:
+    """The sums of ``neuron_position_stats`` and what ``RunInfo`` says of their input (model, rows, causal, BOS)."""
     check_site(site)
     dev = resolve_device(device)
-    if isinstance(source, ActivationStore):
-        names, all_pos, batches = _store_batches(source, site, layers)
-        act_fn = source.model_info.get("act_fn")
-    else:
+    if _is_activations(source):
+        if tokens is not None:
+            raise ValueError("activations carry no tokens; pass attention_mask= / position_ids= with them instead")
         names, all_pos, batches = _in_memory_batches(source, site, layers, attention_mask, position_ids)
-        act_fn = None
+        act_fn, facts = None, {"model": "activations", "n_sequences": all_pos.shape[0], "seq_len": all_pos.shape[1]}
+    else:
+        src = as_source(source, tokens)
+        if src.store is None:  # a model: extract the site into a temporary store, then read that
+            with _extracted(src.model, src.tokens, site, layers, progress) as store:
+                return _gather(store, None, site, layers, threshold, exclude_pos0, device, progress=progress)
+        names, all_pos, batches = _store_batches(src.store, site, layers)
+        act_fn = src.store.model_info.get("act_fn")
+        facts = {"model": src.name, "n_sequences": src.store.n_seq, "seq_len": all_pos.shape[1]}
+        facts.update(causal=src.causal, prepend_bos=src.prepend_bos)
     threshold = active_threshold(act_fn) if threshold is None else _check_threshold(threshold)
     size = max(int(all_pos.max()) + 1, all_pos.shape[1])
-    acc = _Accumulator(site, names, threshold, exclude_bos, size, dev)
+    acc = _Accumulator(site, names, threshold, exclude_pos0, size, dev)
     for acts, mask, pos, start in batches:
         acc.update(acts, mask, pos, start)
-    return acc.result()
+    return acc.result(), facts
+
+
+def _is_activations(source: Any) -> bool:
+    """Activations in memory (a tensor or anything ``torch.as_tensor`` reads), not a store, a folder or a model."""
+    model_or_store = isinstance(source, ActivationStore | PositionModel | str | os.PathLike)
+    return not model_or_store and not hasattr(source, "parameters")
+
+
+@contextmanager
+def _extracted(
+    model: Any, tokens: Any, site: str, layers: int | Sequence[int] | None, progress: bool
+) -> Iterator[ActivationStore]:
+    """``site`` × ``layers`` of ``model`` on ``tokens`` in a temporary store, removed on exit."""
+    from posprobe.extraction import extract
+
+    with tempfile.TemporaryDirectory(prefix="posprobe-neurons-") as tmp:
+        yield extract(model, tokens, sites=site, layers=layers, out=tmp, progress=progress)
 
 
 # -- scores --------------------------------------------------------------------------------------
@@ -422,27 +519,30 @@ def _layer_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def positional_neurons(
-    source: ActivationStore | Tensor,
+    source: Any,
+    tokens: Any = None,
+    *,
     site: str = "mlp_post",
     layers: int | Sequence[int] | None = None,
     threshold: float | None = None,
     mi_threshold: float = 0.05,
-    exclude_bos: bool = True,
+    exclude_pos0: bool = True,
     device: str | torch.device = "auto",
-    *,
     always_on_rate: float = 0.99,
     oscillation_power: float = 0.5,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
+    progress: bool = False,
+    exclude_bos: Any = UNSET,
 ) -> PositionalNeurons:
     """Score every neuron of ``site`` for position dependence and sort positional ones into categories.
 
     Method of Voita et al. 2023 ("Neurons in LLMs: dead, n-gram, positional"). Inputs as in
-    ``neuron_position_stats`` (a store is streamed shard by shard; tensors [n seq N] or
-    [L n seq N] with an optional ``attention_mask``). A neuron is active on a token when its
-    activation > ``threshold`` (default f(0) of the store's ``act_fn``: 0 for ReLU / GELU /
-    SiLU, see ``active_threshold``). Scores, over analysed tokens (padding and, if
-    ``exclude_bos``, position 0 removed):
+    ``neuron_position_stats``: a store (streamed shard by shard), tensors [n seq N] or [L n seq N]
+    with an optional ``attention_mask``, or a model run on ``tokens``. A neuron is active on a token
+    when its activation > ``threshold`` (default f(0) of the store's ``act_fn``: 0 for ReLU / GELU /
+    SiLU, see ``active_threshold``). Scores, over analysed tokens (padding and, if ``exclude_pos0``,
+    position 0 removed; ``exclude_bos`` is its old name, deprecated):
 
     - ``mi`` = I(active; position) in bits = H(p) − Σ_t P(t) H(p_t), p_t the firing rate at
       position t; ``mi_bias`` = (K − 1) / (2 N ln 2), its expected value for a neuron that ignores
@@ -454,48 +554,32 @@ def positional_neurons(
 
     Positional: ``mi - mi_bias > mi_threshold`` (bias-corrected, so a short run cannot call every
     neuron positional; with Voita's 5M tokens the correction is negligible). Categories of positional
-    neurons, first rule that holds:
-
-    1. ``oscillatory``: k* ≥ 2 (two or more cycles fit) and ``period_power ≥ oscillation_power``.
-    2. Smooth the firing-rate profile (moving average over max(1, K // 32) positions, rounded
-       up to odd) and mark positions at or above its mid-range (max + min) / 2 as high.
-       ``one-extreme``: the high positions form one run that touches exactly one end
-       (a step or ramp: fires only early, or only late). ``both-extremes``: two runs, one at
-       each end (fires at the start and the end, not in the middle).
-    3. ``other-strong`` when ``mi_norm ≥ 0.5`` (position explains half the firing entropy),
-       else ``other-weak``.
-
-    Non-positional neurons get category ``"none"``. ``dead``: never active on the analysed
-    tokens; ``always_on``: firing rate ≥ ``always_on_rate``.
+    neurons: see ``PositionalNeurons`` (``oscillation_power`` sets the oscillatory one); others get
+    ``"none"``. ``dead``: never active on the analysed tokens; ``always_on``: firing rate ≥ ``always_on_rate``.
     """
     rates = {"mi_threshold": mi_threshold, "always_on_rate": always_on_rate, "oscillation_power": oscillation_power}
     for name, value in rates.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    stats = neuron_position_stats(
-        source, site, layers, threshold, exclude_bos, device, attention_mask=attention_mask, position_ids=position_ids
-    )
+    exclude_pos0 = bool(exclude_pos0_choice(exclude_pos0, old="exclude_bos", old_value=exclude_bos))
+    masks = {"attention_mask": attention_mask, "position_ids": position_ids}
+    stats, facts = _gather(source, tokens, site, layers, threshold, exclude_pos0, device, progress=progress, **masks)
     table = pd.concat(
         [_score_layer(stats, li, mi_threshold, always_on_rate, oscillation_power) for li in range(len(stats.layers))],
         ignore_index=True,
     )
-    return PositionalNeurons(
-        table=table,
-        layer_summary=_layer_summary(table),
-        stats=stats,
-        params={"site": site, "threshold": stats.threshold, "exclude_bos": exclude_bos, **rates},
+    params = {"site": site, "threshold": stats.threshold, "exclude_bos": exclude_pos0, **rates}
+    n_tokens = int(stats.n_tokens.sum())
+    info = RunInfo(
+        "positional_neurons", site=site, layers=stats.layers, n_tokens=n_tokens, exclude_pos0=exclude_pos0, **facts
     )
+    return PositionalNeurons(table, _layer_summary(table), stats, replace(info, params=params))
 
 
 def model_positional_neurons(model: Any, tokens: Any, *, progress: bool = True, **kwargs: Any) -> PositionalNeurons:
-    """``positional_neurons`` of ``model``'s ``mlp_post`` on ``tokens``, extracted into a temporary store first.
+    """``positional_neurons(model, tokens, ...)`` with the extraction's progress shown by default.
 
     What the report and ``posprobe neurons`` run on a model and on its random-init twin; ``kwargs`` go
     to ``positional_neurons``.
     """
-    import tempfile
-
-    from posprobe.extract import extract
-
-    with tempfile.TemporaryDirectory(prefix="posprobe-neurons-") as tmp:
-        return positional_neurons(extract(model, tokens, "mlp_post", out=tmp, progress=progress), **kwargs)
+    return positional_neurons(model, tokens, progress=progress, **kwargs)

@@ -17,8 +17,10 @@ has no such structure. ``position_embedding_geometry`` measures that on any mode
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -26,32 +28,48 @@ import torch
 
 from posprobe.finite import check_finite
 from posprobe.models.base import PositionModel
+from posprobe.results import Result, RunInfo
 from posprobe.sites import SiteKey
+from posprobe.stats.streaming import as_model
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 #: principal components reported by default
 N_COMPONENTS = 6
-#: what ``PositionTableGeometry.figure`` draws
-FIGURE_KINDS = ("helix", "components", "neighbours")
 
 
 @dataclass(frozen=True)
-class PositionTableGeometry:
+class PositionTableGeometry(Result):
     """PCA, periods, helix fit and neighbour similarity of one position table (``position_embedding_geometry``).
 
-    ``coords``: position, pc1..pcK (each row of W_pos projected on the top K components).
-    ``components``: component, explained_variance, period (positions), period_power,
-    spearman_with_position. ``neighbours``: distance, cos_sim (mean cosine similarity of rows that
-    far apart) and, when a random-init twin was built, cos_sim_random_init. ``helix``:
-    pc12_turn_period, pc12_angle_linear_r2.
+    ``table`` (also ``components``): component, explained_variance, period (positions), period_power,
+    spearman_with_position. ``coords``: position, pc1..pcK (each row of W_pos projected on the top K
+    components). ``neighbours``: distance, cos_sim (mean cosine similarity of rows that far apart)
+    and, when a random-init twin was built, cos_sim_random_init. ``helix``: pc12_turn_period,
+    pc12_angle_linear_r2. ``info``: the run record (``seed``: the twin's, when one was built;
+    ``params``: n_components, random_init_control, n_positions, d_model). Figure kinds: ``"helix"``
+    (rows on PC1–3 in 3-D coloured by position), ``"components"`` (PC scores vs position),
+    ``"neighbours"`` (cosine similarity vs distance).
     """
 
+    FIGURES: ClassVar[Mapping[str, str]] = {
+        "helix": "_helix_figure",
+        "components": "_components_figure",
+        "neighbours": "_neighbours_figure",
+    }
+    TABLES: ClassVar[Sequence[str]] = ("coords", "neighbours")
+
+    table: pd.DataFrame
     coords: pd.DataFrame
-    components: pd.DataFrame
     neighbours: pd.DataFrame
     helix: dict[str, float]
-    n_positions: int
-    d_model: int
-    model_name: str
+    info: RunInfo
+
+    components = property(lambda self: self.table)
+    n_positions = property(lambda self: self.info.params["n_positions"])
+    d_model = property(lambda self: self.info.params["d_model"])
+    model_name = property(lambda self: self.info.model)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -70,19 +88,27 @@ class PositionTableGeometry:
             out["random_init_neighbour_cos_d1"] = round(float(first["cos_sim_random_init"]), 4)
         return out
 
-    def figure(self, kind: str = "helix") -> Any:
-        """``helix``: rows on PC1–3 in 3-D coloured by position; ``components``: PC scores vs position;
-        ``neighbours``: cosine similarity vs distance."""
-        from posprobe.plots import positions
+    def _helix_figure(self) -> go.Figure:
+        """Rows of W_pos on PC1–3 in 3-D, coloured by position."""
+        from posprobe.plots.positions import helix_3d
 
-        coords = self.coords.assign(model=self.model_name)
-        if kind == "helix":
-            return positions.helix_3d(coords)
-        if kind == "components":
-            return positions.components_by_position(coords)
-        if kind == "neighbours":
-            return positions.neighbour_similarity(self.neighbours.assign(model=self.model_name))
-        raise ValueError(f"unknown figure kind {kind!r}; known: {', '.join(FIGURE_KINDS)}")
+        return helix_3d(self.coords.assign(model=self.model_name))
+
+    def _components_figure(self) -> go.Figure:
+        """The top principal-component scores against position."""
+        from posprobe.plots.positions import components_by_position
+
+        return components_by_position(self.coords.assign(model=self.model_name))
+
+    def _neighbours_figure(self) -> go.Figure:
+        """Mean cosine similarity of rows Δ apart, the random-init twin's dotted."""
+        from posprobe.plots.positions import neighbour_similarity
+
+        return neighbour_similarity(self.neighbours.assign(model=self.model_name))
+
+
+#: what ``PositionTableGeometry.figure`` draws
+FIGURE_KINDS = tuple(PositionTableGeometry.FIGURES)
 
 
 def position_table(model: PositionModel) -> np.ndarray:
@@ -104,28 +130,30 @@ def position_table(model: PositionModel) -> np.ndarray:
 
 
 def position_embedding_geometry(
-    model_or_table: PositionModel | np.ndarray | torch.Tensor,
-    n_components: int = N_COMPONENTS,
+    source: Any,
     *,
+    n_components: int = N_COMPONENTS,
     random_init_control: bool = True,
     seed: int = 0,
     model_name: str | None = None,
 ) -> PositionTableGeometry:
     """Principal components, periods, helix fit and neighbour similarity of a position table.
 
-    ``model_or_table``: a model with a ``pos_embed`` site (learned / sinusoidal absolute positions)
-    or a table [positions d_model]. For a model, ``random_init_control`` adds the same neighbour
-    similarity for its random-init twin (``seed``), the baseline a trained table must beat.
+    ``source``: a model with a ``pos_embed`` site (learned / sinusoidal absolute positions; anything
+    ``load_model`` accepts) or a table [positions d_model] (an array or a tensor). For a model,
+    ``random_init_control`` adds the same neighbour similarity for its random-init twin (``seed``),
+    the baseline a trained table must beat. ``model_name`` labels the result.
     """
     twin = None
-    if isinstance(model_or_table, PositionModel):
-        name = model_name or model_or_table.info.name
-        w_pos = _as_table(position_table(model_or_table))
+    if isinstance(source, PositionModel | str | os.PathLike) or hasattr(source, "parameters"):
+        model = as_model(source)
+        name = model_name or model.info.name
+        w_pos = _as_table(position_table(model))
         if random_init_control:
-            twin = _as_table(position_table(model_or_table.random_init_copy(seed)))
+            twin = _as_table(position_table(model.random_init_copy(seed)))
     else:
         name = model_name or "position table"
-        w_pos = _as_table(model_or_table)
+        w_pos = _as_table(source)
     if n_components < 1:
         raise ValueError(f"n_components must be ≥ 1, got {n_components}")
     coords, components = _pca(w_pos, min(n_components, *w_pos.shape))
@@ -133,7 +161,10 @@ def position_embedding_geometry(
     if twin is not None:
         neighbours["cos_sim_random_init"] = _neighbour_similarity(twin)["cos_sim"].to_numpy()
     helix = _helix_turn(coords) if "pc2" in coords else {"pc12_turn_period": np.nan, "pc12_angle_linear_r2": np.nan}
-    return PositionTableGeometry(coords, components, neighbours, helix, w_pos.shape[0], w_pos.shape[1], name)
+    params = {"n_components": n_components, "random_init_control": twin is not None}
+    params.update(n_positions=w_pos.shape[0], d_model=w_pos.shape[1])
+    info = RunInfo("position_embedding_geometry", name, seed=seed if twin is not None else None, params=params)
+    return PositionTableGeometry(components, coords, neighbours, helix, info)
 
 
 def _as_table(table: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -23,9 +23,9 @@ Fiedler vector isolates weakly connected early tokens (random-init NoPE, attn_ou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -36,33 +36,49 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from posprobe.models.base import PositionModel
+from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.stats.streaming import Batch, as_source, sem
 from posprobe.stats.variance import AttentionVariance
-from posprobe.store import ActivationStore
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 
 @dataclass(frozen=True)
-class EmbeddingSimilarity:
+class EmbeddingSimilarity(Result):
     """Cosine similarity vs distance per layer, adjacency and order recovery (``embedding_similarity``).
 
     ``table``: layer, distance, include_pos0, cos_sim (mean over token pairs at that distance),
     cos_sim_std, n_pairs. ``summary``: per layer and include_pos0: adjacency (share of tokens
     whose most similar other token is an immediate neighbour), adjacency_chance (the share a
     random choice would reach), spectral_spearman (|ρ| of the spectral order with position,
-    mean over sequences), spectral_spearman_sem, n_seqs.
+    mean over sequences), spectral_spearman_sem, n_seqs. ``info``: the run record (``params``:
+    max_distance, max_spectral_tokens, n_neighbors). Figure kinds: ``"curves"`` (option
+    ``include_pos0``, default False).
     """
+
+    FIGURES: ClassVar[Mapping[str, str]] = {"curves": "_curves_figure"}
+    TABLES: ClassVar[Sequence[str]] = ("summary",)
 
     table: pd.DataFrame
     summary: pd.DataFrame
-    site: str
-    max_spectral_tokens: int
-    n_neighbors: int
-    causal: bool
-    prepend_bos: bool
-    model_name: str
+    info: RunInfo
 
-    def figure(self, include_pos0: bool = False) -> Any:
+    site = property(lambda self: self.info.site)
+    max_spectral_tokens = property(lambda self: self.info.params["max_spectral_tokens"])
+    n_neighbors = property(lambda self: self.info.params["n_neighbors"])
+    causal = property(lambda self: self.info.causal)
+    prepend_bos = property(lambda self: self.info.prepend_bos)
+    model_name = property(lambda self: self.info.model)
+
+    def figure(self, kind: str | None = None, **options: Any) -> go.Figure:
+        """Draw the figure ``kind`` (default ``"curves"``); ``figure(include_pos0)`` still works one release."""
+        if isinstance(kind, bool):
+            deprecated_alias("EmbeddingSimilarity.figure(include_pos0)", 'figure("curves", include_pos0=...)')
+            kind, options = None, {"include_pos0": kind, **options}
+        return super().figure(kind, **options)
+
+    def _curves_figure(self, include_pos0: bool = False) -> go.Figure:
         """Mean cosine similarity vs distance, one curve per layer."""
         from posprobe.plots.attention import similarity_curves
 
@@ -72,20 +88,20 @@ class EmbeddingSimilarity:
 
 
 def embedding_similarity(
-    model_or_store: PositionModel | ActivationStore,
+    source: Any,
     tokens: Any = None,
+    *,
     site: str = "resid_post",
     layers: int | Sequence[int] | None = None,
     max_distance: int | None = None,
     batch_size: int = 8,
-    *,
     max_spectral_tokens: int = 512,
     n_neighbors: int = 3,
     progress: bool = False,
 ) -> EmbeddingSimilarity:
     """Measure how the cosine similarity of hidden states falls with token distance (Zuo et al. 2025).
 
-    ``model_or_store``: a PositionModel run on ``tokens`` or a store holding ``site`` (any
+    ``source``: a model (anything ``load_model`` accepts) run on ``tokens`` or a store holding ``site`` (any
     per-token vector site [n s d]: resid_*, attn_out, mlp_out, mlp_post, embed). ``max_distance``
     crops the distance table; ``max_spectral_tokens`` and ``n_neighbors`` set the order recovery
     (module docstring). Every statistic comes with and without position 0 (a BOS is an
@@ -97,7 +113,7 @@ def embedding_similarity(
         raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
     if max_distance is not None and max_distance < 1:
         raise ValueError(f"max_distance must be ≥ 1 or None, got {max_distance}")
-    source = as_source(model_or_store, tokens)
+    source = as_source(source, tokens)
     n_pos = source.n_positions
     if n_pos < 3:
         raise ValueError(f"sequences of {n_pos} token(s) have no distances to compare; use at least 3 tokens")
@@ -108,9 +124,9 @@ def embedding_similarity(
     if max_distance is not None:
         table = table[table["distance"] <= max_distance].reset_index(drop=True)
     summary = pd.DataFrame([sums.summary(layer, inc) for layer in layer_list for inc in (True, False)])
-    return EmbeddingSimilarity(
-        table, summary, site, max_spectral_tokens, n_neighbors, source.causal, source.prepend_bos, source.name
-    )
+    params = {"max_distance": max_distance, "max_spectral_tokens": max_spectral_tokens, "n_neighbors": n_neighbors}
+    info = source.run_info("embedding_similarity", site=site, layers=layer_list, exclude_pos0="both", params=params)
+    return EmbeddingSimilarity(table, summary, info)
 
 
 class _SimilaritySums:
