@@ -89,10 +89,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parts = list(skipped)
     if models:
         n_ctx = max(m.info.n_ctx for m in models.values())
-        table = pp.length_generalization(
+        result = pp.length_generalization(
             models, cfg["n"], max_len=cfg["length_factor"] * n_ctx, bucket=cfg["bucket"], batch_size=4, seed=args.seed
         )
-        parts.insert(0, table)
+        parts.insert(0, result.table)
     table = with_notes(parts)
     out.table("loss_by_position", table)
     done = table.dropna(subset=["n_ctx"])

@@ -69,11 +69,12 @@ def scan(path: str, device: str, threads: int) -> dict:
     import psutil
 
     torch.set_num_threads(threads)
-    from posprobe.stats.neurons import _resolve_device, neuron_position_stats, positional_neurons
+    from posprobe.devices import resolve_device
+    from posprobe.stats.neurons import neuron_position_stats, positional_neurons
     from posprobe.store import open_store
 
     store = open_store(path)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.zeros(1, device=dev).sum().item()  # start CUDA (if used) before the clock and the memory baseline
     before = psutil.Process().memory_info().rss
     start = time.perf_counter()

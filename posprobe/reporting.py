@@ -27,6 +27,7 @@ from posprobe.headlines import neurons_headline, probe_headline, roles_headline,
 from posprobe.labels import ROLES, ROPE_ROLES
 from posprobe.models import PositionModel, load_model
 from posprobe.progress import tqdm
+from posprobe.results import Result
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,22 @@ class ReportSettings:
 
 @dataclass
 class Section:
-    """One part of the page: a title, a sentence of findings, figures and tables."""
+    """One part of the page: a title, a sentence of findings, figures, and the results (saved with
+    ``Result.save``: name → (result, the tables of it the report keeps)) or plain tables behind them."""
 
     key: str
     title: str
     summary: str
     figures: list[go.Figure] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    results: dict[str, tuple[Result, tuple[str, ...]]] = field(default_factory=dict)
+
+    def all_tables(self) -> dict[str, pd.DataFrame]:
+        """Every table the section keeps, by file stem: plain ones by name, a result's as ``<name>.<table>``."""
+        found = dict(self.tables)
+        for name, (result, kept) in self.results.items():
+            found.update({f"{name}.{t}": table for t, table in result.tables().items() if t in kept})
+        return found
 
 
 @dataclass
@@ -161,7 +171,7 @@ def _probes(model: PositionModel, tokens, settings: ReportSettings) -> Section:
         "Where can position be read out? (linear probes, Haviv et al. 2022)",
         summary,
         figures=[figure],
-        tables={"probes": table},
+        results={"probes": (result, ("table",))},
     )
 
 
@@ -187,10 +197,10 @@ def rope_roles(model: PositionModel, tokens: Any, twin: Twin, progress: bool = F
 
 def neuron_positions(model: PositionModel, tokens: Any, twin: Twin, progress: bool = False) -> tuple[Any, str]:
     """Positional neurons of ``model`` and their headline: counted beside the twin's."""
-    from posprobe.stats.neurons import model_positional_neurons
+    from posprobe.stats.neurons import positional_neurons
 
-    result = model_positional_neurons(model, tokens, progress=progress)
-    twin_table = model_positional_neurons(twin(), tokens, progress=progress).table if twin is not None else None
+    result = positional_neurons(model, tokens, progress=progress)
+    twin_table = positional_neurons(twin(), tokens, progress=progress).table if twin is not None else None
     return result, neurons_headline(result.table, twin_table)
 
 
@@ -206,13 +216,12 @@ def attention_roles(model: PositionModel, tokens: Any, twin: Twin, progress: boo
 def _rope(model: PositionModel, tokens, twin: Twin) -> Section:
     few = tokens[: min(len(tokens), 8)]
     usage, summary = rope_roles(model, few, twin)
-    roles = usage.head_roles
     return Section(
         "rope",
         "Which rotation frequencies does each head use? (Barbero et al. 2024)",
         summary,
         figures=[usage.figure(), usage.figure("spectrum")],
-        tables={"rope_usage": usage.table, "rope_head_roles": roles},
+        results={"rope": (usage, ("table", "head_roles"))},
     )
 
 
@@ -236,17 +245,12 @@ def _position_table(model: PositionModel, settings: ReportSettings) -> Section:
         "The absolute position table: helix, periods, smoothness (learned / sinusoidal positions)",
         summary,
         figures=[geometry.figure(kind) for kind in FIGURE_KINDS],
-        tables={
-            "w_pos_components": geometry.components,
-            "w_pos_neighbours": geometry.neighbours,
-            "w_pos_coordinates": geometry.coords,
-        },
+        results={"w_pos": (geometry, ("table", "neighbours", "coords"))},
     )
 
 
 def _neurons(model: PositionModel, tokens, twin: Twin) -> Section:
     result, summary = neuron_positions(model, tokens, twin)
-    summary_table = result.layer_summary
     positional = result.table[result.table["is_positional"]]
     figures = [result.figure("counts")]
     if len(positional):
@@ -256,7 +260,7 @@ def _neurons(model: PositionModel, tokens, twin: Twin) -> Section:
         "Positional neurons (Voita et al. 2023)",
         summary,
         figures=figures,
-        tables={"neurons": result.table, "neuron_layers": summary_table},
+        results={"neurons": (result, ("table", "layer_summary"))},
     )
 
 
@@ -267,7 +271,6 @@ def _attention(model: PositionModel, tokens, twin: Twin) -> Section:
     stats, summary = attention_roles(model, tokens, twin)
     variance = attention_variance(model, tokens)
     similarity = embedding_similarity(model, tokens)
-    roles = stats.roles
     exps = variance.exponents
     if "exponent" in exps:
         summary += f"; attention-output variance ∝ position^-a with median a = {exps['exponent'].median():.2f}"
@@ -278,13 +281,10 @@ def _attention(model: PositionModel, tokens, twin: Twin) -> Section:
         "Attention: sinks, head roles, variance and similarity (Chi 2023, Zuo 2025)",
         summary,
         figures=[stats.figure(), variance.figure(), similarity.figure()],
-        tables={
-            "attention_heads": stats.heads,
-            "head_roles": roles,
-            "attention_variance": variance.table,
-            "variance_exponents": exps,
-            "similarity": similarity.table,
-            "similarity_summary": similarity.summary,
+        results={
+            "attention": (stats, ("table", "roles")),
+            "variance": (variance, ("table", "exponents")),
+            "similarity": (similarity, ("table", "summary")),
         },
     )
 
@@ -309,10 +309,13 @@ def _shift(model: PositionModel, tokens) -> Section:
         if keep < 16:
             shifts, keep = tuple(k for k in shifts if model.info.n_ctx - k >= 16), model.info.n_ctx - 1
         tokens = _first_columns(tokens, min(keep, tokens.shape[1]))
-    table = shift_invariance(model, tokens, shifts=shifts)
-    summary = shift_headline(table)
+    result = shift_invariance(model, tokens, shifts=shifts)
+    summary = shift_headline(result.table)
     return Section(
-        "shift", "Relative or absolute? Shifting every position", summary, tables={"shift_invariance": table}
+        "shift",
+        "Relative or absolute? Shifting every position",
+        summary,
+        results={"shift_invariance": (result, ("table",))},
     )
 
 
@@ -361,9 +364,11 @@ def _write_tables(reports: list[ModelReport], out: Path) -> None:
     tables.mkdir(exist_ok=True)
     for report in reports:
         for section in report.sections:
-            for name, table in section.tables.items():
+            for name, table in section.tables.items():  # the model card: no analysis behind it
                 table.to_csv(tables / _table_file(report, name, "csv"), index=False)
                 table.to_parquet(tables / _table_file(report, name, "parquet"), index=False)
+            for name, (result, kept) in section.results.items():
+                result.save(tables, prefix=_table_file(report, name, ""), tables=kept, figures=())
 
 
 def _table_file(report: ModelReport, name: str, ext: str) -> str:
@@ -440,7 +445,7 @@ def _section_html(key: str, title: str, reports: list[ModelReport]) -> str:
             + "</div>"
             for f in section.figures
         ]
-        tables = list(section.tables.items())
+        tables = list(section.all_tables().items())
         if key == "model" or not section.figures:
             first, *rest = tables
             parts.append(first[1].to_html(index=False, border=0))

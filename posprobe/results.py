@@ -18,14 +18,14 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 
-__all__ = ["INFO_FILE", "Result", "RunInfo", "deprecated_alias"]
+__all__ = ["INFO_FILE", "DataFrameAlias", "Result", "RunInfo", "deprecated_alias"]
 
 #: the name ``Result.save`` gives the run record
 INFO_FILE = "info.json"
@@ -91,6 +91,10 @@ class Result:
         """The kinds ``figure`` draws, the default first."""
         return list(self.FIGURES)
 
+    def saved_kinds(self) -> list[str]:
+        """The kinds ``save`` draws by default: ``SAVED``, else every kind."""
+        return list(self.SAVED) if self.SAVED is not None else self.figure_kinds()
+
     def figure(self, kind: str | None = None, **options: Any) -> Any:
         """Draw the figure ``kind`` (default: the first of ``figure_kinds()``) as a plotly Figure."""
         kinds = self.figure_kinds()
@@ -115,28 +119,79 @@ class Result:
         return found
 
     def save(
-        self, folder: str | os.PathLike, *, figures: Sequence[str] | None = None, formats: Sequence[str] = ()
+        self,
+        folder: str | os.PathLike,
+        *,
+        figures: Sequence[str] | None = None,
+        formats: Sequence[str] = (),
+        prefix: str = "",
+        tables: Sequence[str] | None = None,
     ) -> Path:
         """Write the tables (``<name>.csv`` and ``<name>.parquet``), ``info.json`` and figures (``<kind>.html``).
 
-        ``figures`` names the kinds to draw (default ``SAVED``, else every kind; ``()`` for none);
-        ``formats`` adds static images (``"png"``, ``"svg"``, ``"pdf"``; see ``posprobe.plots.export``).
-        Returns the folder.
+        ``figures`` names the kinds to draw (default ``saved_kinds()``; ``()`` for none);
+        ``formats`` adds static images (``"png"``, ``"svg"``, ``"pdf"``; see ``posprobe.plots.export``);
+        ``prefix`` starts every file name (several results in one folder); ``tables`` names the tables to
+        write (default: all of ``tables()``). Returns the folder.
         """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         for name, table in self.tables().items():
-            table.to_csv(out / f"{name}.csv", index=False)
-            table.to_parquet(out / f"{name}.parquet", index=False)
+            if tables is not None and name not in tables:
+                continue
+            table.to_csv(out / f"{prefix}{name}.csv", index=False)
+            table.to_parquet(out / f"{prefix}{name}.parquet", index=False)
         text = json.dumps(self.info.as_dict(), indent=1, default=_json_default, allow_nan=True)
-        (out / INFO_FILE).write_text(text + "\n")
-        kinds = list(self.SAVED if self.SAVED is not None else self.figure_kinds()) if figures is None else figures
+        (out / f"{prefix}{INFO_FILE}").write_text(text + "\n")
+        kinds = self.saved_kinds() if figures is None else figures
         if kinds:
             from posprobe.plots.export import save_figure  # the only place a result loads plotly
 
             for kind in kinds:
-                save_figure(self.figure(kind), out / f"{kind}.html", formats)
+                save_figure(self.figure(kind), out / f"{prefix}{kind}.html", formats)
         return out
+
+
+class DataFrameAlias:
+    """For one release: a result that used to be a bare DataFrame still reads like one, through ``.table``.
+
+    ``[...]``, ``len()``, ``in``, iteration and the DataFrame's public attributes warn (DeprecationWarning);
+    pandas' own internals pass silently, so ``pd.concat`` still takes the result.
+    """
+
+    table: pd.DataFrame
+
+    def __getattr__(self, name: str) -> Any:
+        table = vars(self).get("table")  # absent while the dataclass is built or copied
+        if name.startswith("__") or table is None or not hasattr(table, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if not name.startswith("_"):
+            cls = type(self).__name__
+            deprecated_alias(f"{cls}.{name} (the result read as a DataFrame)", f"{cls}.table.{name}")
+        return getattr(table, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        cls = type(self).__name__
+        deprecated_alias(f"{cls}[...] (the result read as a DataFrame)", f"{cls}.table[...]")
+        return self.table[key]
+
+    def __len__(self) -> int:
+        cls = type(self).__name__
+        deprecated_alias(f"len({cls}) (the result read as a DataFrame)", f"len({cls}.table)")
+        return len(self.table)
+
+    def __iter__(self) -> Iterator[Any]:
+        cls = type(self).__name__
+        deprecated_alias(f"iterating a {cls} (the result read as a DataFrame)", f"{cls}.table")
+        return iter(self.table)
+
+    def __contains__(self, column: Any) -> bool:
+        cls = type(self).__name__
+        deprecated_alias(f"'column' in {cls} (the result read as a DataFrame)", f"{cls}.table")
+        return column in self.table
+
+    def __bool__(self) -> bool:
+        return True  # a result is always there; a DataFrame's truth value was an error anyway
 
 
 def _json_default(value: Any) -> Any:

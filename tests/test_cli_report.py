@@ -114,8 +114,8 @@ def test_positions_writes_tables_figures_and_a_summary(tmp_path, capsys):
     summary = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert summary["shape"] == [256, 128] and len(summary["explained_variance_pc1_3"]) == 3
     assert "random_init_neighbour_cos_d1" in summary
-    assert len(pd.read_csv(out / "components.csv")) == 4
-    for name in ("neighbours.csv", "coordinates.csv", "helix.html", "components.html", "neighbours.html"):
+    assert len(pd.read_csv(out / "table.csv")) == 4  # the components, saved by Result.save
+    for name in ("neighbours.csv", "coords.csv", "info.json", "helix.html", "components.html", "neighbours.html"):
         assert (out / name).stat().st_size > 0
 
 
@@ -205,7 +205,12 @@ def test_report_composes_a_page_for_two_tiny_models(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["models"]) == {"tiny-rope", "tiny-none"}
     assert summary["meta"]["settings"]["n"] == 10
-    for name in ("tiny-rope.probes", "tiny-none.probes", "tiny-rope.rope_usage"):
+    for name in (
+        "tiny-rope.probes.table",
+        "tiny-none.probes.table",
+        "tiny-rope.rope.table",
+        "tiny-rope.rope.head_roles",
+    ):
         assert (tmp_path / "tables" / f"{name}.csv").stat().st_size > 0
         assert (tmp_path / "tables" / f"{name}.parquet").exists()
         assert f"tables/{name}.csv" in text
@@ -223,7 +228,8 @@ def test_report_on_an_encoder_without_lm_head(tiny_bert, tmp_path):
         assert f"<section id='{key}'>" in text
     summary = json.loads((tmp_path / "summary.json").read_text())["models"][tiny_bert.info.name]
     assert summary["positions"].startswith("W_pos [64 × 64]") and "at random init" in summary["positions"]
-    assert (tmp_path / "tables" / "tiny-bert.w_pos_components.csv").stat().st_size > 0
+    assert (tmp_path / "tables" / "tiny-bert.w_pos.table.csv").stat().st_size > 0
+    assert json.loads((tmp_path / "tables" / "tiny-bert.w_pos.info.json").read_text())["model"] == "tiny-bert"
     assert "bidirectional model" in summary["attention"]
     assert "hidden state" in summary["shift"] and "KL" not in summary["shift"]
 
@@ -256,10 +262,10 @@ def test_quick_report_writes_page_tables_and_summary(quick_report):
     assert set(summary["models"]["smollm2-135m"]) >= {"model", "probes", "rope", "neurons", "attention", "shift"}
     csvs = sorted((quick_report / "tables").glob("*.csv"))
     assert {p.name for p in csvs} >= {
-        "smollm2-135m.probes.csv",
-        "smollm2-135m.rope_usage.csv",
-        "smollm2-135m.neurons.csv",
-        "smollm2-135m.shift_invariance.csv",
+        "smollm2-135m.probes.table.csv",
+        "smollm2-135m.rope.table.csv",
+        "smollm2-135m.neurons.table.csv",
+        "smollm2-135m.shift_invariance.table.csv",
     }
     assert all(p.stat().st_size > 0 for p in csvs)
 

@@ -135,7 +135,7 @@ def test_no_neuron_category_from_a_nan_score():
     from posprobe.stats.neurons import _score_layer, neuron_position_stats
 
     acts = torch.randn(1, 6, 10, 5)
-    stats = neuron_position_stats(acts, device="cpu", exclude_bos=False)
+    stats = neuron_position_stats(acts, device="cpu", exclude_pos0=False)
     stats.act_sum[0, 3, 2] = math.nan  # a score that cannot be computed (sums corrupted after the check)
     stats.n_active[0, :, 2] = math.nan
     table = _score_layer(stats, 0, mi_threshold=0.0, always_on_rate=0.99, oscillation_power=0.5)

@@ -49,7 +49,7 @@ def test_a_model_below_its_random_init_twin_says_so():
 def probe_table(r2, twin, shuffled=0.0):
     n = len(r2)
     return pd.DataFrame(
-        {"layer": range(n), "target": "absolute", "kind": "ridge", "with_pos0": False, "r2": r2, "mae": 3.0,
+        {"layer": range(n), "target": "absolute", "kind": "ridge", "include_pos0": False, "r2": r2, "mae": 3.0,
          "control_shuffled": shuffled, "control_random_init": twin}
     )  # fmt: skip
 

@@ -375,7 +375,7 @@ def test_length_generalization_table_and_figure():
     from posprobe.stats.length import length_generalization
 
     models = [tiny("rope", init_std=0.02), tiny("learned", init_std=0.02)]
-    df = length_generalization(models, 2, bucket=16)
+    df = length_generalization(models, 2, bucket=16).table
     assert list(df["model"].unique()) == ["tiny-rope", "tiny-learned"]
     assert len(df) == 2 * 8  # 4 × n_ctx = 128 tokens → 127 predictions in buckets of 16
     rope, learned = df[df.model == "tiny-rope"], df[df.model == "tiny-learned"]

@@ -31,8 +31,7 @@ from torch import Tensor
 from posprobe.data import TokenBatch
 from posprobe.finite import undetermined
 from posprobe.labels import ROLES, UNDETERMINED
-from posprobe.results import Result, RunInfo, deprecated_alias
-from posprobe.stats.length import DataFrameAlias
+from posprobe.results import DataFrameAlias, Result, RunInfo, deprecated_alias
 from posprobe.stats.streaming import Batch, LayerOutOfRange, Source, as_source
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,7 +21,7 @@ import torch
 
 from posprobe.data import TokenBatch, corpus_ids, corpus_text
 from posprobe.models.base import PositionModel
-from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.results import DataFrameAlias, Result, RunInfo
 from posprobe.stats.streaming import as_model
 
 if TYPE_CHECKING:
@@ -43,48 +43,6 @@ COLUMNS = [
     "beyond_context",
     "n_ctx",
 ]
-
-
-class DataFrameAlias:
-    """For one release: a result that used to be a bare DataFrame still reads like one, through ``.table``.
-
-    ``[...]``, ``len()``, ``in``, iteration and the DataFrame's public attributes warn (DeprecationWarning);
-    pandas' own internals pass silently, so ``pd.concat`` still takes the result.
-    """
-
-    table: pd.DataFrame
-
-    def __getattr__(self, name: str) -> Any:
-        table = vars(self).get("table")  # absent while the dataclass is built or copied
-        if name.startswith("__") or table is None or not hasattr(table, name):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        if not name.startswith("_"):
-            cls = type(self).__name__
-            deprecated_alias(f"{cls}.{name} (the result read as a DataFrame)", f"{cls}.table.{name}")
-        return getattr(table, name)
-
-    def __getitem__(self, key: Any) -> Any:
-        cls = type(self).__name__
-        deprecated_alias(f"{cls}[...] (the result read as a DataFrame)", f"{cls}.table[...]")
-        return self.table[key]
-
-    def __len__(self) -> int:
-        cls = type(self).__name__
-        deprecated_alias(f"len({cls}) (the result read as a DataFrame)", f"len({cls}.table)")
-        return len(self.table)
-
-    def __iter__(self) -> Iterator[Any]:
-        cls = type(self).__name__
-        deprecated_alias(f"iterating a {cls} (the result read as a DataFrame)", f"{cls}.table")
-        return iter(self.table)
-
-    def __contains__(self, column: Any) -> bool:
-        cls = type(self).__name__
-        deprecated_alias(f"'column' in {cls} (the result read as a DataFrame)", f"{cls}.table")
-        return column in self.table
-
-    def __bool__(self) -> bool:
-        return True  # a result is always there; a DataFrame's truth value was an error anyway
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,10 @@ class PositionalNeurons(Result):
         deprecated_alias("PositionalNeurons.params", "PositionalNeurons.info.params")
         return dict(self.info.params)
 
+    def saved_kinds(self) -> list[str]:
+        """``counts``, and the ``heatmap`` of the top positional neurons when there are any."""
+        return ["counts", "heatmap"] if self.table["is_positional"].any() else ["counts"]
+
     def top(self, n: int = 20, by: str = "mi") -> pd.DataFrame:
         """The ``n`` positional neurons with the highest ``by`` score."""
         positional = self.table[self.table["is_positional"]]
@@ -574,12 +578,3 @@ def positional_neurons(
         "positional_neurons", site=site, layers=stats.layers, n_tokens=n_tokens, exclude_pos0=exclude_pos0, **facts
     )
     return PositionalNeurons(table, _layer_summary(table), stats, replace(info, params=params))
-
-
-def model_positional_neurons(model: Any, tokens: Any, *, progress: bool = True, **kwargs: Any) -> PositionalNeurons:
-    """``positional_neurons(model, tokens, ...)`` with the extraction's progress shown by default.
-
-    What the report and ``posprobe neurons`` run on a model and on its random-init twin; ``kwargs`` go
-    to ``positional_neurons``.
-    """
-    return positional_neurons(model, tokens, progress=progress, **kwargs)

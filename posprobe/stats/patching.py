@@ -17,7 +17,7 @@ position moves by ``k``? For an exactly relative scheme (RoPE, ALiBi) or NoPE it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel
-from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.results import DataFrameAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import ATTENTION_MAP_SITES, HEAD_SITES, SiteKey, resolve_sites
 from posprobe.stats.patch_runs import (
     METRICS,
@@ -255,7 +255,7 @@ def _patch_table(
 
 
 @dataclass(frozen=True)
-class ShiftInvariance(Result):
+class ShiftInvariance(DataFrameAlias, Result):
     """What ``shift_invariance`` returns.
 
     ``table``: one row per (shift, with_bos): model, shift, with_bos, kl, max_abs_logit_diff,
@@ -279,30 +279,6 @@ class ShiftInvariance(Result):
         return shift_invariance_curves(self.table, value=value)
 
     # -- one release: the DataFrame this used to be ----------------------------------------------------
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("table", "info"):  # never during construction or copying
-            raise AttributeError(name)
-        if not name.startswith("_"):  # pandas' own internals (pd.concat reads _typ, _mgr) pass silently
-            old, new = f"ShiftInvariance.{name} (the result read as a DataFrame)", f"ShiftInvariance.table.{name}"
-            deprecated_alias(old, new)
-        return getattr(self.table, name)
-
-    def __getitem__(self, key: Any) -> Any:
-        deprecated_alias("ShiftInvariance[...] (the result read as a DataFrame)", "ShiftInvariance.table[...]")
-        return self.table[key]
-
-    def __len__(self) -> int:
-        deprecated_alias("len(ShiftInvariance) (the result read as a DataFrame)", "len(ShiftInvariance.table)")
-        return len(self.table)
-
-    def __iter__(self) -> Iterator[Any]:
-        deprecated_alias("iterating a ShiftInvariance (the result read as a DataFrame)", "ShiftInvariance.table")
-        return iter(self.table)
-
-    def __contains__(self, column: Any) -> bool:
-        deprecated_alias("'column' in ShiftInvariance (the result read as a DataFrame)", "ShiftInvariance.table")
-        return column in self.table
 
 
 def _with_bos(model: PositionModel, batch: TokenBatch, bos: bool) -> TokenBatch:
