@@ -21,11 +21,15 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 
-__all__ = ["INFO_FILE", "DataFrameAlias", "Result", "RunInfo", "deprecated_alias"]
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+__all__ = ["INFO_FILE", "DataFrameAlias", "ParamsAlias", "Result", "RunInfo", "deprecated_alias"]
 
 #: the name ``Result.save`` gives the run record
 INFO_FILE = "info.json"
@@ -95,7 +99,7 @@ class Result:
         """The kinds ``save`` draws by default: ``SAVED``, else every kind."""
         return list(self.SAVED) if self.SAVED is not None else self.figure_kinds()
 
-    def figure(self, kind: str | None = None, **options: Any) -> Any:
+    def figure(self, kind: str | None = None, **options: Any) -> go.Figure:
         """Draw the figure ``kind`` (default: the first of ``figure_kinds()``) as a plotly Figure."""
         kinds = self.figure_kinds()
         if not kinds:
@@ -105,7 +109,7 @@ class Result:
             raise ValueError(f"unknown figure kind {chosen!r} for {type(self).__name__}; kinds: {', '.join(kinds)}")
         return self._draw(chosen, **options)
 
-    def _draw(self, kind: str, **options: Any) -> Any:
+    def _draw(self, kind: str, **options: Any) -> go.Figure:
         """Draw one known kind; a result whose kinds are not fixed (e.g. one per metric) overrides this."""
         return getattr(self, self.FIGURES[kind])(**options)
 
@@ -150,6 +154,19 @@ class Result:
             for kind in kinds:
                 save_figure(self.figure(kind), out / f"{prefix}{kind}.html", formats)
         return out
+
+
+class ParamsAlias:
+    """For one release: ``result.params``, the settings dict results kept before ``info.params``."""
+
+    info: RunInfo
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Deprecated: the settings are ``info.params``."""
+        cls = type(self).__name__
+        deprecated_alias(f"{cls}.params", f"{cls}.info.params")
+        return dict(self.info.params)
 
 
 class DataFrameAlias:
@@ -213,7 +230,8 @@ def deprecated_alias(old: str, new: str) -> None:
 def _first_outside_package() -> int:
     """The ``stacklevel`` of the first caller outside posprobe, counted from ``warnings.warn``'s caller."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(2), 2  # 1: deprecated_alias; 2: who called it
+    frame: FrameType | None = sys._getframe(2)  # 1: deprecated_alias; 2: who called it
+    level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level

@@ -34,7 +34,7 @@ from posprobe.devices import resolve_device
 from posprobe.finite import FiniteGuard, undetermined
 from posprobe.labels import CATEGORIES, NOT_POSITIONAL, UNDETERMINED
 from posprobe.models.base import PositionModel, positions_from_mask
-from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.results import ParamsAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey, check_site, resolve_stored_layers
 from posprobe.stats.streaming import UNSET, as_source, exclude_pos0_choice
 from posprobe.store import ActivationStore
@@ -145,7 +145,7 @@ class NeuronPositionStats:
 
 
 @dataclass(frozen=True)
-class PositionalNeurons(Result):
+class PositionalNeurons(ParamsAlias, Result):
     """What ``positional_neurons`` returns: one row per neuron, a per-layer summary, and the sums.
 
     ``table``: layer, neuron, mi (bits), mi_bias, mi_norm, eta2, period, period_power,
@@ -181,12 +181,6 @@ class PositionalNeurons(Result):
     layer_summary: pd.DataFrame
     stats: NeuronPositionStats
     info: RunInfo
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Deprecated: ``info.params``."""
-        deprecated_alias("PositionalNeurons.params", "PositionalNeurons.info.params")
-        return dict(self.info.params)
 
     def saved_kinds(self) -> list[str]:
         """``counts``, and the ``heatmap`` of the top positional neurons when there are any."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel
-from posprobe.results import DataFrameAlias, Result, RunInfo, deprecated_alias
+from posprobe.results import DataFrameAlias, ParamsAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import ATTENTION_MAP_SITES, HEAD_SITES, SiteKey, resolve_sites
 from posprobe.stats.patch_runs import (
     METRICS,
@@ -67,7 +67,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class PatchResult(Result):
+class PatchResult(ParamsAlias, Result):
     """What ``patch_positions`` returns.
 
     ``table``: one row per (site, layer, head, position, metric) with value, clean, corrupt,
@@ -83,12 +83,6 @@ class PatchResult(Result):
 
     table: pd.DataFrame
     info: RunInfo
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Deprecated: the settings are ``info.params``."""
-        deprecated_alias("PatchResult.params", "PatchResult.info.params")
-        return dict(self.info.params)
 
     def figure_kinds(self) -> list[str]:
         """The metrics of the table, ``"logprob"`` first."""

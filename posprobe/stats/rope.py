@@ -30,7 +30,7 @@ from torch import Tensor
 
 from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
-from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.results import ParamsAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey
 from posprobe.stats.rope_roles import PatternScores, classify_heads
 from posprobe.stats.streaming import UNSET, as_model, as_source, batches, exclude_pos0_choice
@@ -197,7 +197,7 @@ def delta_cross_products(
 
 
 @dataclass(frozen=True)
-class RopeFrequencyUsage(Result):
+class RopeFrequencyUsage(ParamsAlias, Result):
     """What ``rope_frequency_usage`` returns.
 
     ``table``: one row per (layer, head, plane): layer, layer_type, head, kv_head, plane, dim_first,
@@ -230,12 +230,6 @@ class RopeFrequencyUsage(Result):
     info: RunInfo
 
     notes = property(lambda self: self.info.notes)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Deprecated: the settings are ``info.params``."""
-        deprecated_alias("RopeFrequencyUsage.params", "RopeFrequencyUsage.info.params")
-        return dict(self.info.params)
 
     def head_logits(self) -> pd.DataFrame:
         """Mean attention logit by distance per head: contributions summed over planes (layer, head, delta, logit)."""

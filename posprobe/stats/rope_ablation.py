@@ -26,7 +26,7 @@ from torch import Tensor
 from posprobe.data import TokenBatch
 from posprobe.models.base import Hook, ModelInfo, PositionModel
 from posprobe.progress import tqdm
-from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.results import ParamsAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey, resolve_sites
 from posprobe.stats.rope import LayerPlanes, layer_planes, require_rope
 from posprobe.stats.rope_roles import PatternScores
@@ -123,7 +123,7 @@ def default_layer_groups(info: ModelInfo) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
-class RopeAblation(Result):
+class RopeAblation(ParamsAlias, Result):
     """What ``rope_ablation`` returns.
 
     ``table`` (also ``loss``): one row per (group, which, p): group, layers, which, p, mode,
@@ -144,12 +144,6 @@ class RopeAblation(Result):
     info: RunInfo
 
     loss = property(lambda self: self.table)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Deprecated: the settings are ``info.params``."""
-        deprecated_alias("RopeAblation.params", "RopeAblation.info.params")
-        return dict(self.info.params)
 
     def _loss_figure(self) -> go.Figure:
         """Loss change against the ablated fraction, one line per layer group and direction."""

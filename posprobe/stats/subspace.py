@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import PositionModel
-from posprobe.results import Result, RunInfo, deprecated_alias
+from posprobe.results import ParamsAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey
 from posprobe.stats.patch_runs import (
     CorruptInputs,
@@ -229,7 +229,7 @@ def split_direction(direction: Tensor, read: Tensor, rtol: float = 1e-6) -> tupl
 
 
 @dataclass(frozen=True)
-class SubspaceResult(Result):
+class SubspaceResult(ParamsAlias, Result):
     """What ``subspace_patch`` returns.
 
     ``table``: one row per (split, patch, metric): split (``fit`` / ``heldout``), patch (``full``,
@@ -247,12 +247,6 @@ class SubspaceResult(Result):
     table: pd.DataFrame
     flags: pd.DataFrame
     info: RunInfo
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Deprecated: the settings are ``info.params``."""
-        deprecated_alias("SubspaceResult.params", "SubspaceResult.info.params")
-        return dict(self.info.params)
 
     @property
     def possible_illusion(self) -> bool:

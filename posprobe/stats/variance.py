@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from posprobe.results import Result, RunInfo
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 from posprobe.stats.streaming import Batch, Source, as_source, sem, spearman_rows
 
 #: Sites ``attention_variance`` reads: the attention sub-block output, or each head's output.
@@ -59,7 +62,7 @@ class AttentionVariance(Result):
     model_name = property(lambda self: self.info.model)
     notes = property(lambda self: self.info.notes)
 
-    def _curves_figure(self) -> Any:
+    def _curves_figure(self) -> go.Figure:
         """Variance vs number of visible keys on log-log axes, with the fitted power laws."""
         from posprobe.plots.attention import variance_curves
 
