@@ -177,7 +177,9 @@ def _figure_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tokens_args(p: argparse.ArgumentParser, n: int = 16, seq_len: int = 256) -> None:
-    p.add_argument("--n", type=positive(int), default=n, help="number of text windows (State of the Union)")
+    p.add_argument(  # --n-windows: torchrun reads a bare --n as an abbreviation of its own flags
+        "--n", "--n-windows", type=positive(int), default=n, help="number of text windows (State of the Union)"
+    )
     p.add_argument("--seq-len", type=positive(int), default=seq_len, help="tokens per window, at most the context")
 
 
@@ -429,8 +431,11 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
+    from posprobe.distributed import current_ranks
     from posprobe.extraction import extract
 
+    ranks = current_ranks(args.device)  # under torchrun: one process per device, each loads its own copy
+    args.device = ranks.device(args.device)
     model = _load(args)
     store = extract(
         model,
@@ -444,7 +449,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    print(store)
+    if ranks.is_main:
+        print(store)
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -571,10 +577,8 @@ def speak_in_flags(message: str, parser: argparse.ArgumentParser) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``posprobe`` command."""
-    from posprobe.finite import NonFiniteError
-    from posprobe.plots.export import ExportError
+    from posprobe.distributed import is_main_process
     from posprobe.progress import set_quiet
-    from posprobe.store import StoreError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -600,23 +604,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stage = out.parent / f".{out.name}.partial-{os.getpid()}"
             args.real_out, args.out = args.out, str(stage)
         COMMANDS[args.command](args)
-        if out is not None:
+        if out is not None and is_main_process():  # one settings.json for the ranks of a distributed run
             _write_settings(stage or out, args, argv, time.perf_counter() - started)
         if stage is not None:
             assert out is not None  # a stage is only made for an out folder
             names = _move_into(stage, out)
             print(f"wrote {', '.join(names)} to {out}")
-    except (
-        ValueError,
-        StoreError,
-        ExportError,
-        FileNotFoundError,
-        FileExistsError,
-        ModuleNotFoundError,
-        NotImplementedError,
-        KeyError,
-        NonFiniteError,
-    ) as err:
+    except _user_errors() as err:
         kept = _clean_up(out, stage, existed, args)
         if debug:
             raise
@@ -630,11 +624,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user fixes: said in one line (exit 2), without a traceback unless ``--debug``."""
+    from posprobe.distributed import RankError
+    from posprobe.finite import NonFiniteError
+    from posprobe.plots.export import ExportError
+    from posprobe.store import StoreError
+
+    return (ValueError, StoreError, ExportError, FileNotFoundError, FileExistsError, ModuleNotFoundError,
+            NotImplementedError, KeyError, NonFiniteError, RankError)  # fmt: skip
+
+
 def _clean_up(out: Path | None, stage: Path | None, existed: bool, args: argparse.Namespace) -> str:
     """Remove what a failed run created; a resumable run that finished some work keeps it (returns the note)."""
+    from posprobe.distributed import is_main_process
+
     if stage is not None and stage.exists():
         shutil.rmtree(stage, ignore_errors=True)
-    if out is None or existed or not out.exists():
+    if out is None or existed or not out.exists() or not is_main_process():
         return ""
     if args.command in RESUMABLE and _has_progress(out):
         advice = "" if args.resume else ": rerun with --resume to continue"

@@ -30,6 +30,7 @@ from posprobe.devices import (
     shard_bytes_per_sequence,
     site_shape,
 )
+from posprobe.distributed import Ranks, current_ranks
 from posprobe.finite import NonFiniteError, count_nonfinite, nonfinite_flag, raise_nonfinite
 from posprobe.models import ModelInfo, PositionModel, load_model
 from posprobe.models.base import Hook
@@ -71,18 +72,18 @@ def extract(
 ) -> ActivationStore:
     """Extract ``sites`` × ``layers`` for every token into the store at ``out``; returns it.
 
-    ``tokens`` is a TokenBatch (``pp.data.text_windows`` …), a [n seq] id tensor or a list of
-    texts. ``device="auto"`` means CUDA when present. ``batch_size="auto"`` sizes batches to the
-    free memory of the device (GPU memory, or host memory on CPU) and keeps a shard under 1 GiB
-    (``posprobe.devices``); an int overrides it. ``dtype`` sets the compute dtype of the model
-    (bf16/fp16 on GPU), ``store_dtype`` that of the stored tensors. A model split across devices
-    by a device map (``load_model(id, device_map="auto")``) stays where it is: inputs go to its
-    embedding's device.
-    ``resume=True`` continues an interrupted run in ``out``, recomputing only missing or
-    corrupt shards. Activations with NaN/inf raise ``NonFiniteActivationError``.
+    ``tokens``: a TokenBatch (``pp.data.text_windows`` …), a [n seq] id tensor or texts. ``device="auto"``:
+    CUDA when present. ``batch_size="auto"`` fits batches to the device's free memory, a shard under 1 GiB
+    (``posprobe.devices``). ``dtype``: the model's compute dtype; ``store_dtype``: the stored tensors'. A
+    model split by a device map (``load_model(id, device_map="auto")``) stays where it is. ``resume=True``
+    recomputes only missing or corrupt shards of ``out``; NaN/inf raise ``NonFiniteActivationError``.
+    Under torch.distributed (``torchrun --nproc-per-node N -m posprobe extract …``) each rank writes
+    batches ``i % N == rank`` into the one store at ``out``, the store one process writes (``posprobe.distributed``).
     """
-    if isinstance(model, str):
-        model = load_model(model)
+    ranks = current_ranks(device)
+    model = load_model(model) if isinstance(model, str) else model
+    device = ranks.device(device) if model.device_map is None else device  # a device map places itself
+    progress = progress and ranks.is_main
     batch = as_token_batch(model, tokens)
     keys = resolve_sites(sites, layers, model.info.n_layers)
     for key in keys:
@@ -93,11 +94,11 @@ def extract(
         model.to(device=dev, dtype=compute_dtype)
     model.prepare_inputs(batch.tokens[:1], batch.attention_mask[:1], batch.position_ids[:1])  # fail fast on n_ctx
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, batch.tokens.shape[1], keys, store_dtype=store_dtype)
+        size = auto_batch_size(model, batch.tokens.shape[1], keys, store_dtype=store_dtype)
+        batch_size = min(ranks.gather(size))  # every rank writes shards of one size: the smallest device's
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
-    forward = _Forward(model, batch, keys)
-    on_cpu = dev.type == "cpu" and model.device_map is None
+    forward, on_cpu = _Forward(model, batch, keys), dev.type == "cpu" and model.device_map is None
     return _write_run(
         model.info,
         batch,
@@ -112,6 +113,7 @@ def extract(
         progress,
         writers=_writer_count(dev),
         stream=forward.stream if on_cpu else None,
+        ranks=ranks,
     )
 
 
@@ -162,6 +164,7 @@ def _write_run(
     progress: bool,
     writers: int = 1,
     stream: Callable[[int, int, dict[SiteKey, Hook]], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> ActivationStore:
     """Create the store, then for each missing shard: ``capture(start, stop)``, check, copy to host, write.
 
@@ -169,25 +172,82 @@ def _write_run(
     shards wait in host memory, so memory does not grow with the number of tokens. With
     ``stream`` (a forward that calls the given hooks; used on CPU), each activation is instead
     checked and written by a writer thread as soon as the forward produces it (``StreamedShard``).
+    With ``ranks`` of a distributed run, rank 0 prepares the store and writes its manifest, and each
+    rank writes its own shards (``Ranks.mine``).
     """
-    if out is None:
-        out = Path(tempfile.mkdtemp(prefix="posprobe-store-"))
+    ranks = ranks or Ranks()
     n, s = batch.tokens.shape
     shapes = {k: site_shape(info, k.site, s) for k in keys}
-    store = prepare_store(
-        out,
-        _manifest(info, batch, keys, shapes, batch_size, store_dtype, compute_dtype),
-        batch.tokens,
-        batch.attention_mask,
-        batch.position_ids,
-        resume=resume,
-        overwrite=overwrite,
-        bytes_needed=n * shard_bytes_per_sequence(info, s, keys, store_dtype.itemsize),
-    )
+    manifest = _manifest(info, batch, keys, shapes, batch_size, store_dtype, compute_dtype)
+    if ranks.active:
+        _check_ranks(ranks, out, manifest, -(-n // batch_size))
+    elif out is None:
+        out = Path(tempfile.mkdtemp(prefix="posprobe-store-"))
+    assert out is not None  # a distributed run was refused without one
+    error: Exception | None = None
+    if ranks.is_main:
+        try:
+            store = prepare_store(
+                out,
+                manifest,
+                batch.tokens,
+                batch.attention_mask,
+                batch.position_ids,
+                resume=resume,
+                overwrite=overwrite,
+                bytes_needed=n * shard_bytes_per_sequence(info, s, keys, store_dtype.itemsize),
+            )
+        except Exception as err:  # every rank must hear of it, or they wait for ever
+            error = err
+    ranks.settle(error, "preparing the store")
+    store = ActivationStore(out) if not ranks.is_main else store
+    try:
+        _write_shards(store, info, shapes, capture, store_dtype, writers, stream, ranks, progress)
+    except Exception as err:
+        error = err
+    ranks.settle(error, "extracting")
+    if ranks.is_main:
+        mark_complete(store)
+    ranks.barrier()
+    return ActivationStore(out) if ranks.active else store
+
+
+def _check_ranks(ranks: Ranks, out: str | os.PathLike[str] | None, manifest: dict[str, Any], n_batches: int) -> None:
+    """What a distributed extraction needs of its ranks: one folder, the same run, a batch for each."""
+    if out is None:
+        raise ValueError(
+            "a distributed extraction needs out= a folder every rank can reach (a shared filesystem); a temporary "
+            "folder would differ per rank"
+        )
+    same_tokens = "every rank must extract the same token batch (same texts, n, seq_len and seed)"
+    ranks.agree("tokens", manifest["token_hash"], same_tokens)
+    if ranks.world > n_batches:
+        raise ValueError(
+            f"{ranks.world} ranks but only {n_batches} batch(es) of this run: every rank needs at least one; "
+            "use fewer processes or a smaller batch_size (--batch-size)"
+        )
+    identity = {k: manifest[k] for k in ("model", "keys", "batch_size", "store_dtype", "n_seq", "seq_len")}
+    ranks.agree("settings", identity, "every rank must run the same model, sites, layers, batch size and dtype")
+    ranks.agree("store folder", os.path.abspath(out), "pass every rank the same out= folder")
+
+
+def _write_shards(
+    store: ActivationStore,
+    info: ModelInfo,
+    shapes: dict[SiteKey, tuple[int, ...]],
+    capture: Callable[[int, int], dict[SiteKey, Tensor]],
+    store_dtype: torch.dtype,
+    writers: int,
+    stream: Callable[[int, int, dict[SiteKey, Hook]], None] | None,
+    ranks: Ranks,
+    progress: bool,
+) -> None:
+    """Capture and write this rank's missing shards, ``writers`` threads writing while the next batch runs."""
     bounds = store.shard_bounds()
     pending: deque[Future[None]] = deque()
+    todo = ranks.mine(store.missing_shards())
     with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="posprobe-writer") as pool:
-        for index in tqdm(store.missing_shards(), desc=f"extract {info.name}", unit="batch", disable=not progress):
+        for index in tqdm(todo, desc=f"extract {info.name}", unit="batch", disable=not progress):
             start, stop = bounds[index]
             if stream is not None:
                 rows = {k: (stop - start, *shape) for k, shape in shapes.items()}
@@ -199,8 +259,6 @@ def _write_run(
             pending.append(pool.submit(write_shard, store, index, host))
         while pending:
             pending.popleft().result()
-    mark_complete(store)
-    return store
 
 
 def _manifest(

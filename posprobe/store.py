@@ -148,8 +148,12 @@ class ActivationStore:
             out.append(key)
         return out
 
-    def iter_shards(self, keys: Iterable[SiteKey | str] | None = None) -> Iterator[Shard]:
-        """Stream the run batch by batch, reading only ``keys`` (default all) from each shard."""
+    def iter_shards(
+        self, keys: Iterable[SiteKey | str] | None = None, indices: Iterable[int] | None = None
+    ) -> Iterator[Shard]:
+        """Stream the run batch by batch, reading only ``keys`` (default all) from each shard (``indices``:
+        only those shards, e.g. one rank's share of a distributed run)."""
+        wanted = None if indices is None else set(indices)
         keys = self.keys if keys is None else self._check_keys(keys)
         missing = self.missing_shards()
         if missing:
@@ -158,6 +162,8 @@ class ActivationStore:
                 "rerun extract(..., resume=True)"
             )
         for index, (start, stop) in enumerate(self.shard_bounds()):
+            if wanted is not None and index not in wanted:
+                continue
             path = self.shard_path(index)
             try:
                 with safe_open(path, framework="pt") as f:

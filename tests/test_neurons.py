@@ -210,7 +210,9 @@ def test_result_contract(store, tmp_path):
         result.figure("profile")
     out = result.save(tmp_path / "saved")
     tables = {f"{t}.{ext}" for t in ("table", "layer_summary") for ext in ("csv", "parquet")}
-    assert {f.name for f in out.iterdir()} == tables | {INFO_FILE, "counts.html"}
+    positional = bool(result.table["is_positional"].any())
+    assert result.saved_kinds() == (["counts", "heatmap"] if positional else ["counts"])
+    assert {f.name for f in out.iterdir()} == tables | {INFO_FILE} | {f"{k}.html" for k in result.saved_kinds()}
     assert json.loads((out / INFO_FILE).read_text())["params"]["exclude_bos"] is True
     in_memory = positional_neurons(planted()[0][0], exclude_pos0=False, device="cpu").info
     assert (in_memory.model, in_memory.layers, in_memory.n_sequences, in_memory.seq_len) == (

@@ -249,6 +249,7 @@ def attention_stats(
     layer_list = _pattern_layers(source, layers)
     sums = _PatternSums(source, n_pos)
     source.stream("pattern", layer_list, sums.add, _capped_batch(source, batch_size), progress, "attention stats")
+    source.reduce(t for layer in sorted(sums.acc) for _, t in sorted(sums.acc[layer].items()))  # over ranks
     heads = pd.concat(
         [_head_table(layer, acc, window, inc) for layer, acc in sums.acc.items() for inc in (True, False)]
     )

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posprobe.devices import resolve_device
+from posprobe.distributed import Ranks, current_ranks
 from posprobe.finite import FiniteGuard, undetermined
 from posprobe.labels import CATEGORIES, NOT_POSITIONAL, UNDETERMINED
 from posprobe.models.base import PositionModel, positions_from_mask
@@ -323,14 +324,16 @@ def _in_memory_batches(source: Tensor, site: str, layers, attention_mask: Tensor
     return names, pos, (([t[c] for t in source], mask[c], pos[c], c.start) for c in chunks)
 
 
-def _store_batches(store: ActivationStore, site: str, layers):
+def _store_batches(store: ActivationStore, site: str, layers, ranks: Ranks):
     names = tuple(resolve_stored_layers(site, layers, store.layers(site), store.model_info.get("n_layers")))
     if store.n_seq == 0:
         raise ValueError(f"store {store.path} is empty (0 sequences)")
     keys = [SiteKey(site, layer) for layer in names]
     batches = (
         ([shard.acts[k] for k in keys], shard.attention_mask, shard.position_ids, shard.start)
-        for shard in store.iter_shards(keys)
+        for shard in store.iter_shards(
+            keys, ranks.shards(len(store.shard_bounds()), f"the store {store.path}") if ranks.active else None
+        )
     )
     return names, store.position_ids, batches
 
@@ -387,10 +390,15 @@ def _gather(
         act_fn, facts = None, {"model": "activations", "n_sequences": all_pos.shape[0], "seq_len": all_pos.shape[1]}
     else:
         src = as_source(source, tokens)
+        if src.store is None and current_ranks().active:
+            raise ValueError(
+                "under torch.distributed, positional neurons are read from a store the ranks share: extract it "
+                "first (pp.extract(..., out=<shared folder>) on every rank), then pass the store"
+            )
         if src.store is None:  # a model: extract the site into a temporary store, then read that
             with _extracted(src.model, src.tokens, site, layers, progress) as store:
                 return _gather(store, None, site, layers, threshold, exclude_pos0, device, progress=progress)
-        names, all_pos, batches = _store_batches(src.store, site, layers)
+        names, all_pos, batches = _store_batches(src.store, site, layers, src.ranks)
         act_fn = src.store.model_info.get("act_fn")
         facts = {"model": src.name, "n_sequences": src.store.n_seq, "seq_len": all_pos.shape[1]}
         facts.update(causal=src.causal, prepend_bos=src.prepend_bos)
@@ -399,6 +407,8 @@ def _gather(
     acc = _Accumulator(site, names, threshold, exclude_pos0, size, dev)
     for acts, mask, pos, start in batches:
         acc.update(acts, mask, pos, start)
+    if not _is_activations(source):
+        src.reduce([acc.n_tokens, *([] if acc.sums is None else [acc.sums])])  # over ranks reading one store
     return acc.result(), facts
 
 

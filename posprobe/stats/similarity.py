@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from posprobe.results import Result, RunInfo, deprecated_alias
-from posprobe.stats.streaming import Batch, as_source, sem
+from posprobe.stats.streaming import Batch, Source, as_source, sem
 from posprobe.stats.variance import AttentionVariance
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ def embedding_similarity(
     layer_list = source.resolve_layers(site, layers)
     sums = _SimilaritySums(n_pos, max_spectral_tokens, n_neighbors)
     source.stream(site, layer_list, sums.add, batch_size, progress, "embedding similarity")
+    sums.reduce(source)
     table = pd.concat([sums.table(layer, inc) for layer in layer_list for inc in (True, False)], ignore_index=True)
     if max_distance is not None:
         table = table[table["distance"] <= max_distance].reset_index(drop=True)
@@ -139,6 +140,7 @@ class _SimilaritySums:
         self.n_neighbors = n_neighbors
         self.acc: dict[int | None, dict[str, Tensor]] = {}
         self.rho: dict[int | None, list[list[float]]] = {}
+        self.rows: dict[int | None, list[list[int]]] = {}  # the sequence each rho was read from
 
     def add(self, layer: int | None, x: Tensor, batch: Batch) -> None:
         """Fold one batch of vectors [b s d] into the sums."""
@@ -174,6 +176,7 @@ class _SimilaritySums:
                 "adj": torch.zeros(2, 3, dtype=torch.float64),
             }
             self.rho[layer] = [[], []]
+            self.rows[layer] = [[], []]
         self.acc[layer]["dist"] += part.double().cpu()
         self.acc[layer]["adj"] += adjacency.double().cpu()
         # one BLAS thread: small LAPACK calls between torch's OpenMP regions otherwise fight for the cores (~20x slower)
@@ -184,6 +187,20 @@ class _SimilaritySums:
                     rho = _spectral_rho(cos[row], pos[row], keep, self.max_spectral, self.n_neighbors)
                     if rho is not None:
                         self.rho[layer][k].append(rho)
+                        self.rows[layer][k].append(batch.start + row)
+
+    def reduce(self, source: Source) -> None:
+        """Merge the sums of the ranks reading one store: sums added, per-sequence scores in sequence order."""
+        if source.store is None or not source.ranks.active:
+            return
+        layers = sorted(self.acc, key=str)
+        source.reduce(t for layer in layers for _, t in sorted(self.acc[layer].items()))
+        for layer in layers:
+            for k in range(2):
+                mine = list(zip(self.rows[layer][k], self.rho[layer][k], strict=True))
+                merged = sorted(pair for part in source.ranks.gather(mine) for pair in part)
+                self.rows[layer][k] = [row for row, _ in merged]
+                self.rho[layer][k] = [rho for _, rho in merged]
 
     def table(self, layer: int | None, include_pos0: bool) -> pd.DataFrame:
         d = self.acc[layer]["dist"]

@@ -18,8 +18,8 @@ site and layer at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ import numpy as np
 from torch import Tensor
 
 from posprobe.data import TokenBatch, as_token_batch
+from posprobe.distributed import Ranks, current_ranks
 from posprobe.finite import check_finite
 from posprobe.models.base import PositionModel
 from posprobe.progress import tqdm
@@ -67,6 +68,8 @@ class Source:
     tokens: TokenBatch | None
     info: dict[str, Any]
     prepend_bos: bool
+    #: the ranks that share the reading of a store under torch.distributed (each reads its own shards)
+    ranks: Ranks = field(default_factory=Ranks)
 
     @property
     def name(self) -> str:
@@ -118,6 +121,11 @@ class Source:
             facts["layers"] = tuple(facts["layers"])
         return RunInfo(analysis, **facts)
 
+    def reduce(self, tensors: Iterable[Tensor]) -> None:
+        """Sum statistics over the ranks that read a store together (nothing to do otherwise), in place."""
+        if self.store is not None:
+            self.ranks.all_reduce(tensors)
+
     def sliding_window(self, layer: int | None) -> int | None:
         windows = self.info.get("sliding_windows") or ()
         return windows[layer] if layer is not None and layer < len(windows) else None
@@ -166,8 +174,14 @@ class Source:
         desc: str,
     ) -> None:
         assert self.store is not None  # a Source without a model reads a store
-        for layer in tqdm(layers, desc=desc or f"read {site}", unit="layer", disable=not progress):
-            for shard in self.store.iter_shards([SiteKey(site, layer)]):
+        mine = (
+            self.ranks.shards(len(self.store.shard_bounds()), f"the store {self.store.path}")
+            if self.ranks.active
+            else None
+        )
+        bar = tqdm(layers, desc=desc or f"read {site}", unit="layer", disable=not progress or not self.ranks.is_main)
+        for layer in bar:
+            for shard in self.store.iter_shards([SiteKey(site, layer)], indices=mine):
                 act = shard.acts[SiteKey(site, layer)]
                 batch = Batch(shard.start, shard.attention_mask.to(act.device), shard.position_ids.to(act.device))
                 observe(layer, act, batch)
@@ -261,7 +275,7 @@ def as_source(source: Any, tokens: Any = None) -> Source:
     if isinstance(source, ActivationStore):
         if tokens is not None:
             raise ValueError("a store already holds its tokens; pass tokens=None with a store")
-        return Source(None, source, None, dict(source.model_info), source.prepend_bos)
+        return Source(None, source, None, dict(source.model_info), source.prepend_bos, current_ranks("cpu"))
     if source is None or isinstance(source, (int, float, bool)):
         raise TypeError(
             f"expected a model (pp.load_model or anything it accepts) or an ActivationStore (pp.extract / "
