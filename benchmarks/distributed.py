@@ -1,12 +1,14 @@
-"""Data-parallel extraction: tokens/s of 1 process against N processes under torchrun, same cores in all (prints JSON).
+"""Data parallelism: tokens/s of 1 process against N under torchrun, same cores in all (prints JSON).
 
 Each configuration runs ``torchrun --standalone --nproc-per-node P`` on this file (``--child``),
 with ``--cores / P`` torch threads per process, so every configuration uses the same cores: the
-ratio says what splitting the batches across processes buys over threads inside one process.
-Every rank loads SmolLM2-135M, extracts ``resid_post`` and ``mlp_post`` at every layer of the same
-``--n`` × ``--seq-len`` windows into one store, and reports the time from the barrier before
-``extract`` to the barrier after it (the slowest rank's). The stores of all configurations are
-checked to be identical. Configurations alternate over ``--repeats`` rounds (median reported).
+ratio says what splitting the batches across processes buys over threads inside one process. Two
+workloads: ``extract`` (every rank loads SmolLM2-135M and extracts ``resid_post`` and ``mlp_post``
+at every layer of the same ``--n`` × ``--seq-len`` windows into one store) and ``neurons`` (every
+rank reads its shards of that store and the positional-neuron sums are all-reduced). Each reports
+the time from a barrier before the call to one after it (the slowest rank's). The stores and the
+neuron tables of all configurations are checked to be identical. Configurations alternate over
+``--repeats`` rounds (median reported).
 
     .venv/bin/python benchmarks/distributed.py [--procs 1 2] [--n 32] [--seq-len 256]
         [--out benchmarks/results/distributed-extraction-cpu.json]
@@ -29,13 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd
 from _common import bench_tokens, default_threads, emit, envelope
 
 SITES = ("resid_post", "mlp_post")
 
 
 def child(args: argparse.Namespace) -> None:
-    """One rank: load, wait for the others, extract, wait again; rank 0 prints the seconds."""
+    """One rank: load, wait for the others, run the workload, wait again; rank 0 prints the seconds."""
     import torch
     import torch.distributed as dist
 
@@ -44,23 +47,37 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     ranks = current_ranks("cpu")
-    model = pp.load_model(args.model, device="cpu")
-    tokens = bench_tokens(model, args.n, args.seq_len)
+    if args.workload == "extract":
+        model = pp.load_model(args.model, device="cpu")
+        tokens = bench_tokens(model, args.n, args.seq_len)
+
+        def work() -> None:
+            pp.extract(model, tokens, sites=SITES, batch_size=args.batch_size, out=args.store, device="cpu",
+                       progress=False)  # fmt: skip
+    else:
+        store = pp.open_store(args.store)
+
+        def work() -> None:
+            table = pp.positional_neurons(store, site="mlp_post", device="cpu").table
+            if ranks.is_main:
+                table.to_pickle(Path(args.store) / f"neurons-{ranks.world}.pkl")
+
     if ranks.active:
         dist.barrier()
     start = time.perf_counter()
-    pp.extract(model, tokens, sites=SITES, batch_size=args.batch_size, out=args.store, device="cpu", progress=False)
+    work()
     if ranks.active:
         dist.barrier()
     if ranks.is_main:
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
-def run(procs: int, args: argparse.Namespace, store: Path) -> float:
+def run(procs: int, args: argparse.Namespace, store: Path, workload: str) -> float:
     threads = max(1, args.cores // procs)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", __file__]
     cmd += ["--child", "--model", args.model, "--n", str(args.n), "--seq-len", str(args.seq_len)]
     cmd += ["--batch-size", str(args.batch_size), "--threads", str(threads), "--store", str(store)]
+    cmd += ["--workload", workload]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -93,31 +110,52 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--store", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workload", default="extract", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.child:
         return child(args)
     work = Path(tempfile.mkdtemp(prefix="posprobe-bench-dist-"))
-    seconds: dict[int, list[float]] = {k: [] for k in args.procs}
+    seconds: dict[tuple[str, int], list[float]] = {}
     try:
         for r in range(args.repeats):
             for procs in args.procs:
                 store = work / f"store-{procs}-{r}"
-                seconds[procs].append(run(procs, args, store))
-        identical = all(same_store(work / f"store-{args.procs[0]}-0", work / f"store-{k}-0") for k in args.procs)
+                seconds.setdefault(("extract", procs), []).append(run(procs, args, store, "extract"))
+                seconds.setdefault(("neurons", procs), []).append(run(procs, args, store, "neurons"))
+        first = work / f"store-{args.procs[0]}-0"
+        identical = all(same_store(first, work / f"store-{k}-0") for k in args.procs)
+        tables = [pd.read_pickle(work / f"store-{k}-0" / f"neurons-{k}.pkl") for k in args.procs]
+        neurons_equal = all(t.equals(tables[0]) for t in tables[1:])
+        neurons_close = all(_close(t, tables[0]) for t in tables[1:])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tokens = args.n * args.seq_len
     results = [
-        {"processes": k, "threads_per_process": max(1, args.cores // k), "seconds": statistics.median(v),
-         "all_seconds": [round(x, 3) for x in v], "tokens_per_s": tokens / statistics.median(v)}
-        for k, v in seconds.items()
+        {"workload": w, "processes": k, "threads_per_process": max(1, args.cores // k),
+         "seconds": statistics.median(v), "all_seconds": [round(x, 3) for x in v],
+         "tokens_per_s": tokens / statistics.median(v)}
+        for (w, k), v in seconds.items()
     ]  # fmt: skip
-    base = results[0]["tokens_per_s"]
-    ratios = {f"tokens_per_s_{r['processes']}_vs_{args.procs[0]}": r["tokens_per_s"] / base for r in results}
-    doc = envelope("distributed-extraction", results, ratios, stores_identical=identical, sites=list(SITES),
-                   model=args.model, n=args.n, seq_len=args.seq_len, batch_size=args.batch_size)  # fmt: skip
+    ratios = {}
+    for w in ("extract", "neurons"):
+        rows = [r for r in results if r["workload"] == w]
+        for r in rows[1:]:
+            ratios[f"{w}_tokens_per_s_{r['processes']}_vs_{rows[0]['processes']}"] = (
+                r["tokens_per_s"] / rows[0]["tokens_per_s"]
+            )
+    doc = envelope("distributed", results, ratios, stores_identical=identical, neuron_tables_identical=neurons_equal,
+                   neuron_tables_equal_to_rounding=neurons_close, sites=list(SITES), model=args.model, n=args.n,
+                   seq_len=args.seq_len, batch_size=args.batch_size)  # fmt: skip
     emit(doc, args.out)
+
+
+def _close(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    try:
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9)
+    except AssertionError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

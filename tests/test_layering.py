@@ -52,3 +52,18 @@ def test_the_check_sees_a_lazy_import(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import math\n\n\ndef f():\n    from posprobe.stats.attention import ROLES\n    return ROLES\n")
     assert imported_modules(sample) == {"math", "posprobe.stats.attention"}
+
+
+#: STYLE: a function reads as named steps; one over this many lines (def to last line) is split
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_a_god_function():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split into named steps: " + "; ".join(long)
