@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--n", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cores", type=int, default=default_threads())
@@ -123,6 +123,8 @@ def main() -> None:
                 store = work / f"store-{procs}-{r}"
                 seconds.setdefault(("extract", procs), []).append(run(procs, args, store, "extract"))
                 seconds.setdefault(("neurons", procs), []).append(run(procs, args, store, "neurons"))
+                if r > 0:  # the first round's stores are compared below; later ones only take disk
+                    shutil.rmtree(store)
         first = work / f"store-{args.procs[0]}-0"
         identical = all(same_store(first, work / f"store-{k}-0") for k in args.procs)
         tables = [pd.read_pickle(work / f"store-{k}-0" / f"neurons-{k}.pkl") for k in args.procs]
