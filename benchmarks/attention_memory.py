@@ -4,12 +4,18 @@ Each case runs in a fresh process on one sequence of ``seq_len`` random tokens a
 time and peak RSS above the RSS after the model is loaded:
 
 - ``plain``: the model body with fused SDPA and no hooks (the floor);
-- ``stream``: ``attention_stats`` on every layer (one layer's pattern alive at a time);
+- ``stream``: ``attention_stats`` on every layer with whole maps (``query_block=None``: one layer's
+  pattern alive at a time, computed eagerly);
+- ``blocks``: ``attention_stats`` reading each map ``--block`` queries at a time while the forward runs
+  fused (``query_block``): memory O(block × s) per layer;
 - ``keep``: capturing every layer's pattern in memory, what storing full maps costs
   (skipped above ``--keep-max`` tokens, where its size is reported from the shapes instead).
 
+At ``--check-len`` tokens the block and whole-map statistics are compared (largest absolute
+difference of every head table column), in one more child process.
+
     .venv/bin/python benchmarks/attention_memory.py [--model smollm2-135m] [--seq-lens 1024 4096]
-        [--keep-max 1024] [--out FILE]
+        [--keep-max 1024] [--block 256] [--check-len 1024] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def run_case(model_name: str, case: str, seq_len: int, threads: int) -> dict:
+def run_case(model_name: str, case: str, seq_len: int, threads: int, block: int = 256) -> dict:
     import posprobe as pp
     from posprobe.sites import SiteKey
     from posprobe.stats.attention import attention_stats
@@ -50,12 +56,28 @@ def run_case(model_name: str, case: str, seq_len: int, threads: int) -> dict:
     if case == "plain":
         model.run(tokens.tokens, return_logits=False, stop_at_layer=last)
     elif case == "stream":
-        attention_stats(model, tokens, batch_size=1)
+        attention_stats(model, tokens, batch_size=1, query_block=None)
+    elif case == "blocks":
+        attention_stats(model, tokens, batch_size=1, query_block=block)
+    elif case == "check":
+        whole = attention_stats(model, tokens, batch_size=1, query_block=None).table
+        blocks = attention_stats(model, tokens, batch_size=1, query_block=block).table
+        numeric = whole.select_dtypes("number").columns
+        diff = (blocks[numeric] - whole[numeric]).abs()
+        relative = (diff / whole[numeric].abs().clip(lower=1e-6)).max()
+        return {
+            "case": "check",
+            "seq_len": seq_len,
+            "block": block,
+            "max_abs_difference": float(diff.max().max()),
+            "max_relative_difference": float(relative.max()),
+            "worst_column": str(relative.idxmax()),
+        }
     elif case == "keep":
         keys = [SiteKey("pattern", layer) for layer in range(model.info.n_layers)]
         model.run(tokens.tokens, capture=keys, return_logits=False, stop_at_layer=last)
     else:
-        raise ValueError(f"unknown case {case!r}; known: plain, stream, keep")
+        raise ValueError(f"unknown case {case!r}; known: plain, stream, blocks, keep, check")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = model.info
@@ -75,34 +97,45 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--keep-max", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block", type=int, default=256, help="queries per block of the blocks case")
+    parser.add_argument("--check-len", type=int, default=1024, help="tokens of the blocks-vs-whole-maps check")
+    parser.add_argument("--cases", nargs="+", default=["plain", "stream", "blocks", "keep"])
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.model, args.case, args.seq_len, args.threads)))
+        print(json.dumps(run_case(args.model, args.case, args.seq_len, args.threads, args.block)))
         return
+    cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--block", str(args.block)]
     results = []
     for seq_len in args.seq_lens:
-        cases = ["plain", "stream"] + (["keep"] if seq_len <= args.keep_max else [])
+        cases = [c for c in args.cases if c != "keep" or seq_len <= args.keep_max]
         for case in cases:
-            cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads)]
             out = subprocess.run(
                 [*cmd, "--case", case, "--seq-len", str(seq_len)], capture_output=True, text=True, check=True
             )
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.check_len:
+        out = subprocess.run(
+            [*cmd, "--case", "check", "--seq-len", str(args.check_len)], capture_output=True, text=True, check=True
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     by = {(r["seq_len"], r["case"]): r for r in results}
     ratios = {}
     for seq_len in args.seq_lens:
-        plain, stream = by[(seq_len, "plain")], by[(seq_len, "stream")]
-        entry = {
-            "stream_vs_plain_time": round(stream["seconds"] / plain["seconds"], 2),
-            "stream_peak_vs_one_layer_pattern": round(
-                stream["peak_rss_above_loaded_mb"] / stream["one_layer_pattern_mb"], 2
-            ),
-            "stream_peak_vs_all_patterns": round(stream["peak_rss_above_loaded_mb"] / stream["all_patterns_mb"], 3),
-        }
-        if (seq_len, "keep") in by:
+        plain = by[(seq_len, "plain")]
+        entry = {}
+        for case in ("stream", "blocks"):
+            if (seq_len, case) not in by:
+                continue
+            run = by[(seq_len, case)]
+            entry[f"{case}_vs_plain_time"] = round(run["seconds"] / plain["seconds"], 2)
+            entry[f"{case}_peak_vs_one_layer_pattern"] = round(
+                run["peak_rss_above_loaded_mb"] / run["one_layer_pattern_mb"], 3
+            )
+        stream = by.get((seq_len, "stream"))
+        if (seq_len, "keep") in by and stream is not None:
             keep = by[(seq_len, "keep")]
             entry["keep_peak_vs_stream_peak"] = round(
                 keep["peak_rss_above_loaded_mb"] / stream["peak_rss_above_loaded_mb"], 2

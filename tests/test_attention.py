@@ -363,7 +363,8 @@ def test_attention_stats_result_contract(tmp_path):
     assert (info.analysis, info.model, info.site, info.layers) == ("attention_stats", "planted", "pattern", (0,))
     assert (info.n_sequences, info.seq_len, info.n_tokens) == (2, 16, 32)
     assert info.causal and info.prepend_bos and info.exclude_pos0 == "both" and info.notes == ()
-    assert info.params == {"window": 4, "rules": {"previous_token": 0.5, "sink": 0.5, "local": 0.5}}
+    rules = {"previous_token": 0.5, "sink": 0.5, "local": 0.5}
+    assert info.params == {"window": 4, "rules": rules, "query_block": None}
     assert result.heads is result.table and result.window == 4 and result.model_name == "planted"
     assert result.figure_kinds() == ["roles", "distance"]
     assert result.figure().data[0].type == "heatmap"  # the default: the head-role map
@@ -456,3 +457,53 @@ def test_smollm2_has_a_first_token_sink(smollm2):
     assert result.prepend_bos == tokens.prepend_bos
     assert (result.roles["first_token_mass"] > 0.5).any()
     assert (result.roles["role"] == "sink").sum() >= 1
+
+
+# -- long context: the map a block of queries at a time --------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bert"])
+@pytest.mark.parametrize("block", [1, 7, 16])
+def test_query_blocks_give_the_whole_map_numbers(family, block, tiny_llama, tiny_gemma3, tiny_bert, monkeypatch):
+    """Blocks of queries against every key give what whole maps give, to float32 rounding (sums in float64):
+    GQA (llama), sliding windows (gemma3), bidirectional attention (bert), left padding, blocks that do not
+    divide the length and a block holding position 0 or not."""
+    model = {"llama": tiny_llama, "gemma3": tiny_gemma3, "bert": tiny_bert}[family]
+    ids = random_ids(3, 24, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: position 0 of row 1 sits in column 5
+    tokens = TokenBatch(ids, mask, prepend_bos=False, source="random ids")
+    import posprobe.models.hf as hf
+
+    whole = attention_stats(model, tokens, query_block=None)
+    calls, real = [], hf.blocked_attention
+    monkeypatch.setattr(hf, "blocked_attention", lambda *a: calls.append(a[-1]) or real(*a))
+    blocks = attention_stats(model, tokens, query_block=block)
+    assert calls == [block] * model.info.n_layers  # the block path ran in every layer
+    assert blocks.info.params["query_block"] == block and whole.info.params["query_block"] is None
+    pd.testing.assert_frame_equal(blocks.table, whole.table, check_exact=False, rtol=1e-6, atol=1e-9)
+    for layer, sums in whole.sums.items():
+        for name, value in sums.items():
+            torch.testing.assert_close(blocks.sums[layer][name], value, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_query_blocks_compute_what_explicit_attention_computes():
+    """The block path hands the observer [b heads block t] slices, never the whole map, and its output is
+    explicit attention's (GQA, a causal mask, a block that does not divide the length)."""
+    from posprobe.models.hf import blocked_attention, explicit_attention
+
+    q, k, v = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()
+    seen = []
+    out = blocked_attention(q, k, v, allowed, 0.25, lambda w, q0: seen.append((w, q0)), 4)
+    assert [(tuple(w.shape), q0) for w, q0 in seen] == [((2, 4, 4, 10), 0), ((2, 4, 4, 10), 4), ((2, 4, 2, 10), 8)]
+    full_out, full = explicit_attention(q, k, v, allowed, 0.25, {})
+    torch.testing.assert_close(torch.cat([w for w, _ in seen], dim=2), full)
+    torch.testing.assert_close(out, full_out)
+
+
+def test_query_block_auto_and_bad_values(tiny_llama):
+    tokens = random_ids(1, 12)
+    assert attention_stats(tiny_llama, tokens).info.params["query_block"] is None  # short: whole maps
+    with pytest.raises(ValueError, match="query_block must be a positive int, 'auto' or None, got 0"):
+        attention_stats(tiny_llama, tokens, query_block=0)

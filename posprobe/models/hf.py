@@ -94,6 +94,12 @@ def posprobe_attention(
     if layer is not None:
         query, key = qk_hooks(layer, query, key)
     weights: Tensor | None
+    block = getattr(hooks.get("pattern"), "query_block", None)
+    if block and "attn_scores" not in hooks and not softcap:  # an observer that reads the map a block at a time
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        allowed = _allowed(attention_mask, module, query, key)
+        out = blocked_attention(query, key, value, allowed, scale, hooks["pattern"], block)
+        return _apply(hooks.get("z"), out), None
     if "pattern" in hooks or "attn_scores" in hooks or softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out, weights = explicit_attention(
@@ -179,6 +185,32 @@ def explicit_attention(
     weights = weights.to(query.dtype)
     weights = _apply(hooks.get("pattern"), weights)
     return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+def blocked_attention(
+    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None, scale: float, observer: Any, block: int
+) -> Tensor:
+    """``explicit_attention`` a block of ``block`` queries at a time, never the whole [b h s t] map: each
+    block's weights [b h block t] go to ``observer(weights, q0)`` (it reads; it cannot edit), then · v.
+
+    Same operations as ``explicit_attention`` row for row; out [b s h d].
+    """
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1).transpose(2, 3)
+    v = value.repeat_interleave(groups, dim=1)
+    outs = []
+    for q0 in range(0, query.shape[2], block):
+        scores = torch.matmul(query[:, :, q0 : q0 + block], k) * scale
+        rows = None if allowed is None else allowed[..., q0 : q0 + block, :]
+        if rows is not None:
+            scores = scores.masked_fill(~rows, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1)
+        if rows is not None:  # a query that may see no key (padding) attends nowhere
+            weights = weights.masked_fill(~rows.any(-1, keepdim=True), 0.0)
+        weights = weights.to(query.dtype)
+        observer(weights, q0)
+        outs.append(torch.matmul(weights, v))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def _allowed(mask: Tensor | None, module: nn.Module, query: Tensor, key: Tensor) -> Tensor | None:

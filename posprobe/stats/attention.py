@@ -226,6 +226,7 @@ def attention_stats(
     batch_size: int = 8,
     rules: HeadRoleRules | None = None,
     progress: bool = False,
+    query_block: int | str | None = "auto",
 ) -> AttentionStats:
     """Measure every head's entropy, distance, sink, previous-token and local scores; assign head roles.
 
@@ -235,6 +236,11 @@ def attention_stats(
     (``pp.extract(model, tokens, ["pattern"])``), for small runs. ``window`` (tokens) sets the
     local-window mass: keys with 0 ≤ Δ < window (|Δ| < window for bidirectional models).
     Sinks: Xiao et al. 2023; roles: ``HeadRoleRules``. Sequences need at least two tokens.
+
+    ``query_block``: the statistics read the map ``query_block`` queries at a time (one block against
+    every key, flash-attention style) while the forward runs fused, so memory is O(block × s) per
+    layer instead of O(s²); ``"auto"``: blocks of ``QUERY_BLOCK`` above ``WHOLE_MAP_MAX_TOKENS`` tokens,
+    whole maps below; None: whole maps. Models whose attention posprobe does not run hand whole maps.
     """
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window!r}")
@@ -247,8 +253,10 @@ def attention_stats(
             "attention statistics need sequences of at least 2 tokens"
         )
     layer_list = _pattern_layers(source, layers)
+    block = _query_block(source, query_block)
     sums = _PatternSums(source, n_pos)
-    source.stream("pattern", layer_list, sums.add, _capped_batch(source, batch_size), progress, "attention stats")
+    size = _capped_batch(source, batch_size, block)
+    source.stream("pattern", layer_list, sums.add, size, progress, "attention stats", query_block=block)
     source.reduce(t for layer in sorted(sums.acc) for _, t in sorted(sums.acc[layer].items()))  # over ranks
     heads = pd.concat(
         [_head_table(layer, acc, window, inc) for layer, acc in sums.acc.items() for inc in (True, False)]
@@ -261,9 +269,26 @@ def attention_stats(
         layers=layer_list,
         exclude_pos0="both",
         notes=() if source.causal else BIDIRECTIONAL_NOTES,
-        params={"window": window, "rules": asdict(rules)},
+        params={"window": window, "rules": asdict(rules), "query_block": block},
     )
     return AttentionStats(heads, _roles(heads, rules), rules.table(window), info, rules, sums.acc)
+
+
+#: ``query_block="auto"`` reads whole maps up to this many tokens per sequence, blocks beyond
+WHOLE_MAP_MAX_TOKENS = 1024
+#: queries per block of ``query_block="auto"``
+QUERY_BLOCK = 256
+
+
+def _query_block(source: Source, query_block: int | str | None) -> int | None:
+    if query_block == "auto":
+        long = source.tokens is not None and source.tokens.tokens.shape[1] > WHOLE_MAP_MAX_TOKENS
+        return QUERY_BLOCK if source.model is not None and long else None
+    if query_block is not None and (
+        isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1
+    ):
+        raise ValueError(f"query_block must be a positive int, 'auto' or None, got {query_block!r}")
+    return None if source.model is None else query_block
 
 
 def _pattern_layers(source: Source, layers: int | Sequence[int] | None) -> list[int]:
@@ -293,12 +318,12 @@ def _roles(heads: pd.DataFrame, rules: HeadRoleRules) -> pd.DataFrame:
     return roles
 
 
-def _capped_batch(source: Source, batch_size: int) -> int:
+def _capped_batch(source: Source, batch_size: int, block: int | None = None) -> int:
     if source.model is None or not isinstance(batch_size, int) or batch_size < 1:
         return batch_size
     assert source.tokens is not None  # a Source with a model holds its tokens
     s = source.tokens.tokens.shape[1]
-    per_row = source.model.info.n_heads * s * s * 4
+    per_row = source.model.info.n_heads * min(block or s, s) * s * 4
     return max(1, min(batch_size, PATTERN_BUDGET_BYTES // per_row))
 
 
@@ -315,7 +340,7 @@ class _PatternSums:
         self.p = n_positions
         self.acc: dict[int, dict[str, Tensor]] = {}
         self._geo_for: Batch | None = None
-        self._geo_window: int | None = None
+        self._geo_window: tuple[int | None, int, int] | None = None
         self._geo: dict[str, Any] = {}
 
     def _layer(self, layer: int, n_heads: int) -> dict[str, Tensor]:
@@ -329,18 +354,20 @@ class _PatternSums:
             }
         return self.acc[layer]
 
-    def add(self, layer: int, pattern: Tensor, batch: Batch) -> None:
-        """Fold one batch's pattern [b heads s t] of ``layer`` into the sums."""
+    def add(self, layer: int, pattern: Tensor, batch: Batch, q0: int = 0) -> None:
+        """Fold one batch's pattern [b heads s t] of ``layer`` into the sums: the whole map, or the rows of
+        queries ``q0 : q0 + s`` (a block of a long sequence; blocks of every query add up to the whole)."""
         _, n_heads, s, t = pattern.shape
-        if s != t:
+        if t != batch.attention_mask.shape[1] or q0 + s > t or (q0 == 0 and s > t):
             raise ValueError(
                 f"attention_stats needs self-attention maps with s == t, got pattern of shape {tuple(pattern.shape)}"
             )
         acc = self._layer(layer, n_heads)
-        geo = self._geometry(batch, self.source.sliding_window(layer))
+        geo = self._geometry(batch, self.source.sliding_window(layer), q0, s)
         p, rows, col0 = self.p, geo["rows"], geo["col0"]
+        # distance sums add up to s·t values per bin: float64, so whole maps and blocks of them agree
         per_pos = torch.zeros(3, n_heads, p, device=pattern.device)
-        dist = torch.zeros(2, n_heads, 2 * p - 1, device=pattern.device)
+        dist = torch.zeros(2, n_heads, 2 * p - 1, device=pattern.device, dtype=torch.float64)
         for head in range(n_heads):
             # masked keys already hold probability 0; only padded query rows need zeroing
             ph = pattern[:, head].float()
@@ -352,9 +379,9 @@ class _PatternSums:
             per_pos[0, head].index_add_(0, geo["pos_flat"], (ent * geo["maskf"]).flatten())
             per_pos[1, head].index_add_(0, geo["pos_flat"], norm.flatten())
             per_pos[2, head].index_add_(0, geo["pos_flat"], (first * geo["maskf"]).flatten())
-            for row in range(len(ph)):  # ph[row] is contiguous, so flattening it copies nothing
-                dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten())
-            dist[1, head].index_add_(0, geo["d0"], (ph[rows, col0] * geo["has0"]).flatten())
+            for row in range(len(ph)):
+                dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten().double())
+            dist[1, head].index_add_(0, geo["d0"], (ph[rows, geo["row0"]] * geo["at0"]).flatten().double())
         per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
         for name, value in (("entropy", per_pos[0]), ("norm_entropy", per_pos[1]), ("first", per_pos[2])):
             acc[name] += value
@@ -363,15 +390,17 @@ class _PatternSums:
         for name, value in geo["counts"].items():
             acc[name] += value
 
-    def _geometry(self, batch: Batch, window: int | None) -> dict[str, Any]:
-        """What one batch's mask and positions imply, shared by every head and layer with the same window."""
-        if self._geo_for is batch and self._geo_window == window:
+    def _geometry(self, batch: Batch, window: int | None, q0: int, s: int) -> dict[str, Any]:
+        """What one batch's mask and positions imply for queries ``q0 : q0 + s``, shared by every head and layer
+        with the same window."""
+        if self._geo_for is batch and self._geo_window == (window, q0, s):
             return self._geo
         p = self.p
-        mask = batch.attention_mask.bool()
-        pos = batch.position_ids.long().masked_fill(~mask, 0)
-        delta = pos[:, :, None] - pos[:, None, :]  # [b s t]
-        allowed = mask[:, :, None] & mask[:, None, :]
+        keys = batch.attention_mask.bool()
+        key_pos = batch.position_ids.long().masked_fill(~keys, 0)
+        mask, pos = keys[:, q0 : q0 + s], key_pos[:, q0 : q0 + s]  # the queries of this block
+        delta = pos[:, :, None] - key_pos[:, None, :]  # [b s t]
+        allowed = mask[:, :, None] & keys[:, None, :]
         if self.source.causal:
             allowed &= delta >= 0
         if window:
@@ -382,19 +411,21 @@ class _PatternSums:
         maskf = mask.float()
         pos_flat = pos.flatten()
         didx = (delta + p - 1).flatten(1)  # [b s*t]
-        is0 = mask & (pos == 0)
+        is0 = keys & (key_pos == 0)
         has0 = is0.any(-1).float()[:, None]
         col0 = is0.float().argmax(-1)  # [b] the column holding position 0
         rows = torch.arange(len(mask), device=mask.device)
-        d0 = (delta[rows, col0] + p - 1).flatten()  # distances seen by the query at position 0
+        row0 = (col0 - q0).clamp(0, s - 1)  # the row of the query at position 0, when this block holds it
+        at0 = has0 * ((col0 >= q0) & (col0 < q0 + s)).float()[:, None]
+        d0 = (delta[rows, row0] + p - 1).flatten()  # distances seen by the query at position 0
         counts = torch.zeros(5, 2 * p - 1, device=mask.device)
         counts[0, :p].index_add_(0, pos_flat, maskf.flatten())
         counts[1, :p].index_add_(0, pos_flat, norm_ok.float().flatten())
         counts[2, :p].index_add_(0, pos_flat, (log_keys * maskf).flatten())
         counts[3].index_add_(0, didx.flatten(), allowed.float().flatten())
-        counts[4].index_add_(0, d0, (allowed[rows, col0].float() * has0).flatten())
+        counts[4].index_add_(0, d0, (allowed[rows, row0].float() * at0).flatten())
         counts = counts.double().cpu()
-        self._geo_for, self._geo_window = batch, window  # a reference, so the identity test above is sound
+        self._geo_for, self._geo_window = batch, (window, q0, s)  # a reference: the identity test above is sound
         self._geo = {
             "padded": not bool(mask.all()),
             "maskf": maskf,
@@ -405,6 +436,8 @@ class _PatternSums:
             "rows": rows,
             "col0": col0,
             "has0": has0,
+            "row0": row0,
+            "at0": at0,
             "d0": d0,
             "counts": {
                 "n_queries": counts[0, :p],

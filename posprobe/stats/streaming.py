@@ -156,14 +156,24 @@ class Source:
         batch_size: int,
         progress: bool = False,
         desc: str = "",
+        query_block: int | None = None,
     ) -> None:
-        """Call ``observe(layer, activation, batch)`` for every batch and layer of ``site``."""
+        """Call ``observe(layer, activation, batch)`` for every batch and layer of ``site``.
+
+        ``query_block`` (site ``pattern``): ``observe(layer, weights, batch, q0)`` receives the map a block of
+        queries at a time, [b heads query_block t] for queries ``q0 : q0 + query_block``, where the model's
+        attention runs through posprobe's attention function (the forward itself stays fused); whole maps
+        (``q0`` 0) elsewhere and from a store.
+        """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if query_block is not None and (site != "pattern" or not isinstance(query_block, int) or query_block < 1):
+            raise ValueError(f"query_block is a positive int for site 'pattern', got {query_block!r} for {site!r}")
         if self.model is None:
-            self._stream_store(site, layers, observe, progress, desc)
+            whole = observe if query_block is None else partial(_whole_map, observe)
+            self._stream_store(site, layers, whole, progress, desc)
         else:
-            self._stream_model(site, layers, observe, batch_size, progress, desc)
+            self._stream_model(site, layers, observe, batch_size, progress, desc, query_block)
 
     def _stream_store(
         self,
@@ -194,6 +204,7 @@ class Source:
         batch_size: int,
         progress: bool,
         desc: str,
+        query_block: int | None = None,
     ) -> None:
         model, tokens = self.model, self.tokens
         assert model is not None and tokens is not None  # a Source with a model holds its tokens
@@ -202,10 +213,12 @@ class Source:
             batch = Batch(start, chunk.attention_mask.to(model.device), chunk.position_ids.to(model.device))
             fired: set[int | None] = set()
             where = f"of {self.name}"
-            hooks = {
+            hooks: dict[SiteKey, Any] = {
                 SiteKey(site, layer): partial(_observe_once, observe, site, layer, batch, fired, where)
                 for layer in layers
             }
+            if query_block is not None:
+                hooks = {key: _BlockObserver(hook, query_block) for key, hook in hooks.items()}
             model.run(
                 chunk.tokens,
                 attention_mask=batch.attention_mask,
@@ -225,17 +238,37 @@ class Source:
 
 
 def _observe_once(
-    observe: Callable[[_Layer, Tensor, Batch], None],
+    observe: Callable[..., None],
     site: str,
     layer: _Layer,
     batch: Batch,
     fired: set[int | None],
     where: str,
     x: Tensor,
+    q0: int | None = None,
 ) -> None:
     fired.add(layer)
     check_finite(site, layer, x, start=batch.start, where=where)  # before the observer folds it into a statistic
-    observe(layer, x.detach(), batch)
+    if q0 is None:
+        observe(layer, x.detach(), batch)
+    else:
+        observe(layer, x.detach(), batch, q0)
+
+
+@dataclass(frozen=True)
+class _BlockObserver:
+    """A ``pattern`` hook posprobe's attention function calls a block of queries at a time (``query_block``
+    read by ``posprobe.models.hf.posprobe_attention``); other attention code calls it with the whole map."""
+
+    observe: Callable[..., None]
+    query_block: int
+
+    def __call__(self, x: Tensor, q0: int = 0) -> None:
+        self.observe(x, q0)
+
+
+def _whole_map(observe: Callable[..., None], layer: Any, x: Tensor, batch: Batch) -> None:
+    observe(layer, x, batch, 0)
 
 
 def batches(
