@@ -462,16 +462,20 @@ def test_smollm2_has_a_first_token_sink(smollm2):
 # -- long context: the map a block of queries at a time --------------------------------------------
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "bert"])
 @pytest.mark.parametrize("block", [1, 7, 16])
-def test_query_blocks_give_the_whole_map_numbers(family, block, tiny_llama, tiny_gemma3, tiny_bert, monkeypatch):
+def test_query_blocks_give_the_whole_map_numbers(
+    family, block, padded, tiny_llama, tiny_gemma3, tiny_bert, monkeypatch
+):
     """Blocks of queries against every key give what whole maps give, to float32 rounding (sums in float64):
     GQA (llama), sliding windows (gemma3), bidirectional attention (bert), left padding, blocks that do not
     divide the length and a block holding position 0 or not."""
     model = {"llama": tiny_llama, "gemma3": tiny_gemma3, "bert": tiny_bert}[family]
     ids = random_ids(3, 24, seed=4)
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding: position 0 of row 1 sits in column 5
+    if padded:
+        mask[1, :5] = 0  # left padding: position 0 of row 1 sits in column 5
     tokens = TokenBatch(ids, mask, prepend_bos=False, source="random ids")
     import posprobe.models.hf as hf
 
@@ -485,6 +489,25 @@ def test_query_blocks_give_the_whole_map_numbers(family, block, tiny_llama, tiny
     for layer, sums in whole.sums.items():
         for name, value in sums.items():
             torch.testing.assert_close(blocks.sums[layer][name], value, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_diagonal_sums_are_the_distance_histogram(monkeypatch, tiny_llama):
+    """The strided-view sums (unpadded batches) equal the scattered sums (index_add over every pair)."""
+    import posprobe.stats.attention as attention
+
+    tokens = random_ids(2, 20, seed=5)
+    fast = attention_stats(tiny_llama, tokens, query_block=6)
+    real = attention._diagonals
+    monkeypatch.setattr(attention, "_diagonals", lambda *a: {**real(*a), "aligned": False})
+    slow = attention_stats(tiny_llama, tokens, query_block=6)
+    for layer, sums in slow.sums.items():
+        torch.testing.assert_close(fast.sums[layer]["dist"], sums["dist"], rtol=1e-12, atol=1e-12)
+    x = torch.rand(2, 3, 7)
+    expected = torch.zeros(10, dtype=torch.float64)
+    for r in range(3):
+        for j in range(7):
+            expected[3 - r + j] += x[:, r, j].double().sum()  # m = s − (r − j): distance r − j
+    torch.testing.assert_close(attention._diagonal_sums(x), expected)
 
 
 def test_query_blocks_compute_what_explicit_attention_computes():

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from posprobe.data import TokenBatch
@@ -379,8 +380,11 @@ class _PatternSums:
             per_pos[0, head].index_add_(0, geo["pos_flat"], (ent * geo["maskf"]).flatten())
             per_pos[1, head].index_add_(0, geo["pos_flat"], norm.flatten())
             per_pos[2, head].index_add_(0, geo["pos_flat"], (first * geo["maskf"]).flatten())
-            for row in range(len(ph)):
-                dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten().double())
+            if geo["aligned"]:  # positions are columns: a distance is a diagonal, summed by a strided view
+                dist[0, head, geo["diag_bins"]] += _diagonal_sums(ph)[geo["diag_keep"]]
+            else:
+                for row in range(len(ph)):
+                    dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten().double())
             dist[1, head].index_add_(0, geo["d0"], (ph[rows, geo["row0"]] * geo["at0"]).flatten().double())
         per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
         for name, value in (("entropy", per_pos[0]), ("norm_entropy", per_pos[1]), ("first", per_pos[2])):
@@ -427,6 +431,7 @@ class _PatternSums:
         counts = counts.double().cpu()
         self._geo_for, self._geo_window = batch, (window, q0, s)  # a reference: the identity test above is sound
         self._geo = {
+            **_diagonals(keys, key_pos, q0, s, p),
             "padded": not bool(mask.all()),
             "maskf": maskf,
             "norm_ok": norm_ok,
@@ -448,6 +453,29 @@ class _PatternSums:
             },
         }
         return self._geo
+
+
+def _diagonals(keys: Tensor, key_pos: Tensor, q0: int, s: int, p: int) -> dict[str, Any]:
+    """Whether a batch's positions are its columns (no padding), and the distance bin of each diagonal sum."""
+    t = keys.shape[1]
+    aligned = bool(keys.all()) and bool((key_pos == torch.arange(t, device=keys.device)).all())
+    diag = q0 + s - torch.arange(t + s, device=keys.device) + p - 1  # Δ + p − 1 of each diagonal
+    keep = (diag >= 0) & (diag <= 2 * p - 2)
+    return {"aligned": aligned, "diag_keep": keep, "diag_bins": diag[keep]}
+
+
+def _diagonal_sums(x: Tensor) -> Tensor:
+    """Sums of ``x`` [b s t] along its diagonals, over the batch, in float64: [t + s], entry m the sum of
+    x[:, r, m + r − s] over r (the key s − m columns left of the query row; 0 outside the map).
+
+    Each row is shifted left by its index through a strided view of the zero-padded map, so the
+    diagonals become columns: O(s·t) memory and one reduction, where an index_add would scatter s·t values.
+    """
+    b, s, t = x.shape
+    padded = F.pad(x, (s, s))  # [b s t+2s], contiguous
+    width = t + 2 * s
+    shifted = padded.as_strided((b, s, t + s), (s * width, width + 1, 1))
+    return shifted.sum(dim=(0, 1), dtype=torch.float64)
 
 
 def _distance_sums(acc: dict[str, Tensor], include_pos0: bool) -> tuple[Tensor, Tensor, float]:
