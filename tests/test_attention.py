@@ -511,18 +511,23 @@ def test_diagonal_sums_are_the_distance_histogram(monkeypatch, tiny_llama):
 
 
 def test_query_blocks_compute_what_explicit_attention_computes():
-    """The block path hands the observer [b heads block t] slices, never the whole map, and its output is
-    explicit attention's (GQA, a causal mask, a block that does not divide the length)."""
+    """The block path hands the observer each block's weights up to its last visible key ([b heads block seen];
+    causal: seen = the block's last query + 1), never the whole map, and its output is explicit attention's
+    (GQA, a causal mask, a block that does not divide the length)."""
     from posprobe.models.hf import blocked_attention, explicit_attention
 
     q, k, v = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
     allowed = torch.ones(10, 10, dtype=torch.bool).tril()
     seen = []
     out = blocked_attention(q, k, v, allowed, 0.25, lambda w, q0: seen.append((w, q0)), 4)
-    assert [(tuple(w.shape), q0) for w, q0 in seen] == [((2, 4, 4, 10), 0), ((2, 4, 4, 10), 4), ((2, 4, 2, 10), 8)]
+    assert [(tuple(w.shape), q0) for w, q0 in seen] == [((2, 4, 4, 4), 0), ((2, 4, 4, 8), 4), ((2, 4, 2, 10), 8)]
     full_out, full = explicit_attention(q, k, v, allowed, 0.25, {})
-    torch.testing.assert_close(torch.cat([w for w, _ in seen], dim=2), full)
+    rows = torch.cat([torch.nn.functional.pad(w, (0, 10 - w.shape[-1])) for w, _ in seen], dim=2)
+    torch.testing.assert_close(rows, full)
     torch.testing.assert_close(out, full_out)
+    bidirectional = []
+    blocked_attention(q, k, v, None, 0.25, lambda w, q0: bidirectional.append(tuple(w.shape)), 4)
+    assert bidirectional == [(2, 4, 4, 10), (2, 4, 4, 10), (2, 4, 2, 10)]  # every key visible: whole rows
 
 
 def test_query_block_auto_and_bad_values(tiny_llama):

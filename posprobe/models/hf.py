@@ -191,26 +191,38 @@ def blocked_attention(
     query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None, scale: float, observer: Any, block: int
 ) -> Tensor:
     """``explicit_attention`` a block of ``block`` queries at a time, never the whole [b h s t] map: each
-    block's weights [b h block t] go to ``observer(weights, q0)`` (it reads; it cannot edit), then · v.
+    block's weights go to ``observer(weights, q0)`` (it reads; it cannot edit), then · v.
 
-    Same operations as ``explicit_attention`` row for row; out [b s h d].
+    A block multiplies only the keys up to the last one any of its queries may see (causal attention
+    never looks ahead), so causal models pay about half the product: the observer gets [b h block seen],
+    the weights of keys ``0 : seen`` (every later key has weight 0). Out [b s h d].
     """
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1).transpose(2, 3)
     v = value.repeat_interleave(groups, dim=1)
+    t = k.shape[-1]
+    blocked = None if allowed is None else ~allowed
+    silent = None if allowed is None else ~allowed.any(-1, keepdim=True)  # queries that may see no key
     outs = []
     for q0 in range(0, query.shape[2], block):
-        scores = torch.matmul(query[:, :, q0 : q0 + block], k) * scale
-        rows = None if allowed is None else allowed[..., q0 : q0 + block, :]
-        if rows is not None:
-            scores = scores.masked_fill(~rows, float("-inf"))
+        seen = t if allowed is None else _last_key(allowed[..., q0 : q0 + block, :]) + 1
+        scores = torch.matmul(query[:, :, q0 : q0 + block], k[..., :seen]).mul_(scale)
+        if blocked is not None:
+            scores.masked_fill_(blocked[..., q0 : q0 + block, :seen], float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1)
-        if rows is not None:  # a query that may see no key (padding) attends nowhere
-            weights = weights.masked_fill(~rows.any(-1, keepdim=True), 0.0)
+        if silent is not None and bool(silent[..., q0 : q0 + block, :].any()):
+            weights.masked_fill_(silent[..., q0 : q0 + block, :], 0.0)
         weights = weights.to(query.dtype)
-        observer(weights, q0)
-        outs.append(torch.matmul(weights, v))
+        outs.append(torch.matmul(weights, v[:, :, :seen]))
+        observer(weights, q0)  # [b h block seen]: the keys after ``seen`` hold 0
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _last_key(rows: Tensor) -> int:
+    """The last key column any of these query rows may see (0 when none may)."""
+    cols = rows.reshape(-1, rows.shape[-1]).any(0)
+    found = torch.nonzero(cols)
+    return int(found[-1]) if len(found) else 0
 
 
 def _allowed(mask: Tensor | None, module: nn.Module, query: Tensor, key: Tensor) -> Tensor | None:

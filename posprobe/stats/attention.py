@@ -358,13 +358,16 @@ class _PatternSums:
     def add(self, layer: int, pattern: Tensor, batch: Batch, q0: int = 0) -> None:
         """Fold one batch's pattern [b heads s t] of ``layer`` into the sums: the whole map, or the rows of
         queries ``q0 : q0 + s`` (a block of a long sequence; blocks of every query add up to the whole)."""
-        _, n_heads, s, t = pattern.shape
-        if t != batch.attention_mask.shape[1] or q0 + s > t or (q0 == 0 and s > t):
+        _, n_heads, s, seen = pattern.shape
+        t = batch.attention_mask.shape[1]
+        if seen > t or q0 + s > t or (q0 == 0 and s == t and seen != t):
             raise ValueError(
                 f"attention_stats needs self-attention maps with s == t, got pattern of shape {tuple(pattern.shape)}"
             )
         acc = self._layer(layer, n_heads)
         geo = self._geometry(batch, self.source.sliding_window(layer), q0, s)
+        if seen < t and not geo["aligned"]:  # keys past the block's last visible one were left out: they are 0
+            pattern, seen = F.pad(pattern, (0, t - seen)), t
         p, rows, col0 = self.p, geo["rows"], geo["col0"]
         # distance sums add up to s·t values per bin: float64, so whole maps and blocks of them agree
         per_pos = torch.zeros(3, n_heads, p, device=pattern.device)
@@ -381,11 +384,13 @@ class _PatternSums:
             per_pos[1, head].index_add_(0, geo["pos_flat"], norm.flatten())
             per_pos[2, head].index_add_(0, geo["pos_flat"], (first * geo["maskf"]).flatten())
             if geo["aligned"]:  # positions are columns: a distance is a diagonal, summed by a strided view
-                dist[0, head, geo["diag_bins"]] += _diagonal_sums(ph)[geo["diag_keep"]]
+                keep = geo["diag_keep"][: seen + s]
+                dist[0, head, geo["diag_bins"][: seen + s][keep]] += _diagonal_sums(ph)[keep]
             else:
                 for row in range(len(ph)):
                     dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten().double())
-            dist[1, head].index_add_(0, geo["d0"], (ph[rows, geo["row0"]] * geo["at0"]).flatten().double())
+            d0 = geo["d0"][:, :seen].flatten()
+            dist[1, head].index_add_(0, d0, (ph[rows, geo["row0"]] * geo["at0"]).flatten().double())
         per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
         for name, value in (("entropy", per_pos[0]), ("norm_entropy", per_pos[1]), ("first", per_pos[2])):
             acc[name] += value
@@ -421,13 +426,13 @@ class _PatternSums:
         rows = torch.arange(len(mask), device=mask.device)
         row0 = (col0 - q0).clamp(0, s - 1)  # the row of the query at position 0, when this block holds it
         at0 = has0 * ((col0 >= q0) & (col0 < q0 + s)).float()[:, None]
-        d0 = (delta[rows, row0] + p - 1).flatten()  # distances seen by the query at position 0
+        d0 = delta[rows, row0] + p - 1  # [b t] distances seen by the query at position 0
         counts = torch.zeros(5, 2 * p - 1, device=mask.device)
         counts[0, :p].index_add_(0, pos_flat, maskf.flatten())
         counts[1, :p].index_add_(0, pos_flat, norm_ok.float().flatten())
         counts[2, :p].index_add_(0, pos_flat, (log_keys * maskf).flatten())
         counts[3].index_add_(0, didx.flatten(), allowed.float().flatten())
-        counts[4].index_add_(0, d0, (allowed[rows, row0].float() * at0).flatten())
+        counts[4].index_add_(0, d0.flatten(), (allowed[rows, row0].float() * at0).flatten())
         counts = counts.double().cpu()
         self._geo_for, self._geo_window = batch, (window, q0, s)  # a reference: the identity test above is sound
         self._geo = {
@@ -460,8 +465,7 @@ def _diagonals(keys: Tensor, key_pos: Tensor, q0: int, s: int, p: int) -> dict[s
     t = keys.shape[1]
     aligned = bool(keys.all()) and bool((key_pos == torch.arange(t, device=keys.device)).all())
     diag = q0 + s - torch.arange(t + s, device=keys.device) + p - 1  # Δ + p − 1 of each diagonal
-    keep = (diag >= 0) & (diag <= 2 * p - 2)
-    return {"aligned": aligned, "diag_keep": keep, "diag_bins": diag[keep]}
+    return {"aligned": aligned, "diag_keep": (diag >= 0) & (diag <= 2 * p - 2), "diag_bins": diag}
 
 
 def _diagonal_sums(x: Tensor) -> Tensor:
