@@ -502,11 +502,11 @@ def test_diagonal_sums_are_the_distance_histogram(monkeypatch, tiny_llama):
     slow = attention_stats(tiny_llama, tokens, query_block=6)
     for layer, sums in slow.sums.items():
         torch.testing.assert_close(fast.sums[layer]["dist"], sums["dist"], rtol=1e-12, atol=1e-12)
-    x = torch.rand(2, 3, 7)
-    expected = torch.zeros(10, dtype=torch.float64)
+    x = torch.rand(2, 4, 3, 7)  # [b heads s t]
+    expected = torch.zeros(4, 10, dtype=torch.float64)
     for r in range(3):
         for j in range(7):
-            expected[3 - r + j] += x[:, r, j].double().sum()  # m = s − (r − j): distance r − j
+            expected[:, 3 - r + j] += x[:, :, r, j].double().sum(0)  # m = s − (r − j): distance r − j
     torch.testing.assert_close(attention._diagonal_sums(x), expected)
 
 

@@ -369,28 +369,27 @@ class _PatternSums:
         if seen < t and not geo["aligned"]:  # keys past the block's last visible one were left out: they are 0
             pattern, seen = F.pad(pattern, (0, t - seen)), t
         p, rows, col0 = self.p, geo["rows"], geo["col0"]
-        # distance sums add up to s·t values per bin: float64, so whole maps and blocks of them agree
+        # masked keys already hold probability 0; only padded query rows need zeroing
+        ph = pattern.float()  # [b heads s seen]
+        if geo["padded"]:
+            ph = ph * geo["maskf"][:, None, :, None]
+        ent = -torch.special.xlogy(ph, ph).sum(-1)  # [b heads s]
+        norm = torch.where(geo["norm_ok"][:, None], ent / geo["log_keys"][:, None], 0.0)
+        first = ph[rows, :, :, col0] * geo["has0"][:, :, None]
         per_pos = torch.zeros(3, n_heads, p, device=pattern.device)
+        for i, value in enumerate((ent * geo["maskf"][:, None], norm, first * geo["maskf"][:, None])):
+            per_pos[i].index_add_(1, geo["pos_flat"], _by_head(value))
+        # distance sums add up to s·t values per bin: float64, so whole maps and blocks of them agree
         dist = torch.zeros(2, n_heads, 2 * p - 1, device=pattern.device, dtype=torch.float64)
-        for head in range(n_heads):
-            # masked keys already hold probability 0; only padded query rows need zeroing
-            ph = pattern[:, head].float()
-            if geo["padded"]:
-                ph = ph * geo["maskf"][:, :, None]
-            ent = -torch.special.xlogy(ph, ph).sum(-1)  # [b s]
-            norm = torch.where(geo["norm_ok"], ent / geo["log_keys"], 0.0)
-            first = ph[rows, :, col0] * geo["has0"]
-            per_pos[0, head].index_add_(0, geo["pos_flat"], (ent * geo["maskf"]).flatten())
-            per_pos[1, head].index_add_(0, geo["pos_flat"], norm.flatten())
-            per_pos[2, head].index_add_(0, geo["pos_flat"], (first * geo["maskf"]).flatten())
-            if geo["aligned"]:  # positions are columns: a distance is a diagonal, summed by a strided view
-                keep = geo["diag_keep"][: seen + s]
-                dist[0, head, geo["diag_bins"][: seen + s][keep]] += _diagonal_sums(ph)[keep]
-            else:
+        if geo["aligned"]:  # positions are columns: a distance is a diagonal, summed by a strided view
+            keep = geo["diag_keep"][: seen + s]
+            dist[0][:, geo["diag_bins"][: seen + s][keep]] += _diagonal_sums(ph)[:, keep]
+        else:
+            for head in range(n_heads):
                 for row in range(len(ph)):
-                    dist[0, head].index_add_(0, geo["didx"][row], ph[row].flatten().double())
-            d0 = geo["d0"][:, :seen].flatten()
-            dist[1, head].index_add_(0, d0, (ph[rows, geo["row0"]] * geo["at0"]).flatten().double())
+                    dist[0, head].index_add_(0, geo["didx"][row], ph[row, head].flatten().double())
+        at_pos0 = ph[rows, :, geo["row0"]] * geo["at0"][:, :, None]  # [b heads seen]: the query at position 0
+        dist[1].index_add_(1, geo["d0"][:, :seen].flatten(), _by_head(at_pos0).double())
         per_pos, dist = per_pos.double().cpu(), dist.double().cpu()
         for name, value in (("entropy", per_pos[0]), ("norm_entropy", per_pos[1]), ("first", per_pos[2])):
             acc[name] += value
@@ -468,18 +467,27 @@ def _diagonals(keys: Tensor, key_pos: Tensor, q0: int, s: int, p: int) -> dict[s
     return {"aligned": aligned, "diag_keep": (diag >= 0) & (diag <= 2 * p - 2), "diag_bins": diag}
 
 
+def _by_head(x: Tensor) -> Tensor:
+    """[b heads ...] → [heads, b·...], rows in the order of a flattened [b ...] (the order of the index)."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
 def _diagonal_sums(x: Tensor) -> Tensor:
-    """Sums of ``x`` [b s t] along its diagonals, over the batch, in float64: [t + s], entry m the sum of
-    x[:, r, m + r − s] over r (the key s − m columns left of the query row; 0 outside the map).
+    """Sums of ``x`` [b heads s t] along each head's diagonals, over the batch, in float64: [heads, t + s],
+    entry m the sum of x[:, h, r, m + r − s] over r (the key s − m columns left of the query; 0 off the map).
 
     Each row is shifted left by its index through a strided view of the zero-padded map, so the
-    diagonals become columns: O(s·t) memory and one reduction, where an index_add would scatter s·t values.
+    diagonals become columns: O(s·t) memory and one reduction per head, where an index_add would
+    scatter s·t values.
     """
-    b, s, t = x.shape
-    padded = F.pad(x, (s, s))  # [b s t+2s], contiguous
+    b, h, s, t = x.shape
     width = t + 2 * s
-    shifted = padded.as_strided((b, s, t + s), (s * width, width + 1, 1))
-    return shifted.sum(dim=(0, 1), dtype=torch.float64)
+    sums = []
+    for head in range(h):
+        padded = F.pad(x[:, head], (s, s))  # [b s t+2s], contiguous
+        shifted = padded.as_strided((b, s, t + s), (s * width, width + 1, 1))
+        sums.append(shifted.sum(dim=(0, 1), dtype=torch.float64))
+    return torch.stack(sums)
 
 
 def _distance_sums(acc: dict[str, Tensor], include_pos0: bool) -> tuple[Tensor, Tensor, float]:
