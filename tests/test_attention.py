@@ -364,7 +364,7 @@ def test_attention_stats_result_contract(tmp_path):
     assert (info.n_sequences, info.seq_len, info.n_tokens) == (2, 16, 32)
     assert info.causal and info.prepend_bos and info.exclude_pos0 == "both" and info.notes == ()
     rules = {"previous_token": 0.5, "sink": 0.5, "local": 0.5}
-    assert info.params == {"window": 4, "rules": rules, "query_block": None}
+    assert info.params == {"window": 4, "rules": rules, "query_block": None}  # a store: whole maps
     assert result.heads is result.table and result.window == 4 and result.model_name == "planted"
     assert result.figure_kinds() == ["roles", "distance"]
     assert result.figure().data[0].type == "heatmap"  # the default: the head-role map
@@ -508,6 +508,7 @@ def test_diagonal_sums_are_the_distance_histogram(monkeypatch, tiny_llama):
         for j in range(7):
             expected[:, 3 - r + j] += x[:, :, r, j].double().sum(0)  # m = s − (r − j): distance r − j
     torch.testing.assert_close(attention._diagonal_sums(x), expected)
+    torch.testing.assert_close(attention._diagonal_sums(x, rows=2), expected)  # in chunks of rows
 
 
 def test_query_blocks_compute_what_explicit_attention_computes():
@@ -532,6 +533,6 @@ def test_query_blocks_compute_what_explicit_attention_computes():
 
 def test_query_block_auto_and_bad_values(tiny_llama):
     tokens = random_ids(1, 12)
-    assert attention_stats(tiny_llama, tokens).info.params["query_block"] is None  # short: whole maps
+    assert attention_stats(tiny_llama, tokens).info.params["query_block"] == 256  # a model: blocks
     with pytest.raises(ValueError, match="query_block must be a positive int, 'auto' or None, got 0"):
         attention_stats(tiny_llama, tokens, query_block=0)

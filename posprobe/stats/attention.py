@@ -240,8 +240,9 @@ def attention_stats(
 
     ``query_block``: the statistics read the map ``query_block`` queries at a time (one block against
     every key, flash-attention style) while the forward runs fused, so memory is O(block × s) per
-    layer instead of O(s²); ``"auto"``: blocks of ``QUERY_BLOCK`` above ``WHOLE_MAP_MAX_TOKENS`` tokens,
-    whole maps below; None: whole maps. Models whose attention posprobe does not run hand whole maps.
+    layer instead of O(s²), and causal blocks skip the keys after their last query (half the work);
+    ``"auto"``: blocks of ``QUERY_BLOCK`` from a model, whole maps from a store; None: whole maps. Models
+    whose attention posprobe does not run (the zoo's own code, Bloom, Falcon) hand whole maps.
     """
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive number of tokens, got {window!r}")
@@ -275,16 +276,13 @@ def attention_stats(
     return AttentionStats(heads, _roles(heads, rules), rules.table(window), info, rules, sums.acc)
 
 
-#: ``query_block="auto"`` reads whole maps up to this many tokens per sequence, blocks beyond
-WHOLE_MAP_MAX_TOKENS = 1024
 #: queries per block of ``query_block="auto"``
 QUERY_BLOCK = 256
 
 
 def _query_block(source: Source, query_block: int | str | None) -> int | None:
     if query_block == "auto":
-        long = source.tokens is not None and source.tokens.tokens.shape[1] > WHOLE_MAP_MAX_TOKENS
-        return QUERY_BLOCK if source.model is not None and long else None
+        return QUERY_BLOCK if source.model is not None else None
     if query_block is not None and (
         isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1
     ):
@@ -472,22 +470,25 @@ def _by_head(x: Tensor) -> Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
-def _diagonal_sums(x: Tensor) -> Tensor:
+def _diagonal_sums(x: Tensor, rows: int = 256) -> Tensor:
     """Sums of ``x`` [b heads s t] along each head's diagonals, over the batch, in float64: [heads, t + s],
     entry m the sum of x[:, h, r, m + r − s] over r (the key s − m columns left of the query; 0 off the map).
 
     Each row is shifted left by its index through a strided view of the zero-padded map, so the
-    diagonals become columns: O(s·t) memory and one reduction per head, where an index_add would
-    scatter s·t values.
+    diagonals become columns: one reduction per head and chunk of ``rows`` rows (the padding costs
+    2·rows columns), where an index_add would scatter every value.
     """
     b, h, s, t = x.shape
-    width = t + 2 * s
-    sums = []
-    for head in range(h):
-        padded = F.pad(x[:, head], (s, s))  # [b s t+2s], contiguous
-        shifted = padded.as_strided((b, s, t + s), (s * width, width + 1, 1))
-        sums.append(shifted.sum(dim=(0, 1), dtype=torch.float64))
-    return torch.stack(sums)
+    out = torch.zeros(h, t + s, dtype=torch.float64, device=x.device)
+    for r0 in range(0, s, rows):
+        c = min(rows, s - r0)
+        width = t + 2 * c
+        at = s - r0 - c  # where this chunk's first diagonal lands in ``out``
+        for head in range(h):
+            padded = F.pad(x[:, head, r0 : r0 + c], (c, c))  # [b c t+2c], contiguous
+            shifted = padded.as_strided((b, c, t + c), (c * width, width + 1, 1))
+            out[head, at : at + t + c] += shifted.sum(dim=(0, 1), dtype=torch.float64)
+    return out
 
 
 def _distance_sums(acc: dict[str, Tensor], include_pos0: bool) -> tuple[Tensor, Tensor, float]:
