@@ -4,13 +4,13 @@ Each configuration runs ``torchrun --standalone --nproc-per-node P`` on this fil
 with ``--cores / P`` torch threads per process, so every configuration uses the same cores: the
 ratio says what splitting the batches across processes buys over threads inside one process. Two
 workloads: ``extract`` (every rank loads SmolLM2-135M and extracts ``resid_post`` and ``mlp_post``
-at every layer of the same ``--n`` × ``--seq-len`` windows into one store) and ``neurons`` (every
+at every layer of the same ``--windows`` × ``--seq-len`` windows into one store) and ``neurons`` (every
 rank reads its shards of that store and the positional-neuron sums are all-reduced). Each reports
 the time from a barrier before the call to one after it (the slowest rank's). The stores and the
 neuron tables of all configurations are checked to be identical. Configurations alternate over
 ``--repeats`` rounds (median reported).
 
-    .venv/bin/python benchmarks/distributed.py [--procs 1 2] [--n 32] [--seq-len 256]
+    .venv/bin/python benchmarks/distributed.py [--procs 1 2] [--windows 16] [--seq-len 256]
         [--out benchmarks/results/distributed-extraction-cpu.json]
 """
 
@@ -75,7 +75,7 @@ def child(args: argparse.Namespace) -> None:
 def run(procs: int, args: argparse.Namespace, store: Path, workload: str) -> float:
     threads = max(1, args.cores // procs)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", __file__]
-    cmd += ["--child", "--model", args.model, "--n", str(args.n), "--seq-len", str(args.seq_len)]
+    cmd += ["--child", "--model", args.model, "--windows", str(args.n), "--seq-len", str(args.seq_len)]
     cmd += ["--batch-size", str(args.batch_size), "--threads", str(threads), "--store", str(store)]
     cmd += ["--workload", workload]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--windows", dest="n", type=int, default=16, help="text windows (torchrun would take --n)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cores", type=int, default=default_threads())
