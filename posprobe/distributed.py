@@ -15,6 +15,7 @@ alone writes the manifest.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterable, Sequence
@@ -186,4 +187,12 @@ def current_ranks(device: str | torch.device = "auto") -> Ranks:
         )
     cuda = torch.cuda.is_available() and str(device) != "cpu"
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=_timeout())
+    atexit.register(_shut_down)  # we opened it, we close it: a group left to the interpreter's exit can abort
     return Ranks(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _shut_down() -> None:
+    """Destroy the process group posprobe initialised (and its object group), before the interpreter exits."""
+    if dist.is_available() and dist.is_initialized():
+        _GROUP.clear()
+        dist.destroy_process_group()
