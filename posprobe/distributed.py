@@ -107,7 +107,7 @@ class Ranks:
             raise error
         if failures:
             rank, (kind, message) = failures[0]
-            raise _REBUILT.get(kind, RankError)(f"rank {rank} of {self.world} failed while {stage}: {message}")
+            raise _rebuilt().get(kind, RankError)(f"rank {rank} of {self.world} failed while {stage}: {message}")
 
     def _wait_for_all(self, stage: str) -> None:
         group = _object_group()
@@ -147,13 +147,10 @@ def _status(error: BaseException | None) -> tuple[str, str] | None:
 
 
 def _rebuilt() -> dict[str, type[Exception]]:
+    """The errors a user fixes, raised on every rank with the failing rank's type (others: RankError)."""
     from posprobe.store import StoreError
 
     return {"StoreError": StoreError, "ValueError": ValueError, "FileExistsError": FileExistsError}
-
-
-#: errors a user fixes, raised on every rank with the failing rank's type (others: RankError)
-_REBUILT: dict[str, type[Exception]] = {}
 
 
 _GROUP: list[Any] = []
@@ -169,8 +166,6 @@ def _object_group() -> Any:
 def current_ranks(device: str | torch.device = "auto") -> Ranks:
     """This process's ``Ranks``; initialises torch.distributed from a launcher's environment when it set
     ``WORLD_SIZE`` > 1 and nothing initialised it yet. Outside a distributed run: ``Ranks()``."""
-    if not _REBUILT:
-        _REBUILT.update(_rebuilt())
     if not dist.is_available():
         return Ranks()
     local = int(os.environ.get("LOCAL_RANK", "0"))

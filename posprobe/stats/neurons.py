@@ -37,7 +37,7 @@ from posprobe.labels import CATEGORIES, NOT_POSITIONAL, UNDETERMINED
 from posprobe.models.base import PositionModel, positions_from_mask
 from posprobe.results import ParamsAlias, Result, RunInfo, deprecated_alias
 from posprobe.sites import SiteKey, check_site, resolve_stored_layers
-from posprobe.stats.streaming import UNSET, as_source, exclude_pos0_choice
+from posprobe.stats.streaming import UNSET, Source, as_source, exclude_pos0_choice
 from posprobe.store import ActivationStore
 
 if TYPE_CHECKING:
@@ -383,6 +383,7 @@ def _gather(
     """The sums of ``neuron_position_stats`` and what ``RunInfo`` says of their input (model, rows, causal, BOS)."""
     check_site(site)
     dev = resolve_device(device)
+    src: Source | None = None  # a store read by the ranks of a run sums over them; activations in memory do not
     if _is_activations(source):
         if tokens is not None:
             raise ValueError("activations carry no tokens; pass attention_mask= / position_ids= with them instead")
@@ -407,7 +408,7 @@ def _gather(
     acc = _Accumulator(site, names, threshold, exclude_pos0, size, dev)
     for acts, mask, pos, start in batches:
         acc.update(acts, mask, pos, start)
-    if not _is_activations(source):
+    if src is not None:
         src.reduce([acc.n_tokens, *([] if acc.sums is None else [acc.sums])])  # over ranks reading one store
     return acc.result(), facts
 

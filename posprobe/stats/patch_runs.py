@@ -20,6 +20,7 @@ from torch import Tensor
 from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel, positions_from_mask
 from posprobe.progress import tqdm
+from posprobe.results import deprecated_alias
 from posprobe.sites import ATTENTION_MAP_SITES, HEAD_SITES, SiteKey
 from posprobe.stats.streaming import Source, as_source, batches
 
@@ -450,6 +451,18 @@ def _patched_run(
             col = patches[i].column
             measured = real if col is None else real & (torch.arange(s) == col)
             totals.probe[i] += float((dec[g] * measured).sum())
+
+
+def metric_as_kind(result: str, kind: str | None, options: dict[str, Any]) -> str | None:
+    """The kind a patching result's ``figure`` draws: ``kind``, or ``metric=`` popped from ``options`` (its old
+    spelling, kept one release with a DeprecationWarning)."""
+    if "metric" not in options:
+        return kind
+    deprecated_alias(f"{result}.figure(metric=...)", f"{result}.figure(kind)")
+    metric = options.pop("metric")
+    if kind is not None:
+        raise TypeError(f"figure got both kind {kind!r} and metric {metric!r}; give the metric as kind")
+    return metric
 
 
 def metric_rows(totals: Totals, i: int, column: int | None, metrics: Sequence[str]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from posprobe.data import TokenBatch
 from posprobe.models.base import ModelInfo, PositionModel
-from posprobe.results import DataFrameAlias, ParamsAlias, Result, RunInfo, deprecated_alias
+from posprobe.results import DataFrameAlias, ParamsAlias, Result, RunInfo
 from posprobe.sites import ATTENTION_MAP_SITES, HEAD_SITES, SiteKey, resolve_sites
 from posprobe.stats.patch_runs import (
     METRICS,
@@ -39,6 +39,7 @@ from posprobe.stats.patch_runs import (
     as_site_probe,
     corrupt_inputs,
     fit_site_probe,
+    metric_as_kind,
     metric_rows,
     model_source,
     run_patches,
@@ -92,10 +93,7 @@ class PatchResult(ParamsAlias, Result):
     def figure(self, kind: str | None = None, **options: Any) -> go.Figure:
         """Layer × position heatmap of ``value`` (default ``"normalized"``) for the metric ``kind``, one panel per
         site (``posprobe.plots.patching``); ``metric=`` is the old spelling of ``kind``, kept one release."""
-        if "metric" in options:
-            deprecated_alias("PatchResult.figure(metric=...)", "PatchResult.figure(kind)")
-            kind = _old_metric(kind, options.pop("metric"))
-        return super().figure(kind, **options)
+        return super().figure(metric_as_kind("PatchResult", kind, options), **options)
 
     def _draw(self, kind: str, **options: Any) -> go.Figure:
         return self._heatmap_figure(kind, **options)
@@ -104,12 +102,6 @@ class PatchResult(ParamsAlias, Result):
         from posprobe.plots.patching import patching_heatmap
 
         return patching_heatmap(self.table, metric=metric, value=value)
-
-
-def _old_metric(kind: str | None, metric: str) -> str:
-    if kind is not None:
-        raise TypeError(f"figure got both kind {kind!r} and metric {metric!r}; give the metric as kind")
-    return metric
 
 
 def _replace(position: int | None, head: int | None) -> Callable[[Tensor, Tensor], Tensor]:

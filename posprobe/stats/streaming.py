@@ -272,7 +272,7 @@ def _whole_map(observe: Callable[..., None], layer: Any, x: Tensor, batch: Batch
 
 
 def batches(
-    tokens: TokenBatch, batch_size: int, *, progress: bool = False, desc: str = "", total: int | None = None
+    tokens: TokenBatch, batch_size: int, *, progress: bool = False, desc: str = ""
 ) -> Iterator[tuple[int, TokenBatch]]:
     """``(start, rows start:start+batch_size)`` over ``tokens``: the one loop over rows every analysis uses.
 

@@ -28,13 +28,14 @@ from torch import Tensor, nn
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.models.base import PositionModel
-from posprobe.results import ParamsAlias, Result, RunInfo, deprecated_alias
+from posprobe.results import ParamsAlias, Result, RunInfo
 from posprobe.sites import SiteKey
 from posprobe.stats.patch_runs import (
     CorruptInputs,
     Patch,
     Totals,
     corrupt_inputs,
+    metric_as_kind,
     metric_rows,
     model_source,
     run_patches,
@@ -256,13 +257,7 @@ class SubspaceResult(ParamsAlias, Result):
     def figure(self, kind: str | None = None, **options: Any) -> go.Figure:
         """Effect of the full, subspace, row-space and null-space patches per split on the metric ``kind`` (default
         ``"kl"``; ``posprobe.plots.patching``); ``metric=`` is the old spelling of ``kind``, kept one release."""
-        if "metric" in options:
-            deprecated_alias("SubspaceResult.figure(metric=...)", "SubspaceResult.figure(kind)")
-            metric = options.pop("metric")
-            if kind is not None:
-                raise TypeError(f"figure got both kind {kind!r} and metric {metric!r}; give the metric as kind")
-            kind = metric
-        return super().figure(kind, **options)
+        return super().figure(metric_as_kind("SubspaceResult", kind, options), **options)
 
     def _draw(self, kind: str, **options: Any) -> go.Figure:
         return self._bars_figure(kind, **options)
