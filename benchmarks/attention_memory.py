@@ -11,6 +11,10 @@ time and peak RSS above the RSS after the model is loaded:
 - ``keep``: capturing every layer's pattern in memory, what storing full maps costs
   (skipped above ``--keep-max`` tokens, where its size is reported from the shapes instead).
 
+Beyond the model's context (SmolLM2: 8,192 tokens) the same network is run with its context declared
+``seq_len`` (``context_stretched``): RoPE computes any position, the statistics of positions past
+training mean little, but the cost measured is the cost of that length.
+
 At ``--check-len`` tokens the block and whole-map statistics are compared (largest absolute
 difference of every head table column), in one more child process.
 
@@ -49,6 +53,10 @@ def run_case(model_name: str, case: str, seq_len: int, threads: int, block: int 
 
     torch.set_num_threads(threads)
     model = pp.load_model(model_name)
+    stretched = seq_len > model.info.n_ctx
+    if stretched:  # the same network with its context declared longer: positions past training, cost unchanged
+        model.hf.config.max_position_embeddings = seq_len
+        model = pp.load_model(model.hf)
     tokens = pp.data.random_tokens(model, n=1, seq_len=seq_len, seed=0)
     last = model.info.n_layers - 1
     base = rss_mb()
@@ -85,6 +93,7 @@ def run_case(model_name: str, case: str, seq_len: int, threads: int, block: int 
         "case": case,
         "seq_len": seq_len,
         "seconds": round(seconds, 2),
+        "context_stretched": stretched,
         "peak_rss_above_loaded_mb": round(peak - base, 1),
         "one_layer_pattern_mb": round(info.n_heads * seq_len**2 * 4 / 2**20, 1),
         "all_patterns_mb": round(info.n_layers * info.n_heads * seq_len**2 * 4 / 2**20, 1),

@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 
 from posprobe.labels import UNDETERMINED
-from posprobe.sites import ATTENTION_MAP_SITES
+
+#: the site whose masked entries are -inf by design (attention probabilities are never infinite)
+MASKED_SCORES = "attn_scores"
 
 
 class NonFiniteError(ValueError):
@@ -29,9 +31,9 @@ def nonfinite_flag(site: str, x: Tensor) -> Tensor:
     One read of ``x``: its sum (in float32, float64 for float64 input) is NaN or inf exactly when
     some value is, or when the sum itself overflows, so a set flag is confirmed with
     ``count_nonfinite`` before anything is said. Attention scores may hold -inf (masked keys), so
-    for them the flag is exact: NaN or +inf.
+    for them the flag is exact: NaN or +inf (a full pass that writes a mask: the sum is the cheap test).
     """
-    if site in ATTENTION_MAP_SITES:
+    if site == MASKED_SCORES:
         return ~(x < float("inf")).all()
     return ~torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
 
@@ -43,7 +45,7 @@ def count_nonfinite(site: str, x: Tensor, mask: Tensor | None = None) -> int:
 
 def _bad(site: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """Where ``x`` is NaN/inf; with ``mask`` [b s] (per-token activations only) only at real tokens."""
-    bad = ~(x < float("inf")) if site in ATTENTION_MAP_SITES else ~torch.isfinite(x)
+    bad = ~(x < float("inf")) if site == MASKED_SCORES else ~torch.isfinite(x)
     if mask is not None:
         if tuple(x.shape[:2]) != tuple(mask.shape):
             raise ValueError(f"mask {tuple(mask.shape)} does not match activations {tuple(x.shape)} of {site!r}")

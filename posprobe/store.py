@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,11 +190,25 @@ class ActivationStore:
         self._check_keys([key])
         return torch.cat([shard.acts[key] for shard in self.iter_shards([key])])
 
-    def stack(self, site: str, layers: Iterable[int | None] | None = None) -> Tensor:
-        """One site over several layers: [n_layers n_seq seq ...]."""
+    def stack(
+        self, site: str, layers: Iterable[int | None] | None = None, sequences: Sequence[int] | None = None
+    ) -> Tensor:
+        """One site over several layers: [n_layers n_seq seq ...]; ``sequences`` (ascending): only those rows,
+        read from the shards that hold them (one rank's share of a distributed run)."""
         layers = self.layers(site) if layers is None else list(layers)
         keys = self._check_keys([SiteKey(site, layer) for layer in layers])
-        parts = [torch.stack([shard.acts[k] for k in keys]) for shard in self.iter_shards(keys)]
+        if sequences is None:
+            parts = [torch.stack([shard.acts[k] for k in keys]) for shard in self.iter_shards(keys)]
+            return torch.cat(parts, dim=1)
+        wanted = torch.as_tensor(list(sequences), dtype=torch.long)
+        ascending = bool((wanted[1:] > wanted[:-1]).all())
+        if not len(wanted) or not ascending or int(wanted[0]) < 0 or int(wanted[-1]) >= self.n_seq:
+            raise ValueError(f"sequences must be ascending indices below {self.n_seq}, got {wanted.tolist()[:10]}")
+        held = [i for i, (a, b) in enumerate(self.shard_bounds()) if bool(((wanted >= a) & (wanted < b)).any())]
+        parts = []
+        for shard in self.iter_shards(keys, indices=held):
+            rows = wanted[(wanted >= shard.start) & (wanted < shard.stop)] - shard.start
+            parts.append(torch.stack([shard.acts[k][rows] for k in keys]))
         return torch.cat(parts, dim=1)
 
     def __repr__(self) -> str:

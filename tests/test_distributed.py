@@ -45,6 +45,23 @@ if mode == "stats":  # every rank reads its share of the store at ``out`` and al
 
     pd.to_pickle(tables, pd_out)
     sys.exit(0)
+if mode == "probe":  # ridge and sparse probes: each rank holds its sequences, Gram matrices all-reduced
+    import pandas as pd
+
+    kinds = os.environ.get("KINDS", "ridge,sparse").split(",")
+    result = pp.probe_position(out, site="resid_post", target=["absolute", "relative"], kind=kinds, k=4,
+                               random_init_store=os.environ["TWIN"], n_splits=3)
+    pd.to_pickle(result.table, os.path.join(os.environ["RESULTS"], f"probe{rank}.pkl"))
+    sys.exit(0)
+if mode == "split":  # a model split by a device map inside each rank (CPU + disk offload), data across ranks
+    import torch
+
+    split = json.loads(os.environ["SPLIT"])
+    model = pp.load_model(os.environ["MODEL"], device_map=split, offload_folder=f"{out}.offload{rank}")
+    assert model.device_map is not None
+    ids = torch.randint(2, 100, (8, 12), generator=torch.Generator().manual_seed(0))
+    pp.extract(model, ids, sites=("resid_post", "pattern"), batch_size=2, out=out, progress=False)
+    sys.exit(0)
 model = pp.load_model(os.environ.get("MODEL", "zoo:rope"), device="cpu")
 seed = int(os.environ.get("SEED_" + rank, "0"))
 tokens = pp.data.text_windows(model, n=int(os.environ.get("N", "10")), seq_len=32, seed=seed)
@@ -195,6 +212,65 @@ def test_statistics_over_ranks_equal_one_process(single, tmp_path, n_ranks):
         for name in alone:
             for col in [c for c in counts if c in alone[name]]:
                 assert ranked[name][col].tolist() == alone[name][col].tolist(), (name, col)  # exact
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    """The random-init twin's store of the same tokens, in shards of another size (5 sequences, not 2)."""
+    out = tmp_path_factory.mktemp("twin") / "store"
+    model = pp.load_model("zoo:rope", device="cpu", random_init=True)
+    tokens = pp.data.text_windows(model, n=10, seq_len=32, seed=0)
+    pp.extract(model, tokens, sites=SITES, layers=LAYERS, batch_size=5, out=out, device="cpu", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_probes_over_ranks_equal_one_process(single, twin, tmp_path, n_ranks):
+    """Ridge and sparse probes (absolute and pair targets, every control) on a store read by N ranks, each
+    holding its own sequences: Gram matrices, cross-products and leave-one-out errors are all-reduced and
+    the predictions summed, so every rank's table is the one process's table (to float rounding)."""
+    import pandas as pd
+
+    env = {"RESULTS": str(tmp_path), "TWIN": str(twin)}
+    proc = torchrun(tmp_path, n_ranks, "probe", str(single), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = pp.probe_position(
+        single, site="resid_post", target=["absolute", "relative"], kind=["ridge", "sparse"], k=4,
+        random_init_store=twin, n_splits=3,
+    ).table  # fmt: skip
+    assert alone["control_random_init"].notna().all() and alone["control_token"].notna().all()
+    for rank in range(n_ranks):
+        ranked = pd.read_pickle(tmp_path / f"probe{rank}.pkl")
+        pd.testing.assert_frame_equal(ranked, alone, check_exact=False, rtol=1e-7, atol=1e-9)
+
+
+def test_logistic_probes_are_refused_under_torchrun(single, twin, tmp_path):
+    proc = torchrun(
+        tmp_path, 2, "probe", str(single), env={"RESULTS": str(tmp_path), "TWIN": str(twin), "KINDS": "logistic"}
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("kind 'logistic' is fitted in one process") >= 2  # every rank says it
+
+
+def test_a_model_split_by_a_device_map_inside_each_rank(tmp_path):
+    """Pipeline within a rank (accelerate's device map: layers on the CPU and offloaded to disk), data across
+    ranks: the store two such ranks write is the store of one process with the whole model."""
+    from conftest import tiny_llama_hf, tiny_tokenizer
+
+    path = tmp_path / "model"
+    tiny_llama_hf().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    split = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+             "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}  # fmt: skip
+    proc = torchrun(tmp_path, 2, "split", str(tmp_path / "store"), env={"MODEL": str(path), "SPLIT": json.dumps(split)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = torch.randint(2, 100, (8, 12), generator=torch.Generator().manual_seed(0))
+    alone = pp.extract(pp.load_model(str(path), device="cpu"), ids, sites=("resid_post", "pattern"), batch_size=2,
+                       out=tmp_path / "alone", progress=False)  # fmt: skip
+    ranked = pp.open_store(tmp_path / "store")
+    assert ranked.keys == alone.keys and len(ranked.shard_bounds()) == 4
+    for key in alone.keys:
+        torch.testing.assert_close(ranked.get(key.site, key.layer), alone.get(key.site, key.layer), atol=0, rtol=0)
 
 
 def test_statistics_refuse_more_ranks_than_shards(tmp_path):

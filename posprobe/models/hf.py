@@ -97,8 +97,9 @@ def posprobe_attention(
     block = getattr(hooks.get("pattern"), "query_block", None)
     if block and "attn_scores" not in hooks and not softcap:  # an observer that reads the map a block at a time
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        allowed = _allowed(attention_mask, module, query, key)
-        out = blocked_attention(query, key, value, allowed, scale, hooks["pattern"], block)
+        causal = attention_mask is None and getattr(module, "is_causal", False) and query.shape[-2] > 1
+        allowed = None if causal else _allowed(attention_mask, module, query, key)
+        out = blocked_attention(query, key, value, allowed, scale, hooks["pattern"], block, causal=causal)
         return _apply(hooks.get("z"), out), None
     if "pattern" in hooks or "attn_scores" in hooks or softcap:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -188,34 +189,77 @@ def explicit_attention(
 
 
 def blocked_attention(
-    query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None, scale: float, observer: Any, block: int
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    allowed: Tensor | None,
+    scale: float,
+    observer: Any,
+    block: int,
+    causal: bool = False,
 ) -> Tensor:
     """``explicit_attention`` a block of ``block`` queries at a time, never the whole [b h s t] map: each
-    block's weights go to ``observer(weights, q0)`` (it reads; it cannot edit), then · v.
+    block's weights go to ``observer(weights, q0, entropy)``, then · v. The observer reads them during the
+    call; it cannot edit or keep them (the next block reuses their memory).
 
     A block multiplies only the keys up to the last one any of its queries may see (causal attention
     never looks ahead), so causal models pay about half the product: the observer gets [b h block seen],
-    the weights of keys ``0 : seen`` (every later key has weight 0). Out [b s h d].
+    the weights of keys ``0 : seen`` (every later key has weight 0), and ``entropy`` [b h block], each
+    query's −Σ p log p in nats (0 for a query that may see no key). ``allowed`` None with ``causal``: the
+    plain causal mask, never built whole. Out [b s h d].
+
+    The softmax is written out so that its pieces give the entropy without a pass of logarithms: with
+    x = scores − max and z = Σ exp x, H = log z − Σ exp(x)·x / z (two non-negative terms: no cancellation).
+    Masked keys get a large finite negative score, so exp x = 0 and exp(x)·x = 0. The block's scores and
+    weights live in two buffers reused by every block: a fresh CPU allocation of that size costs as much
+    as the softmax (page faults).
     """
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1).transpose(2, 3)
     v = value.repeat_interleave(groups, dim=1)
+    b, h, s, _ = query.shape
     t = k.shape[-1]
-    blocked = None if allowed is None else ~allowed
-    silent = None if allowed is None else ~allowed.any(-1, keepdim=True)  # queries that may see no key
+    size = b * h * min(block, s) * t
+    raw, exp = query.new_empty(size), torch.empty(size, device=query.device)
     outs = []
-    for q0 in range(0, query.shape[2], block):
-        seen = t if allowed is None else _last_key(allowed[..., q0 : q0 + block, :]) + 1
-        scores = torch.matmul(query[:, :, q0 : q0 + block], k[..., :seen]).mul_(scale)
-        if blocked is not None:
-            scores.masked_fill_(blocked[..., q0 : q0 + block, :seen], float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1)
-        if silent is not None and bool(silent[..., q0 : q0 + block, :].any()):
-            weights.masked_fill_(silent[..., q0 : q0 + block, :], 0.0)
-        weights = weights.to(query.dtype)
-        outs.append(torch.matmul(weights, v[:, :, :seen]))
-        observer(weights, q0)  # [b h block seen]: the keys after ``seen`` hold 0
+    for q0 in range(0, s, block):
+        c = min(block, s - q0)
+        seen, masked, silent = _block_mask(allowed, causal, q0, c, s, t, query.device)
+        shape, n = (b, h, c, seen), b * h * c * seen
+        x = torch.matmul(query[:, :, q0 : q0 + c] * scale, k[..., :seen], out=raw[:n].view(shape)).float()
+        if masked is not None:
+            x[..., seen - masked.shape[-1] :].masked_fill_(masked, _MASKED)
+        x.sub_(x.amax(-1, keepdim=True))
+        e = torch.exp(x, out=exp[:n].view(shape))
+        z = e.sum(-1)
+        entropy = z.log() - torch.einsum("bhqk,bhqk->bhq", e, x) / z
+        weights = e.div_(z[..., None])
+        if silent is not None:  # a query that may see no key attends nowhere
+            weights.masked_fill_(silent[..., None], 0.0)
+            entropy.masked_fill_(silent, 0.0)
+        outs.append(torch.matmul(weights.to(query.dtype), v[:, :, :seen]))
+        observer(weights, q0, entropy)  # [b h block seen]: the keys after ``seen`` hold 0
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+#: the score of a masked key in ``blocked_attention``: exp(it − max) is 0, and 0 · it is 0 (−inf would give NaN)
+_MASKED = -1e30
+
+
+def _block_mask(
+    allowed: Tensor | None, causal: bool, q0: int, c: int, s: int, t: int, device: torch.device
+) -> tuple[int, Tensor | None, Tensor | None]:
+    """For queries ``q0 : q0 + c``: how many keys they may see (``seen``), the mask of keys they may not see
+    among the last columns of ``0 : seen`` (None: all visible) and which queries see no key (None: none)."""
+    if allowed is None:
+        if not causal:
+            return t, None, None
+        seen = q0 + c + t - s  # the keys before the first query (t − s) and up to the block's last query
+        return seen, torch.ones(c, c, dtype=torch.bool, device=device).triu(1), None
+    seen = _last_key(allowed[..., q0 : q0 + c, :]) + 1
+    rows = allowed[..., q0 : q0 + c, :seen]
+    silent = ~rows.any(-1)
+    return seen, ~rows, silent if bool(silent.any()) else None
 
 
 def _last_key(rows: Tensor) -> int:

@@ -8,12 +8,13 @@ shuffled-label controls), so a layer's score, its controls and both variants com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from posprobe.distributed import Ranks
 from posprobe.stats.probe_estimators import (
     block_stats,
     correlation_scores,
@@ -62,32 +63,101 @@ class FoldPlan:
         return torch.full((L, len(self.with_pos0), self.block.numel(), T), float("nan"), dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class RowShare:
+    """The rows of ``X`` this process holds when the ranks of a distributed run hold the rest (each its
+    own sequences): ``local`` [n_local] their indices among all n rows, ascending. Sums over rows are
+    all-reduced; predictions are made where the rows are and summed into every rank's [L V n T]."""
+
+    local: Tensor
+    ranks: Ranks
+    where: Tensor  # [n] each row's index in X, -1 where another rank holds it
+
+    @classmethod
+    def build(cls, local: Tensor, n: int, ranks: Ranks) -> RowShare:
+        where = torch.full((n,), -1, dtype=torch.long)
+        where[local] = torch.arange(local.numel())
+        return cls(local, ranks, where)
+
+    def reduce(self, tensors: Iterable[Tensor]) -> None:
+        self.ranks.all_reduce(tensors)
+
+    def held(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Of ``rows`` (indices among all rows), those held here: their indices among all rows and in ``X``."""
+        here = self.where.to(rows.device)[rows]
+        return rows[here >= 0], here[here >= 0]
+
+    def combine(self, pred: Tensor, plan: FoldPlan) -> Tensor:
+        """Every rank's predictions of its own rows (0 elsewhere) summed, NaN where no fit predicts a row."""
+        self.reduce([pred])
+        predicted = torch.zeros(len(plan.with_pos0), plan.block.numel(), dtype=torch.bool, device=pred.device)
+        for v, _, rows in plan.fits:
+            predicted[v, rows.to(pred.device)] = True
+        return pred.masked_fill_(~predicted[None, :, :, None], float("nan"))
+
+
+def _rows_of(plan: FoldPlan, Y: Tensor, share: RowShare | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each held row's block and targets: every row's, or with ``share`` those of the rows held here."""
+    block, Y = plan.block.to(device), Y.to(device)
+    if share is None:
+        return block, Y
+    local = share.local.to(device)
+    return block[local], Y[local]
+
+
+def _fit_rows(plan: FoldPlan, share: RowShare | None, device: torch.device) -> list[tuple[int, Tensor, Tensor]]:
+    """Per fit: (variant, its test rows held here among all rows, the same rows in ``X``)."""
+    out = []
+    for v, _, rows in plan.fits:
+        rows = rows.to(device)
+        out.append((v, *share.held(rows)) if share is not None else (v, rows, rows))
+    return out
+
+
+def _predictions(
+    plan: FoldPlan, L: int, T: int, dtype: torch.dtype, device: torch.device, share: RowShare | None
+) -> Tensor:
+    """The prediction tensor [L V n T]: NaN until predicted; with ``share`` 0, as the ranks' parts are summed."""
+    if share is None:
+        return plan.empty_predictions(L, T, dtype, device)
+    return torch.zeros(L, len(plan.with_pos0), plan.block.numel(), T, dtype=dtype, device=device)
+
+
 def ridge_oof(
-    X: Tensor, Y: Tensor, plan: FoldPlan, alphas: Sequence[float], selection: str, dtype: torch.dtype
+    X: Tensor,
+    Y: Tensor,
+    plan: FoldPlan,
+    alphas: Sequence[float],
+    selection: str,
+    dtype: torch.dtype,
+    share: RowShare | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Out-of-fold ridge predictions [L V n T] for ``X`` [L n d], ``Y`` [n T], and alphas [L n_fits T].
 
     Layers are solved in chunks whose per-block Gram matrices [l blocks d d] stay under
     ``GRAM_BUDGET_BYTES`` (every layer is an independent problem, so chunking changes no number):
     30 layers × 10 blocks × 576² in float64 would otherwise hold 0.8 GB, twice (Grams, eigenvectors).
+    ``share``: ``X`` holds only this rank's rows; the Gram matrices, cross-products and leave-one-out
+    errors are all-reduced, every rank solves the same problems and predicts its own rows.
     """
-    block = plan.block.to(X.device)
+    block, Y_rows = _rows_of(plan, Y, share, X.device)
+    reduce = None if share is None else share.reduce
     L, _, d = X.shape
     per_layer = plan.n_blocks * d * d * torch.finfo(dtype).bits // 8
     step = max(1, GRAM_BUDGET_BYTES // max(1, per_layer))
-    train_blocks, Y_dev = plan.train_blocks.to(X.device), Y.to(X.device)
-    fit_rows = [(v, rows.to(X.device)) for v, _, rows in plan.fits]
-    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    train_blocks = plan.train_blocks.to(X.device)
+    fit_rows = _fit_rows(plan, share, X.device)
+    pred = _predictions(plan, L, Y.shape[1], dtype, X.device, share)
     alpha = []
     for lo in range(0, L, step):
         Xl = X[lo : lo + step]
-        stats = block_stats(Xl, Y, block, plan.n_blocks, dtype)
-        sol = solve_ridge(stats, train_blocks, alphas, selection, (Xl, Y_dev, block))
+        stats = block_stats(Xl, Y_rows, block, plan.n_blocks, dtype, reduce=reduce)
+        sol = solve_ridge(stats, train_blocks, alphas, selection, (Xl, Y_rows, block), reduce)
         del stats
-        for i, (v, rows) in enumerate(fit_rows):
-            pred[lo : lo + step, v, rows] = sol.predict(Xl[:, rows], i)
+        for i, (v, rows, here) in enumerate(fit_rows):
+            pred[lo : lo + step, v, rows] = sol.predict(Xl[:, here], i)
         alpha.append(sol.alpha)
-    return pred, torch.cat(alpha)
+    return (pred if share is None else share.combine(pred, plan)), torch.cat(alpha)
 
 
 #: The most memory the per-block Gram matrices of one chunk of layers may take in ``ridge_oof``.
@@ -95,34 +165,41 @@ GRAM_BUDGET_BYTES = 256 * 2**20
 
 
 def sparse_oof(
-    X: Tensor, Y: Tensor, plan: FoldPlan, k: int, alphas: Sequence[float], selection: str, dtype: torch.dtype
+    X: Tensor,
+    Y: Tensor,
+    plan: FoldPlan,
+    k: int,
+    alphas: Sequence[float],
+    selection: str,
+    dtype: torch.dtype,
+    share: RowShare | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Out-of-fold k-sparse predictions [L V n T]; alphas [L n_fits T]; neurons [L V k] chosen on all rows.
 
     Neurons are re-selected on every training fold and for every target column (so the
     shuffled-label control selects its own neurons); the reported ``neurons`` come from all the
-    rows a variant uses, for target column 0.
+    rows a variant uses, for target column 0. ``share``: as ``ridge_oof`` (the correlations too are sums).
     """
     L, n, d = X.shape
     if not 1 <= k <= d:
         raise ValueError(f"k must be in 1..{d} (the number of features), got {k}")
-    block = plan.block.to(X.device)
-    diag = block_stats(X, Y, block, plan.n_blocks, dtype, full=False)
+    block, Y_rows = _rows_of(plan, Y, share, X.device)
+    reduce = None if share is None else share.reduce
+    diag = block_stats(X, Y_rows, block, plan.n_blocks, dtype, full=False, reduce=reduce)
     scores = correlation_scores(diag, plan.train_blocks.to(X.device))  # [L F d T]
     neurons = top_k(correlation_scores(diag, plan.full_train.to(X.device))[..., 0], k)
-    pred = plan.empty_predictions(L, Y.shape[1], dtype, X.device)
+    pred = _predictions(plan, L, Y.shape[1], dtype, X.device, share)
     alpha = torch.zeros(L, len(plan.fits), Y.shape[1], dtype=dtype, device=X.device)
-    for i, (v, _, rows) in enumerate(plan.fits):
-        rows = rows.to(X.device)
+    for i, (v, rows, here) in enumerate(_fit_rows(plan, share, X.device)):
         for t in range(Y.shape[1]):
             sel = top_k(scores[:, i, :, t], k)  # [L k]
             Xs = X.gather(2, sel[:, None, :].expand(L, n, k))
-            stats = block_stats(Xs, Y[:, t : t + 1], block, plan.n_blocks, dtype)
-            data = (Xs, Y[:, t : t + 1].to(X.device), block)
-            sol = solve_ridge(stats, plan.train_blocks[i : i + 1].to(X.device), alphas, selection, data)
-            pred[:, v, rows, t] = sol.predict(Xs[:, rows], 0)[..., 0]
+            stats = block_stats(Xs, Y_rows[:, t : t + 1], block, plan.n_blocks, dtype, reduce=reduce)
+            data = (Xs, Y_rows[:, t : t + 1], block)
+            sol = solve_ridge(stats, plan.train_blocks[i : i + 1].to(X.device), alphas, selection, data, reduce)
+            pred[:, v, rows, t] = sol.predict(Xs[:, here], 0)[..., 0]
             alpha[:, i, t] = sol.alpha[:, 0, 0]
-    return pred, alpha, neurons
+    return (pred if share is None else share.combine(pred, plan)), alpha, neurons
 
 
 def logistic_oof(

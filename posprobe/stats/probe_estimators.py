@@ -20,7 +20,7 @@ leverage (the BOS token's massive activations), which moves held-out R² by up t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -36,6 +36,9 @@ _TINY_VAR = 1e-12
 
 #: how ``alpha`` is chosen from a grid: generalised CV (fast, default) or exact leave-one-out (scikit-learn's RidgeCV)
 ALPHA_SELECTIONS = ("gcv", "loo")
+
+#: sums over rows held by other processes too: all-reduce these tensors in place (None: this process has every row)
+Reduce = Callable[[Iterable[Tensor]], None] | None
 
 
 @dataclass
@@ -56,11 +59,13 @@ class BlockStats:
 
 
 def block_stats(
-    X: Tensor, Y: Tensor, block: Tensor, n_blocks: int, dtype: torch.dtype, full: bool = True
+    X: Tensor, Y: Tensor, block: Tensor, n_blocks: int, dtype: torch.dtype, full: bool = True, reduce: Reduce = None
 ) -> BlockStats:
     """Accumulate per-block ridge statistics of ``X`` [L n d] against targets ``Y`` [n T].
 
-    ``block`` [n] gives each row's block in ``0..n_blocks-1`` (negative: row unused).
+    ``block`` [n] gives each row's block in ``0..n_blocks-1`` (negative: row unused). ``reduce``: the
+    rows are this process's share; the centre and every sum are all-reduced (the same statistics as one
+    process holding every row, to float rounding).
     """
     device = X.device
     L, _, d = X.shape
@@ -68,7 +73,11 @@ def block_stats(
     T = Y.shape[1]
     center = torch.zeros(L, d, device=device, dtype=dtype)
     used = (block >= 0).nonzero().squeeze(1)
-    if used.numel():
+    if reduce is not None:
+        total, n_used = X[:, used].to(dtype).sum(1), torch.tensor([float(used.numel())], device=device, dtype=dtype)
+        reduce([total, n_used])
+        center = total / n_used.clamp(min=1)
+    elif used.numel():
         center = X[:, used].to(dtype).mean(1)
     count = torch.zeros(n_blocks, device=device, dtype=dtype)
     sum_x = torch.zeros(L, n_blocks, d, device=device, dtype=dtype)
@@ -88,6 +97,8 @@ def block_stats(
         xy[:, b] = Xb.mT @ Yb
         sum_y[b] = Yb.sum(0)
         yy[b] = (Yb * Yb).sum(0)
+    if reduce is not None:
+        reduce([count, sum_x, gram, xy, sum_y, yy])
     return BlockStats(count, sum_x, gram, xy, sum_y, yy, center)
 
 
@@ -132,6 +143,7 @@ def solve_ridge(
     alphas: Sequence[float],
     selection: str = "gcv",
     data: tuple[Tensor, Tensor, Tensor] | None = None,
+    reduce: Reduce = None,
 ) -> RidgeSolution:
     """Standardised ridge for every layer and every training set (a row of ``train_blocks`` [F B] bool).
 
@@ -139,7 +151,8 @@ def solve_ridge(
     alpha of least ``selection`` error: ``"gcv"`` (from the spectrum alone) or ``"loo"`` (exact
     leave-one-out, as scikit-learn's ``RidgeCV``; needs ``data`` = (X [L n d], Y [n T], block [n])
     and costs one n×d×d product per training set). One eigendecomposition per (layer, training
-    set) serves all alphas.
+    set) serves all alphas. ``reduce``: ``data`` holds this process's rows; the leave-one-out errors are
+    all-reduced (``stats`` must already be).
     """
     if selection not in ALPHA_SELECTIONS:
         raise ValueError(f"unknown alpha selection {selection!r}; accepted: {', '.join(ALPHA_SELECTIONS)}")
@@ -153,7 +166,7 @@ def solve_ridge(
     elif selection == "gcv":
         alpha = _gcv_alpha(lam, Q, yyc, n, grid)
     else:
-        alpha = _loo_alpha(data, train_blocks, mean, scale, lam, V, Q, ybar, grid)
+        alpha = _loo_alpha(data, train_blocks, (mean, scale, lam, V, Q, ybar, n), grid, reduce)
     w = V @ (Q / (lam[..., None] + alpha[:, :, None, :]))
     coef = w / scale[..., None]
     intercept = ybar - torch.einsum("lfd,lfdt->lft", mean, coef)
@@ -190,38 +203,37 @@ def _gcv_alpha(lam: Tensor, Q: Tensor, yyc: Tensor, n: Tensor, grid: Tensor) -> 
 def _loo_alpha(
     data: tuple[Tensor, Tensor, Tensor] | None,
     train_blocks: Tensor,
-    mean: Tensor,
-    scale: Tensor,
-    lam: Tensor,
-    V: Tensor,
-    Q: Tensor,
-    ybar: Tensor,
+    fits: tuple[Tensor, ...],
     grid: Tensor,
+    reduce: Reduce = None,
 ) -> Tensor:
-    """The alpha [L F T] of least exact leave-one-out error, a training set at a time (``mean`` [L F d]: raw units)."""
+    """The alpha [L F T] of least exact leave-one-out error, a training set at a time; ``fits`` = (mean [L F d]
+    in raw units, scale, lam, V, Q, ybar, n [F] the training rows over every process)."""
     if data is None:
         raise ValueError("alpha selection 'loo' needs the rows: pass data=(X, Y, block)")
     X, Y, block = data
-    loo = [
-        _loo_mse(X, Y, train_blocks[f][block], mean[:, f], scale[:, f], lam[:, f], V[:, f], Q[:, f], ybar[f], grid)
-        for f in range(train_blocks.shape[0])
-    ]
-    return grid[torch.stack(loo, dim=1).argmin(-1)]  # loo: [L F T A]
+    mean, scale, lam, V, Q, ybar, n = fits
+    per_fit = []
+    for f in range(train_blocks.shape[0]):
+        fit = (mean[:, f], scale[:, f], lam[:, f], V[:, f], Q[:, f])
+        per_fit.append(_loo_sse(X, Y, train_blocks[f][block], n[f], fit, ybar[f], grid))
+    sse = torch.stack(per_fit, dim=1)  # [L F T A]
+    if reduce is not None:
+        reduce([sse])
+    return grid[(sse / n[None, :, None, None]).argmin(-1)]
 
 
-def _loo_mse(
+def _loo_sse(
     X: Tensor,
     Y: Tensor,
     train: Tensor,
-    mean: Tensor,
-    scale: Tensor,
-    lam: Tensor,
-    V: Tensor,
-    Q: Tensor,
+    n: Tensor,
+    fit: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
     ybar: Tensor,
     grid: Tensor,
 ) -> Tensor:
-    """Exact leave-one-out MSE [L T A] of one training set's ridge fits, the intercept unpenalised.
+    """Sum of squared exact leave-one-out residuals [L T A] of one training set's ridge fits over the rows of
+    ``train`` held here (``n``: the training set's rows over every process), the intercept unpenalised.
 
     LOO residual = r_i / (1 − h_i), h_i = 1/n + Σ_k P_ik² / (λ_k + α) with P = Z V (the hat
     matrix's diagonal in the eigenbasis). Layers go in chunks to bound memory. The row-wise work
@@ -230,14 +242,14 @@ def _loo_mse(
     near 1e-6 (P is a rotation of standardised rows), and the residuals and their means are
     formed in the solve's dtype. The chosen alpha's fit itself comes from the float64 solve.
     """
+    mean, scale, lam, V, Q = fit  # one training set's: [L d], [L d], [L d], [L d d], [L d T]
     rows = train.nonzero().squeeze(1)
-    n = rows.numel()
     work = torch.float32 if lam.dtype == torch.float64 else lam.dtype
     yc = Y[rows].to(lam) - ybar  # [n T]
     inv = 1 / (lam[..., None] + grid)  # [L d A]
     L, d = lam.shape
     out = []
-    step = max(1, 2**25 // max(1, n * d))
+    step = max(1, 2**25 // max(1, rows.numel() * d))
     for lo in range(0, L, step):
         sl = slice(lo, lo + step)
         Z = X[sl][:, rows].to(work)
@@ -248,7 +260,7 @@ def _loo_mse(
         coef = (Q[sl][..., None] * inv[sl][:, :, None, :]).flatten(2)  # [l d T*A]
         pred = (P @ coef.to(work)).to(lam).unflatten(-1, (yc.shape[1], grid.numel()))
         resid = yc[None, :, :, None] - pred
-        out.append(((resid / (1 - h[:, :, None, :])) ** 2).mean(1))
+        out.append(((resid / (1 - h[:, :, None, :])) ** 2).sum(1))
     return torch.cat(out)
 
 

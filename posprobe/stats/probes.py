@@ -39,7 +39,7 @@ from posprobe.models.base import positions_from_mask
 from posprobe.progress import tqdm
 from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site, resolve_stored_layers
-from posprobe.stats.probe_cv import FoldPlan, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
+from posprobe.stats.probe_cv import FoldPlan, RowShare, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
 from posprobe.stats.probe_estimators import (
     ALPHA_SELECTIONS,
     DEFAULT_ALPHAS,
@@ -140,6 +140,12 @@ class _Inputs:
     positions: Tensor  # [n_seq seq]
     tokens: Tensor | None  # [n_seq seq]
     source: Source | None  # the store's, through the input layer; None for activations given in memory
+    seqs: Tensor | None = None  # the sequences ``acts`` holds (a rank's share of a distributed run); None: all
+
+    @property
+    def held_mask(self) -> Tensor:
+        """The attention mask of the sequences ``acts`` holds."""
+        return self.mask if self.seqs is None else self.mask[self.seqs]
 
     @property
     def model(self) -> str:
@@ -153,7 +159,10 @@ def _load(
     positions: Tensor | None,
     attention_mask: Tensor | None,
     tokens: Tensor | None,
+    seqs: Tensor | None = None,
 ) -> _Inputs:
+    """The activations to probe with their masks, positions and tokens; ``seqs``: only those sequences (the
+    random-init twin of a rank's share); a store read under torch.distributed: this rank's shards."""
     check_site(site)
     if site in ATTENTION_MAP_SITES:
         raise ValueError(f"site {site!r} holds attention maps, not per-token vectors; probe e.g. resid_post or z")
@@ -163,9 +172,11 @@ def _load(
     if isinstance(source, str | os.PathLike):
         source = ActivationStore(source)  # a folder that is not a store is said here
     if isinstance(source, ActivationStore):
-        inputs = _load_store(as_source(source, tokens), site, wanted)
+        inputs = _load_store(as_source(source, tokens), site, wanted, seqs)
     else:
         inputs = _load_in_memory(source, wanted, positions, attention_mask, tokens)
+        if seqs is not None:
+            inputs = replace(inputs, acts=inputs.acts[:, seqs], seqs=seqs)
     if inputs.acts.ndim < 4 or inputs.acts[0].numel() == 0 or not inputs.mask.bool().any():
         raise ValueError(f"activations of {site!r} are empty (shape {tuple(inputs.acts.shape)})")
     layer_labels = [None if site in LAYERLESS_SITES else layer for layer in inputs.layers]
@@ -176,15 +187,20 @@ def _load(
         inputs.positions.long(),
         inputs.tokens,
         inputs.source,
+        inputs.seqs,
     )
 
 
-def _load_store(source: Source, site: str, wanted: list[int] | None) -> _Inputs:
+def _load_store(source: Source, site: str, wanted: list[int] | None, seqs: Tensor | None) -> _Inputs:
     store = source.store
     assert store is not None  # _load hands over stores only
     chosen = resolve_stored_layers(site, wanted, store.layers(site), source.info.get("n_layers"))
-    acts = store.stack(site, chosen)
-    return _Inputs(acts, chosen, store.attention_mask, store.position_ids, store.tokens, source)
+    if seqs is None and source.ranks.active:  # torch.distributed: this rank reads its own shards
+        bounds = store.shard_bounds()
+        mine = source.ranks.shards(len(bounds), f"the store {store.path}")
+        seqs = torch.cat([torch.arange(*bounds[i]) for i in mine])
+    acts = store.stack(site, chosen, sequences=None if seqs is None else seqs.tolist())
+    return _Inputs(acts, chosen, store.attention_mask, store.position_ids, store.tokens, source, seqs)
 
 
 def _load_in_memory(
@@ -225,6 +241,7 @@ class _Samples:
     at_pos0: Tensor  # [n]
     seq: Tensor  # [n]
     key: Tensor | None  # [n] token identity (pairs: both ids)
+    local: Tensor | None = None  # X's rows among the n (a rank's share of a distributed run); None: X has all n
 
 
 def _tokens_of(inputs: _Inputs) -> tuple[Tensor, Tensor, Tensor]:
@@ -242,24 +259,40 @@ def _samples(
     device: torch.device,
 ) -> _Samples:
     seq, col, pos = _tokens_of(inputs)
-    if bool(inputs.mask.all()):  # every token is real: rows in row-major order are a view, not a copy
-        X = inputs.acts.flatten(1, 2).to(device)
-    else:
-        X = inputs.acts[:, seq, col].to(device)
+    X, local = _features(inputs, seq, col, device)
     key = None if inputs.tokens is None else inputs.tokens[seq, col].long()
     pos_f = pos.double()
     if target == "absolute":
-        return _Samples(X, pos_f, pos_f, pos == 0, seq, key)
+        return _Samples(X, pos_f, pos_f, pos == 0, seq, key, local)
     if target == "log":
-        return _Samples(X, torch.log1p(pos_f), pos_f, pos == 0, seq, key)
+        return _Samples(X, torch.log1p(pos_f), pos_f, pos == 0, seq, key, local)
     if target == "bucket":
         bucket = torch.div(pos * n_buckets, int(pos.max()) + 1, rounding_mode="floor").double()
-        return _Samples(X, bucket, bucket, pos == 0, seq, key)
+        return _Samples(X, bucket, bucket, pos == 0, seq, key, local)
     a, b = _sample_pairs(seq, n_pairs, seed)
-    feats = X[:, a] - X[:, b] if pair_features == "diff" else torch.cat([X[:, a], X[:, b]], dim=-1)
+    pairs, (ia, ib) = None, (a, b)
+    if local is not None:  # the pairs of the sequences held here (a pair never spans two sequences)
+        row_in_X = torch.full((seq.numel(),), -1, dtype=torch.long)
+        row_in_X[local] = torch.arange(local.numel())
+        pairs = (row_in_X[a] >= 0).nonzero().squeeze(1)
+        ia, ib = row_in_X[a[pairs]], row_in_X[b[pairs]]
+    feats = X[:, ia] - X[:, ib] if pair_features == "diff" else torch.cat([X[:, ia], X[:, ib]], dim=-1)
     offset = (pos[a] - pos[b]).double()
     pair_key = None if key is None else key[a] * (int(key.max()) + 1) + key[b]
-    return _Samples(feats, offset, offset, (pos[a] == 0) | (pos[b] == 0), seq[a], pair_key)
+    return _Samples(feats, offset, offset, (pos[a] == 0) | (pos[b] == 0), seq[a], pair_key, pairs)
+
+
+def _features(inputs: _Inputs, seq: Tensor, col: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The feature rows [L n d] of the real tokens ``(seq, col)`` held here, and which of them they are
+    (None: all; a rank of a distributed run holds its own sequences only)."""
+    if inputs.seqs is not None:
+        in_acts = torch.full((inputs.mask.shape[0],), -1, dtype=torch.long)
+        in_acts[inputs.seqs] = torch.arange(inputs.seqs.numel())
+        local = (in_acts[seq] >= 0).nonzero().squeeze(1)
+        return inputs.acts[:, in_acts[seq[local]], col[local]].to(device), local
+    if bool(inputs.mask.all()):  # every token is real: rows in row-major order are a view, not a copy
+        return inputs.acts.flatten(1, 2).to(device), None
+    return inputs.acts[:, seq, col].to(device), None
 
 
 def _sample_pairs(seq: Tensor, n_pairs: int | None, seed: int) -> tuple[Tensor, Tensor]:
@@ -319,12 +352,14 @@ def _chance_mad(target: str, cls: Tensor) -> float:
     return float(2 * (c * (2 * torch.arange(n, dtype=c.dtype) - n + 1)).sum() / n**2)
 
 
-def _fit(kind: str, X: Tensor, Y: Tensor, plan: FoldPlan, opts: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+def _fit(
+    kind: str, X: Tensor, Y: Tensor, plan: FoldPlan, opts: dict[str, Any], share: RowShare | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     if kind == "ridge":
-        pred, alpha = ridge_oof(X, Y, plan, opts["alphas"], opts["alpha_selection"], opts["dtype"])
+        pred, alpha = ridge_oof(X, Y, plan, opts["alphas"], opts["alpha_selection"], opts["dtype"], share)
         return pred, alpha, None
     if kind == "sparse":
-        return sparse_oof(X, Y, plan, opts["k"], opts["alphas"], opts["alpha_selection"], opts["dtype"])
+        return sparse_oof(X, Y, plan, opts["k"], opts["alphas"], opts["alpha_selection"], opts["dtype"], share)
     pred, C = logistic_oof(X, Y, plan, opts["C"], opts["max_iter"], torch.float32)
     return pred.double(), C, None
 
@@ -441,6 +476,7 @@ class _TargetData:
     token_pred: Tensor | None  # [V n] the token-identity baseline
     X_random: Tensor | None  # [L n d] the random-init twin's features
     missing: str  # controls_missing
+    share: RowShare | None = None  # the rows this rank holds, in a distributed run
 
 
 @dataclass(frozen=True)
@@ -472,15 +508,21 @@ def _prepare_target(
         token_pred = token_baseline_oof(s.key, s.y, plan, cfg.opts["alphas"])
     X_random = None if random_inputs is None else cfg.samples(random_inputs, target).X
     missing = _missing_controls(cfg.controls, X_random is not None, token_pred is not None)
-    return _TargetData(target, s, plan, Y, token_pred, X_random, missing), split
+    share = None
+    if s.local is not None:
+        assert inputs.source is not None  # only a store is read in shares
+        share = RowShare.build(s.local, s.y.numel(), inputs.source.ranks)
+    return _TargetData(target, s, plan, Y, token_pred, X_random, missing, share), split
 
 
 def _fit_kind(t: _TargetData, kind: str, cfg: _Settings, bar: Any) -> _KindFit:
     """Fit ``kind`` on the target and its shuffled columns, then on the random-init twin's features."""
     dev = cfg.device
-    pred, reg, neurons = _fit(kind, t.samples.X, t.Y.to(dev), t.plan, cfg.opts)
+    pred, reg, neurons = _fit(kind, t.samples.X, t.Y.to(dev), t.plan, cfg.opts, t.share)
     bar.update()
-    random_pred = None if t.X_random is None else _fit(kind, t.X_random, t.Y[:, :1].to(dev), t.plan, cfg.opts)[0]
+    random_pred = (
+        None if t.X_random is None else _fit(kind, t.X_random, t.Y[:, :1].to(dev), t.plan, cfg.opts, t.share)[0]
+    )
     bar.update(0 if t.X_random is None else 1)
     return _KindFit(kind, pred, reg, neurons, random_pred)
 
@@ -636,9 +678,14 @@ def _load_both(
             f"pass the site by name: site={tokens!r}"
         )
     inputs = _load(source, site, layers, positions, attention_mask, tokens)
+    if inputs.seqs is not None and "logistic" in cfg.kinds:
+        raise ValueError(
+            "kind 'logistic' is fitted in one process (its LBFGS iterations are not sums over tokens); under "
+            "torch.distributed probe with kind='ridge' or 'sparse', or run the logistic probes without torchrun"
+        )
     random_inputs = None
     if random_init_store is not None and "random_init" in cfg.controls:
-        random_inputs = _load(random_init_store, site, layers, positions, attention_mask, tokens)
+        random_inputs = _load(random_init_store, site, layers, positions, attention_mask, tokens, inputs.seqs)
         _check_same_tokens(inputs, random_inputs)
     _check_finite(inputs, site, "")
     if random_inputs is not None:
@@ -682,7 +729,7 @@ def _check_same_tokens(real: _Inputs, random: _Inputs) -> None:
 def _check_finite(inputs: _Inputs, site: str, which: str) -> None:
     for li, layer in enumerate(inputs.layers):
         check_finite(
-            site, layer, inputs.acts[li], mask=inputs.mask, where=f"of the {which}activations".replace("  ", " ")
+            site, layer, inputs.acts[li], mask=inputs.held_mask, where=f"of the {which}activations".replace("  ", " ")
         )
 
 

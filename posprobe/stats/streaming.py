@@ -28,7 +28,7 @@ from torch import Tensor
 
 from posprobe.data import TokenBatch, as_token_batch
 from posprobe.distributed import Ranks, current_ranks
-from posprobe.finite import check_finite
+from posprobe.finite import check_finite, nonfinite_flag, raise_nonfinite
 from posprobe.models.base import PositionModel
 from posprobe.progress import tqdm
 from posprobe.results import RunInfo, deprecated_alias
@@ -160,10 +160,11 @@ class Source:
     ) -> None:
         """Call ``observe(layer, activation, batch)`` for every batch and layer of ``site``.
 
-        ``query_block`` (site ``pattern``): ``observe(layer, weights, batch, q0)`` receives the map a block of
-        queries at a time, [b heads query_block t] for queries ``q0 : q0 + query_block``, where the model's
-        attention runs through posprobe's attention function (the forward itself stays fused); whole maps
-        (``q0`` 0) elsewhere and from a store.
+        ``query_block`` (site ``pattern``): ``observe(layer, weights, batch, q0, entropy)`` receives the map a
+        block of queries at a time, [b heads query_block seen] for queries ``q0 : q0 + query_block`` and the
+        keys they may see, with each query's entropy [b heads query_block] (read it, do not keep it: the next
+        block reuses the memory), where the model's attention runs through posprobe's attention function;
+        whole maps (``q0`` 0, ``entropy`` None) elsewhere and from a store.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -246,13 +247,20 @@ def _observe_once(
     where: str,
     x: Tensor,
     q0: int | None = None,
+    entropy: Tensor | None = None,
 ) -> None:
     fired.add(layer)
-    check_finite(site, layer, x, start=batch.start, where=where)  # before the observer folds it into a statistic
+    # before the observer folds it into a statistic. A block's entropies are NaN/inf wherever its weights are
+    # (or where a score overflowed to -inf): one value per query to read; the weights are counted only then
+    if entropy is None:
+        check_finite(site, layer, x, start=batch.start, where=where)
+    elif bool(nonfinite_flag(site, entropy)):
+        raise_nonfinite(site, layer, x, start=batch.start, where=where)
+        raise_nonfinite(site, layer, entropy, start=batch.start, where=where)
     if q0 is None:
         observe(layer, x.detach(), batch)
     else:
-        observe(layer, x.detach(), batch, q0)
+        observe(layer, x.detach(), batch, q0, entropy)
 
 
 @dataclass(frozen=True)
@@ -263,8 +271,8 @@ class _BlockObserver:
     observe: Callable[..., None]
     query_block: int
 
-    def __call__(self, x: Tensor, q0: int = 0) -> None:
-        self.observe(x, q0)
+    def __call__(self, x: Tensor, q0: int = 0, entropy: Tensor | None = None) -> None:
+        self.observe(x, q0, entropy)
 
 
 def _whole_map(observe: Callable[..., None], layer: Any, x: Tensor, batch: Batch) -> None:
