@@ -45,6 +45,15 @@ if mode == "stats":  # every rank reads its share of the store at ``out`` and al
 
     pd.to_pickle(tables, pd_out)
     sys.exit(0)
+if mode == "probe_model":  # probes of a model: its stores must lie where every rank reaches them
+    import pandas as pd
+
+    model = pp.load_model("zoo:rope", device="cpu")
+    tokens = pp.data.text_windows(model, n=6, seq_len=16, seed=0)
+    folder = os.environ.get("OUT_FOLDER") or None
+    result = pp.probe_model(model, tokens, layers=[0, 2], batch_size=2, out=folder, n_splits=3, progress=False)
+    pd.to_pickle(result.table, os.path.join(os.environ["RESULTS"], f"probe_model{rank}.pkl"))
+    sys.exit(0)
 if mode == "probe":  # ridge and sparse probes: each rank holds its sequences, Gram matrices all-reduced
     import pandas as pd
 
@@ -242,6 +251,25 @@ def test_probes_over_ranks_equal_one_process(single, twin, tmp_path, n_ranks):
     for rank in range(n_ranks):
         ranked = pd.read_pickle(tmp_path / f"probe{rank}.pkl")
         pd.testing.assert_frame_equal(ranked, alone, check_exact=False, rtol=1e-7, atol=1e-9)
+
+
+def test_probe_model_under_torchrun(tmp_path):
+    """probe_model extracts both stores with every rank and probes them with the ranks; without out= it says
+    that the ranks need a shared folder."""
+    import pandas as pd
+
+    proc = torchrun(
+        tmp_path, 2, "probe_model", "unused", env={"RESULTS": str(tmp_path), "OUT_FOLDER": str(tmp_path / "runs")}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = pp.load_model("zoo:rope", device="cpu")
+    tokens = pp.data.text_windows(model, n=6, seq_len=16, seed=0)
+    alone = pp.probe_model(model, tokens, layers=[0, 2], batch_size=2, n_splits=3, progress=False).table
+    for rank in range(2):
+        ranked = pd.read_pickle(tmp_path / f"probe_model{rank}.pkl")
+        pd.testing.assert_frame_equal(ranked, alone, check_exact=False, rtol=1e-7, atol=1e-9)
+    refused = torchrun(tmp_path, 2, "probe_model", "unused", env={"RESULTS": str(tmp_path)})
+    assert refused.returncode != 0 and refused.stderr.count("pass out= a folder on a shared filesystem") >= 2
 
 
 def test_logistic_probes_are_refused_under_torchrun(single, twin, tmp_path):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from posprobe.devices import resolve_device
+from posprobe.distributed import current_ranks
 from posprobe.finite import check_finite
 from posprobe.models.base import positions_from_mask
 from posprobe.progress import tqdm
@@ -757,6 +758,11 @@ def probe_model(
     if run.model is None or run.tokens is None:
         raise TypeError("probe_model runs a model; to probe a store use probe_position(store)")
     model, batch = run.model, run.tokens
+    if out is None and current_ranks().active:
+        raise ValueError(
+            "probe_model under torch.distributed writes its stores where every rank reaches them: pass out= a "
+            "folder on a shared filesystem (each rank would otherwise get a temporary folder of its own)"
+        )
     with tempfile.TemporaryDirectory(prefix="posprobe-probe-") as tmp:
         root = tmp if out is None else os.fspath(out)
         ext: dict[str, Any] = {"sites": [site], "layers": layers, "batch_size": batch_size}
