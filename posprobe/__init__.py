@@ -25,6 +25,7 @@ _LAZY = {
     "positional_neurons": "posprobe.stats.neurons",
     "attention_stats": "posprobe.stats.attention",
     "attention_variance": "posprobe.stats.variance",
+    "attention_sinks": "posprobe.stats.sinks",
     "embedding_similarity": "posprobe.stats.similarity",
     "position_embedding_geometry": "posprobe.stats.position_table",
     "patch_positions": "posprobe.stats.patching",

@@ -39,6 +39,7 @@ EXAMPLES = {
     "neurons": "posprobe neurons --model smollm2-135m --n 32 --out out/neurons",
     "positions": "posprobe positions --model minilm-l6 --out out/positions",
     "attention": "posprobe attention --model smollm2-135m --seq-len 1024 --n 4 --out out/attention",
+    "sinks": "posprobe sinks --model smollm2-135m --n 16 --out out/sinks",
     "patch": "posprobe patch --model zoo:learned --shift 8 --out out/patch",
     "train": "posprobe train --pe rope --steps 2000 --out runs/zoo/rope\n"
     "  posprobe report --quick --model zoo:runs/zoo/rope",
@@ -105,6 +106,16 @@ def fraction(value: str) -> float:
         number = None
     if number is None or not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return number
+
+
+def open_fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value!r}")
     return number
 
 
@@ -242,6 +253,37 @@ def _analysis_args(n: int = 16, seq_len: int = 256) -> Callable[[argparse.Argume
     return add
 
 
+def _sinks_args(p: argparse.ArgumentParser) -> None:
+    from posprobe.stats.sinks import INPUT_KINDS
+
+    _common(p)
+    p.add_argument("--n", "--n-windows", type=positive(int), default=16, help="sequences per input kind")
+    p.add_argument("--seq-len", type=positive(int), default=64, help="tokens per sequence (Gu et al.: 64)")
+    p.add_argument(
+        "--inputs", nargs="+", default=list(INPUT_KINDS), choices=INPUT_KINDS, help="input kinds, of: %(choices)s"
+    )
+    p.add_argument(
+        "--bos", default="both", choices=list(SINK_BOS), help="run each input with a prepended BOS, without, or both"
+    )
+    p.add_argument(
+        "--epsilon",
+        type=open_fraction,
+        default=0.3,
+        help="a head is a sink on token k when its mean attention there exceeds this (between 0 and 1, exclusive)",
+    )
+    p.add_argument(
+        "--first-k",
+        type=positive(int),
+        default=4,
+        help="measure tokens 0 … first-k − 1, and move the first token behind this many fillers",
+    )
+    _figure_args(p)
+
+
+#: ``--bos`` → ``attention_sinks(bos=...)``
+SINK_BOS: dict[str, bool | str] = {"both": "both", "with": True, "without": False}
+
+
 def _positions_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--components", type=positive(int), default=6, help="principal components to report")
@@ -289,6 +331,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     ),
     "neurons": ("positional neurons in the MLPs", _analysis_args()),
     "attention": ("attention sinks, head roles, variance and similarity", _analysis_args(n=8)),
+    "sinks": ("attention-sink rates on natural, random and repeated tokens (Gu et al. 2025)", _sinks_args),
     "patch": ("position-shift patching and shift invariance", _patch_args),
     "train": ("train a zoo model on the State of the Union train split", _train_args),
     "report": ("one HTML report on a model", _report_args),
@@ -509,6 +552,17 @@ def cmd_attention(args: argparse.Namespace) -> None:
     _save(args, {"attention_stats": stats, "attention_variance": variance}, headline)
 
 
+def cmd_sinks(args: argparse.Namespace) -> None:
+    from posprobe.reporting import sink_rates
+
+    model = _load(args)
+    settings = dict(inputs=args.inputs, n=args.n, seq_len=args.seq_len, epsilon=args.epsilon, first_k=args.first_k)
+    result, headline = sink_rates(
+        model, _twin(model, args), progress=True, bos=SINK_BOS[args.bos], seed=args.seed, **settings
+    )
+    _save(args, result, headline)
+
+
 def cmd_patch(args: argparse.Namespace) -> None:
     from posprobe.headlines import shift_headline
     from posprobe.stats.patching import patch_positions, shift_invariance
@@ -547,6 +601,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "rope": cmd_rope,
     "neurons": cmd_neurons,
     "attention": cmd_attention,
+    "sinks": cmd_sinks,
     "patch": cmd_patch,
     "positions": cmd_positions,
     "train": cmd_train,

@@ -96,6 +96,8 @@ def analyse_model(model: PositionModel, settings: ReportSettings, progress: bool
         stages.append(("position table", lambda: _position_table(model, settings)))
     stages.append(("positional neurons", lambda: _neurons(model, tokens, twin)))
     stages.append(("attention", lambda: _attention(model, tokens, twin)))
+    if "pattern" in model.available_sites() and _sink_seq_len(model, settings) > SINK_SHIFT:
+        stages.append(("attention sinks", lambda: _sinks(model, settings, twin)))
     stages.append(("shift invariance", lambda: _shift(model, tokens)))
     sections = []
     bar = tqdm(stages, desc=f"report {model.info.name}", unit="stage", disable=not progress)
@@ -286,6 +288,74 @@ def _attention(model: PositionModel, tokens, twin: Twin) -> Section:
             "variance": (variance, ("table", "exponents")),
             "similarity": (similarity, ("table", "summary")),
         },
+    )
+
+
+#: the fillers the report's sink section moves the first token behind (``attention_sinks``' first_k)
+SINK_SHIFT = 4
+
+
+def sink_rates(model: PositionModel, twin: Twin, progress: bool = False, **settings: Any) -> tuple[Any, str]:
+    """Gu et al.'s attention-sink rates of ``model`` (``attention_sinks`` with ``settings``) and their headline,
+    beside the random-init twin's."""
+    from posprobe.stats.sinks import attention_sinks
+
+    result = attention_sinks(model, progress=progress, **settings)
+    twin_result = attention_sinks(twin(), progress=progress, **settings) if twin is not None else None
+    return result, sinks_headline(result, twin_result)
+
+
+def sinks_headline(result: Any, twin: Any = None) -> str:
+    """Sink^ε_0 per input kind and BOS choice, the twin's largest, the massive-activation peak and the moved test."""
+    eps = result.info.params["epsilon"]
+    rates = result.summary[result.summary["k"] == 0]
+    parts = []
+    for kind, part in rates.groupby("input", sort=False):
+        said = [f"{rate:.0f}%" if pd.notna(rate) else "n/a" for rate in part["sink_rate"]]
+        labels = ["with BOS" if bos else "without" for bos in part["bos"]]
+        parts.append(f"{kind} " + " / ".join(f"{r} {label}" for r, label in zip(said, labels, strict=True)))
+    text = f"Sink^{eps:g}_0 (heads whose mean attention on the first token exceeds {eps:g}; Gu et al. 2025): "
+    text += "; ".join(parts)
+    if twin is not None:
+        twin_rates = twin.summary.loc[twin.summary["k"] == 0, "sink_rate"]
+        text += f"; random-init twin at most {twin_rates.max():.0f}%" if twin_rates.notna().any() else ""
+    massive = result.massive.dropna(subset=["ratio_mean"])
+    if len(massive):
+        top = massive.loc[massive["ratio_mean"].idxmax()]
+        text += (
+            f"; the first token's residual norm reaches {top['ratio_mean']:.3g}× the median token's "
+            f"(layer {int(top['layer'])}, {top['input']} {'with' if top['bos'] else 'without'} BOS)"
+        )
+    moved = result.moved
+    sinks = int(moved["n_sink_heads"].sum())
+    if sinks:
+        follows, stays = int(moved["n_follows_token"].sum()), int(moved["n_stays_at_start"].sum())
+        shift = result.info.params["first_k"]
+        text += (
+            f"; first token moved to position {shift}: {follows / sinks:.0%} of {sinks} sink heads follow it, "
+            f"{stays / sinks:.0%} stay on the {shift} filler tokens before it"
+        )
+    if result.info.notes:  # a bidirectional model, a model without BOS
+        text += " (" + "; ".join(result.info.notes) + ")"
+    return text
+
+
+def _sink_seq_len(model: PositionModel, settings: ReportSettings) -> int:
+    """Gu et al.'s T = 64, within the report's windows and the model's context."""
+    return min(64, settings.seq_len, model.info.n_ctx)
+
+
+def _sinks(model: PositionModel, settings: ReportSettings, twin: Twin) -> Section:
+    n = 4 if settings.quick else min(settings.n, 16)
+    result, summary = sink_rates(
+        model, twin, n=n, seq_len=_sink_seq_len(model, settings), seed=settings.seed, first_k=SINK_SHIFT
+    )
+    return Section(
+        "sinks",
+        "Attention sinks on natural, random and repeated tokens, with and without BOS (Gu et al. 2025)",
+        summary,
+        figures=[result.figure(), result.figure("moved"), result.figure("massive")],
+        results={"sinks": (result, ("summary", "by_layer", "massive", "moved"))},
     )
 
 

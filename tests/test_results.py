@@ -58,6 +58,7 @@ def _subspace(rope, tokens, store, learned, tmp):
 
 
 CASES = {
+    "attention_sinks": lambda m, t, s, learned, tmp: pp.attention_sinks(m, t, n=2, seq_len=16),
     "attention_stats": lambda m, t, s, learned, tmp: pp.attention_stats(m, t),
     "attention_variance": lambda m, t, s, learned, tmp: pp.attention_variance(m, t),
     "embedding_similarity": lambda m, t, s, learned, tmp: pp.embedding_similarity(m, t),
