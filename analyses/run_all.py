@@ -30,6 +30,7 @@ SCRIPTS = (
     "kazemnejad_length",
     "learned_positions",
     "patching_shift",
+    "gu_sinks",
 )
 
 
