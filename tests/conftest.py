@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from posprobe.models.zoo import ZooModel
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 VOCAB = 256
@@ -137,3 +139,17 @@ def assert_logits_unchanged(hooked: torch.Tensor, plain: torch.Tensor, same_kern
 
 def random_ids(n: int, s: int, seed: int = 0, low: int = 2, high: int = VOCAB) -> torch.Tensor:
     return torch.randint(low, high, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+class UnhookedZoo(ZooModel):
+    """A zoo backend whose forward ignores hooks, as a model whose attention bypasses posprobe would."""
+
+    def _run(self, tokens, attention_mask, position_ids, hooks, return_logits, stop_at_layer):
+        return super()._run(tokens, attention_mask, position_ids, {}, return_logits, stop_at_layer)
+
+
+class ZooWithoutPattern(ZooModel):
+    """A zoo backend that does not offer the attention-map sites."""
+
+    def available_sites(self):
+        return tuple(s for s in super().available_sites() if s not in ("pattern", "attn_scores"))

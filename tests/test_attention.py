@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import random_ids
+from conftest import UnhookedZoo, ZooWithoutPattern, random_ids
 
 from posprobe.data import TokenBatch
 from posprobe.models.zoo import ZooConfig, ZooModel, ZooTransformer
@@ -273,24 +273,12 @@ def test_length_one_sequences_are_refused(tiny_llama):
         embedding_similarity(tiny_llama, one)
 
 
-class _Unhooked(ZooModel):
-    """A backend whose forward ignores hooks, as a model whose attention bypasses posprobe would."""
-
-    def _run(self, tokens, attention_mask, position_ids, hooks, return_logits, stop_at_layer):
-        return super()._run(tokens, attention_mask, position_ids, {}, return_logits, stop_at_layer)
-
-
-class _NoPattern(ZooModel):
-    def available_sites(self):
-        return tuple(s for s in super().available_sites() if s not in ("pattern", "attn_scores"))
-
-
 def test_models_whose_attention_cannot_be_hooked_get_a_clear_message():
     net = nope_zoo().net
     with pytest.raises(RuntimeError, match="never fired"):
-        attention_stats(_Unhooked(net), zoo_tokens(1, 8))
+        attention_stats(UnhookedZoo(net), zoo_tokens(1, 8))
     with pytest.raises(ValueError, match="does not expose attention weights"):
-        attention_stats(_NoPattern(net), zoo_tokens(1, 8))
+        attention_stats(ZooWithoutPattern(net), zoo_tokens(1, 8))
 
 
 def test_bad_arguments(tiny_llama, tmp_path):

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import tiny_llama_hf, tiny_tokenizer
+from conftest import UnhookedZoo, ZooWithoutPattern, tiny_llama_hf, tiny_tokenizer
 
 import posprobe as pp
 from posprobe.data import from_texts, text_windows
@@ -334,18 +334,6 @@ def test_massive_activation_ratio_is_large_for_a_huge_first_token_and_one_for_eq
 # -- settings, errors, the result contract -------------------------------------------------------------------
 
 
-class _Unhooked(ZooModel):
-    """A backend whose forward ignores hooks, as a model whose attention bypasses posprobe would."""
-
-    def _run(self, tokens, attention_mask, position_ids, hooks, return_logits, stop_at_layer):
-        return super()._run(tokens, attention_mask, position_ids, {}, return_logits, stop_at_layer)
-
-
-class _NoPattern(ZooModel):
-    def available_sites(self):
-        return tuple(s for s in super().available_sites() if s not in ("pattern", "attn_scores"))
-
-
 def _tiny_zoo_net(pe: str = "rope"):
     return ZooTransformer(ZooConfig(pe=pe, d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=64))
 
@@ -377,7 +365,7 @@ def test_bad_settings_are_refused_naming_the_value(settings, message):
 
 
 def test_models_whose_attention_weights_cannot_be_read_are_refused():
-    for model in (_NoPattern(_tiny_zoo_net(), name="no-pattern"), _Unhooked(_tiny_zoo_net(), name="unhooked")):
+    for model in (ZooWithoutPattern(_tiny_zoo_net(), name="no-pattern"), UnhookedZoo(_tiny_zoo_net(), name="unhooked")):
         with pytest.raises(ValueError, match=rf"{model.info.name} does not expose attention weights"):
             pp.attention_sinks(model, inputs=("random",), n=2, seq_len=16)
 
