@@ -254,10 +254,10 @@ def attention_stats(
             "sequences of length 1 hold only position 0, whose causal query can attend only to itself: "
             "attention statistics need sequences of at least 2 tokens"
         )
-    layer_list = _pattern_layers(source, layers)
+    layer_list = pattern_layers(source, layers)
     block = _query_block(source, query_block)
     sums = _PatternSums(source, n_pos)
-    size = _capped_batch(source, batch_size, block)
+    size = capped_batch(source, batch_size, block)
     source.stream("pattern", layer_list, sums.add, size, progress, "attention stats", query_block=block)
     source.reduce(t for layer in sorted(sums.acc) for _, t in sorted(sums.acc[layer].items()))  # over ranks
     heads = pd.concat(
@@ -281,16 +281,22 @@ QUERY_BLOCK = 256
 
 
 def _query_block(source: Source, query_block: int | str | None) -> int | None:
+    return query_block_of(query_block, source.model is not None)
+
+
+def query_block_of(query_block: int | str | None, from_model: bool) -> int | None:
+    """The queries per block that ``query_block`` asks for (checked): ``"auto"`` is ``QUERY_BLOCK`` when a model
+    runs, and a store hands whole maps (None) whatever was asked."""
     if query_block == "auto":
-        return QUERY_BLOCK if source.model is not None else None
+        return QUERY_BLOCK if from_model else None
     if query_block is not None and (
         isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1
     ):
         raise ValueError(f"query_block must be a positive int, 'auto' or None, got {query_block!r}")
-    return None if source.model is None else query_block
+    return query_block if from_model else None
 
 
-def _pattern_layers(source: Source, layers: int | Sequence[int] | None) -> list[int]:
+def pattern_layers(source: Source, layers: int | Sequence[int] | None) -> list[int]:
     """The layers of ``pattern`` to read; a model or store without attention weights is said as such."""
     try:
         return cast("list[int]", source.resolve_layers("pattern", layers))  # pattern has layers
@@ -317,7 +323,9 @@ def _roles(heads: pd.DataFrame, rules: HeadRoleRules) -> pd.DataFrame:
     return roles
 
 
-def _capped_batch(source: Source, batch_size: int, block: int | None = None) -> int:
+def capped_batch(source: Source, batch_size: int, block: int | None = None) -> int:
+    """``batch_size``, lowered so that one layer's (block of the) attention map [b heads block s] in float32 stays
+    under ``PATTERN_BUDGET_BYTES`` when a model runs."""
     if source.model is None or not isinstance(batch_size, int) or batch_size < 1:
         return batch_size
     assert source.tokens is not None  # a Source with a model holds its tokens

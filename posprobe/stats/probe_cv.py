@@ -63,6 +63,13 @@ class FoldPlan:
         return torch.full((L, len(self.with_pos0), self.block.numel(), T), float("nan"), dtype=dtype, device=device)
 
 
+def index_in(chosen: Tensor, n: int) -> Tensor:
+    """[n]: where each of ``n`` indices stands in ``chosen`` (distinct indices below n), -1 where it is not chosen."""
+    where = torch.full((n,), -1, dtype=torch.long)
+    where[chosen] = torch.arange(chosen.numel())
+    return where
+
+
 @dataclass(frozen=True)
 class RowShare:
     """The rows of ``X`` this process holds when the ranks of a distributed run hold the rest (each its
@@ -75,9 +82,7 @@ class RowShare:
 
     @classmethod
     def build(cls, local: Tensor, n: int, ranks: Ranks) -> RowShare:
-        where = torch.full((n,), -1, dtype=torch.long)
-        where[local] = torch.arange(local.numel())
-        return cls(local, ranks, where)
+        return cls(local, ranks, index_in(local, n))
 
     def reduce(self, tensors: Iterable[Tensor]) -> None:
         self.ranks.all_reduce(tensors)

@@ -40,7 +40,15 @@ from posprobe.models.base import positions_from_mask
 from posprobe.progress import tqdm
 from posprobe.results import Result, RunInfo, deprecated_alias
 from posprobe.sites import ATTENTION_MAP_SITES, LAYERLESS_SITES, SiteKey, check_site, resolve_stored_layers
-from posprobe.stats.probe_cv import FoldPlan, RowShare, logistic_oof, ridge_oof, sparse_oof, token_baseline_oof
+from posprobe.stats.probe_cv import (
+    FoldPlan,
+    RowShare,
+    index_in,
+    logistic_oof,
+    ridge_oof,
+    sparse_oof,
+    token_baseline_oof,
+)
 from posprobe.stats.probe_estimators import (
     ALPHA_SELECTIONS,
     DEFAULT_ALPHAS,
@@ -273,8 +281,7 @@ def _samples(
     a, b = _sample_pairs(seq, n_pairs, seed)
     pairs, (ia, ib) = None, (a, b)
     if local is not None:  # the pairs of the sequences held here (a pair never spans two sequences)
-        row_in_X = torch.full((seq.numel(),), -1, dtype=torch.long)
-        row_in_X[local] = torch.arange(local.numel())
+        row_in_X = index_in(local, seq.numel())
         pairs = (row_in_X[a] >= 0).nonzero().squeeze(1)
         ia, ib = row_in_X[a[pairs]], row_in_X[b[pairs]]
     feats = X[:, ia] - X[:, ib] if pair_features == "diff" else torch.cat([X[:, ia], X[:, ib]], dim=-1)
@@ -287,8 +294,7 @@ def _features(inputs: _Inputs, seq: Tensor, col: Tensor, device: torch.device) -
     """The feature rows [L n d] of the real tokens ``(seq, col)`` held here, and which of them they are
     (None: all; a rank of a distributed run holds its own sequences only)."""
     if inputs.seqs is not None:
-        in_acts = torch.full((inputs.mask.shape[0],), -1, dtype=torch.long)
-        in_acts[inputs.seqs] = torch.arange(inputs.seqs.numel())
+        in_acts = index_in(inputs.seqs, inputs.mask.shape[0])
         local = (in_acts[seq] >= 0).nonzero().squeeze(1)
         return inputs.acts[:, in_acts[seq[local]], col[local]].to(device), local
     if bool(inputs.mask.all()):  # every token is real: rows in row-major order are a view, not a copy

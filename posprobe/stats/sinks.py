@@ -44,8 +44,8 @@ from torch import Tensor
 from posprobe.data import TokenBatch, as_token_batch, text_windows
 from posprobe.models.base import PositionModel
 from posprobe.results import Result, RunInfo
-from posprobe.stats.attention import PATTERN_BUDGET_BYTES, QUERY_BLOCK
-from posprobe.stats.streaming import Batch, LayerOutOfRange, Source, as_model, as_source
+from posprobe.stats.attention import capped_batch, pattern_layers, query_block_of
+from posprobe.stats.streaming import Batch, Source, as_model, as_source
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -146,13 +146,11 @@ def attention_sinks(
     behind first_k fillers for the token-or-position test. ``query_block``: as in ``attention_stats``.
     """
     _check_settings(inputs, n, seq_len, epsilon, first_k, bos, tokens, batch_size)
-    block = QUERY_BLOCK if query_block == "auto" else query_block
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-        raise ValueError(f"query_block must be a positive int, 'auto' or None, got {query_block!r}")
+    block = query_block_of(query_block, from_model=True)
     model = as_model(source)
     runs, notes = _runs(model, tokens, inputs, n, seq_len, bos, seed)
     first = as_source(model, runs[0][1])
-    reading = _Reading(_pattern_layers(first, layers), first_k, batch_size, block, progress)
+    reading = _Reading(pattern_layers(first, layers), first_k, batch_size, block, progress)
     fillers = _fillers(model)
     measured = [_measure(model, kind, batch, fillers, reading) for kind, batch in runs]
     params = {
@@ -222,16 +220,6 @@ def _check_settings(
         )
     if not (isinstance(bos, bool) or bos == "both"):
         raise ValueError(f"bos must be True, False or 'both', got {bos!r}")
-
-
-def _pattern_layers(source: Source, layers: int | Sequence[int] | None) -> list[int]:
-    """The layers of ``pattern`` to read; a model without readable attention weights is said as such."""
-    try:
-        return [layer for layer in source.resolve_layers("pattern", layers) if layer is not None]
-    except LayerOutOfRange:
-        raise
-    except ValueError as err:
-        raise ValueError(f"{source.name} does not expose attention weights (site 'pattern'): {err}") from err
 
 
 def _causal_notes(model: PositionModel) -> tuple[str, ...]:
@@ -382,7 +370,7 @@ def _measure(
 ) -> _Measured:
     """Stream one input kind three times: attention (α_k), residual norms, attention with the first token moved."""
     source = as_source(model, batch)
-    size = _capped_batch(model, batch, reading.batch_size, reading.query_block)
+    size = capped_batch(source, reading.batch_size, reading.query_block)
     sums = SinkSums(range(reading.first_k), model.info.causal, source.sliding_window)
     _stream_pattern(source, reading, sums, size, f"sinks: {kind}")
     norms = _MassiveSums()
@@ -407,13 +395,6 @@ def _stream_pattern(source: Source, reading: _Reading, sums: SinkSums, size: int
         if any(layer not in sums.counts for layer in reading.layers):
             raise ValueError(f"{source.name} does not expose attention weights (site 'pattern'): {err}") from err
         raise
-
-
-def _capped_batch(model: PositionModel, batch: TokenBatch, batch_size: int, block: int | None) -> int:
-    """``batch_size``, lowered so that one layer's (block of the) attention map stays under 1 GiB."""
-    s = batch.shape[1]
-    per_row = model.info.n_heads * min(block or s, s) * s * 4
-    return max(1, min(batch_size, PATTERN_BUDGET_BYTES // per_row))
 
 
 class SinkSums:
