@@ -66,9 +66,11 @@ class Recipe:
             raise ValueError(f"steps ({self.steps}) must be a multiple of measure_every ({self.measure_every})")
 
     def zoo_config(self, scheme: str, seed: int):
+        """The network of ``scheme`` (a zoo variant: ``p-rope`` is RoPE with p = 0.25) under this recipe."""
+        from posprobe.models.zoo import scheme_fields
         from posprobe.models.zoo_net import ZooConfig
 
-        return ZooConfig(pe=scheme, seed=seed, **self.config)
+        return ZooConfig(seed=seed, **scheme_fields(scheme), **self.config)
 
 
 WIDE = {"n_layers": 6, "d_model": 256, "n_heads": 8, "d_head": 32, "d_mlp": 1024}
@@ -149,9 +151,16 @@ def run_job(name: str, scheme: str, out: str, resume: bool, seed: int, device: s
 
     Returns a one-line summary.
     """
+    root = Path(out)
+    return run_measured(name, scheme, root / name / scheme, root / CURVE, resume, seed, device, until)
+
+
+def run_measured(
+    name: str, scheme: str, folder: Path, curve: Path, resume: bool, seed: int, device: str, until: int | None
+) -> str:
+    """``run_job`` with the run's folder and curve file given (``zoo2_train.py`` trains into the v2 folders)."""
     torch.set_num_threads(1)
-    recipe, root = RECIPES[name], Path(out)
-    folder, curve = root / name / scheme, root / CURVE
+    recipe = RECIPES[name]
     done, step = measured_steps(curve, name, scheme), reached_step(folder)
     if step and not resume:
         raise FileExistsError(f"{folder} already holds a run at step {step}; pass --resume to continue it")

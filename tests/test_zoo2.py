@@ -215,12 +215,17 @@ def test_the_cli_takes_data_share_eval_every_and_the_network_size(tmp_path):
 # -- zoo2:<scheme> ----------------------------------------------------------------------------------
 
 
-def test_zoo2_says_how_to_train_it_until_it_is_trained():
+def test_zoo2_says_how_to_train_it_until_it_is_trained(tmp_path, monkeypatch):
     import posprobe as pp
+    import posprobe.models.zoo as zoo
 
-    with pytest.raises(ZooNotTrainedError, match=r"zoo v2 is not trained yet: .*--data mix --pe rope") as err:
+    monkeypatch.setattr(zoo, "ZOO2_DIR", tmp_path / "v2")  # the shipped v2 may be trained (or training) by now
+    with pytest.raises(ZooNotTrainedError, match=r"zoo v2 is not trained yet: .*v2/rope holds no checkpoint") as err:
         pp.load_model("zoo2:rope")
-    assert "zoo:rope loads now" in str(err.value) and isinstance(err.value, FileNotFoundError)
+    message = str(err.value)
+    assert "zoo:rope loads now" in message and isinstance(err.value, FileNotFoundError)
+    assert "analyses/zoo2_train.py --schemes rope" in message
+    assert "--data mix --steps 8000 --batch-size 16 --lr 0.003 --seed 0 --eval-every 500 --pe rope --out DIR" in message
     with pytest.raises(ZooNotTrainedError, match=r"--pe rope --p-rope 0\.25"):
         load_zoo2("p-rope")
     with pytest.raises(ValueError, match="unknown zoo v2 scheme 't5'; the zoo v2 schemes: none, learned"):
@@ -229,18 +234,52 @@ def test_zoo2_says_how_to_train_it_until_it_is_trained():
     assert pp.load_model("zoo:rope").info.name == "zoo:rope"  # v1 unchanged
 
 
-def test_a_trained_zoo2_checkpoint_loads_and_is_listed(tmp_path, monkeypatch):
+def _tiny_checkpoint(folder: Path, pe: str, state: dict) -> ZooTransformer:
+    folder.mkdir(parents=True)
+    net = ZooTransformer(ZooConfig(pe=pe, d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
+    net.cfg.to_json(folder / "config.json")
     from safetensors.torch import save_file
 
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps(state))
+    return net
+
+
+def test_a_zoo2_scheme_still_training_is_not_loaded_and_says_how_far_it_got(tmp_path, monkeypatch):
+    import posprobe as pp
+    import posprobe.models.zoo as zoo
+
+    _tiny_checkpoint(tmp_path / "v2" / "none", "none", {"step": 2500, "steps": 8000})
+    _tiny_checkpoint(tmp_path / "v2" / "rope", "rope", {"step": 8000, "steps": 8000})
+    monkeypatch.setattr(zoo, "ZOO2_DIR", tmp_path / "v2")
+    assert zoo.training_progress(tmp_path / "v2" / "none") == (2500, 8000)
+    assert zoo.training_progress(tmp_path / "v2" / "alibi") is None
+    assert zoo.zoo2_variants() == {"rope": tmp_path / "v2" / "rope"}
+    with pytest.raises(ZooNotTrainedError, match=r"v2/none is still training \(step 2,500 of 8,000\)"):
+        pp.load_model("zoo2:none")
+    assert "zoo2:none" not in pp.known_models() and "zoo2:rope" in pp.known_models()
+    assert pp.load_model("zoo2:rope", device="cpu").info.name == "zoo2:rope"
+
+
+def test_scheme_fields_make_each_zoo_variant():
+    from posprobe.models.zoo import ZOO_VARIANTS, scheme_fields
+
+    assert scheme_fields("p-rope") == {"pe": "rope", "p_rope": 0.25}
+    assert [scheme_fields(s)["pe"] for s in ZOO_VARIANTS] == ["none", "learned", "sinusoidal", "rope", "alibi", "rope"]
+    for scheme in ZOO_VARIANTS:  # the v1 checkpoints were trained with exactly these fields
+        shipped = json.loads((ZOO_DIR / scheme / "config.json").read_text())
+        assert {k: shipped[k] for k in scheme_fields(scheme)} == scheme_fields(scheme)
+        assert shipped.get("p_rope", 0.0) == scheme_fields(scheme).get("p_rope", 0.0)
+    with pytest.raises(ValueError, match="unknown zoo scheme 't5'"):
+        scheme_fields("t5")
+
+
+def test_a_trained_zoo2_checkpoint_loads_and_is_listed(tmp_path, monkeypatch):
     import posprobe as pp
     import posprobe.models.zoo as zoo
 
     folder = tmp_path / "v2" / "alibi"
-    folder.mkdir(parents=True)
-    net = ZooTransformer(ZooConfig(pe="alibi", d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
-    net.cfg.to_json(folder / "config.json")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "train_state.json").write_text(json.dumps({"step": 2, "eval": {"heldout_loss": 8.0}}))
+    net = _tiny_checkpoint(folder, "alibi", {"step": 2, "eval": {"heldout_loss": 8.0}})  # no plan: finished
     (tmp_path / "v2" / "rope").mkdir()  # a folder without a checkpoint is not a model
     monkeypatch.setattr(zoo, "ZOO2_DIR", tmp_path / "v2")
     assert zoo.zoo2_variants() == {"alibi": folder}
@@ -297,3 +336,44 @@ def test_the_pilot_recipes_measure_evenly(pilot):
         recipe.zoo_config("rope", 0)  # a valid ZooConfig
     with pytest.raises(ValueError, match="multiple of measure_every"):
         pilot.Recipe("bad", steps=10, measure_every=3)
+
+
+def test_the_v2_recipe_is_the_pilots_v1_long(pilot):
+    from posprobe.cli import build_parser
+    from posprobe.models.zoo import ZOO2_RECIPE, zoo2_train_flags
+
+    recipe = pilot.RECIPES["v1-long"]
+    assert recipe.config == {} and recipe.warmup is None  # v1's network and warm-up
+    assert (recipe.steps, recipe.batch_size, recipe.lr) == tuple(ZOO2_RECIPE[k] for k in ("steps", "batch_size", "lr"))
+    assert recipe.measure_every == ZOO2_RECIPE["eval_every"] and ZOO2_RECIPE["data"] == "mix"
+    # the flags the error message gives parse into the network the driver trains
+    args = build_parser().parse_args(["train", *zoo2_train_flags("p-rope").split(), "--out", "x"])
+    assert (args.steps, args.batch_size, args.lr, args.data, args.eval_every) == (8000, 16, 3e-3, "mix", 500)
+    assert (args.pe, args.p_rope, args.d_model, args.n_layers) == ("rope", 0.25, 128, 4)
+    assert recipe.zoo_config("p-rope", ZOO2_RECIPE["seed"]) == ZooConfig(pe="rope", p_rope=0.25, seed=args.seed)
+
+
+def test_zoo2_train_trains_every_scheme_in_its_v2_folder_and_resumes(pilot, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+    import zoo2_train
+
+    import posprobe.models.zoo as zoo
+
+    monkeypatch.setattr(zoo2_train, "RECIPE", "smoke")  # the v2 recipe's 8,000 steps are hours
+    out = tmp_path / "v2"
+    argv = ["--schemes", "p-rope", "--jobs", "1", "--out", str(out)]
+    assert zoo2_train.main([*argv, "--until", "2"]) == 0
+    assert zoo.training_progress(out / "p-rope") == (2, 4) and (out / "p-rope" / "optimizer.pt").exists()
+    config = json.loads((out / "p-rope" / "config.json").read_text())
+    assert (config["pe"], config["p_rope"], config["d_model"]) == ("rope", 0.25, 32)
+    monkeypatch.setattr(zoo, "ZOO2_DIR", out)
+    with pytest.raises(ZooNotTrainedError, match=r"still training \(step 2 of 4\)"):
+        load_zoo2("p-rope")
+    assert zoo2_train.main(argv) == 0  # resumes without being told
+    assert "smoke/p-rope: step 4 of 4" in capsys.readouterr().out
+    curve = pd.read_csv(out / "curve.csv")
+    assert curve["step"].tolist() == [2, 4] and set(curve["scheme"]) == {"p-rope"}
+    assert load_zoo2("p-rope").info.name == "zoo2:p-rope"
+    with pytest.raises(SystemExit):
+        zoo2_train.main(["--schemes", "t5"])
+    assert "unknown scheme(s) ['t5']" in capsys.readouterr().err

