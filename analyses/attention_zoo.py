@@ -14,7 +14,7 @@ the same kind of text windows. Per model and state:
   the head-role table (rules in ``posprobe.stats.attention.HeadRoleRules``, written to
   ``role_rules.csv``).
 
-Usage: ``python analyses/attention_zoo.py [--quick] [--out DIR] [--zoo-root DIR]``
+Usage: ``python analyses/attention_zoo.py [--quick] [--out DIR] [--zoo-root DIR] [--zoo v1|v2|v1,v2]``
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes
+from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes, zoo_name
 
 NAME = "attention_zoo"
 
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
     from posprobe.plots.attention import head_role_map
 
-    args, out, cfg = begin(argv, __doc__, NAME, settings)
+    args, out, cfg = begin(argv, __doc__, NAME, settings, default_zoo="v1")
     parts: dict[str, list[pd.DataFrame]] = {"per_layer": [], "predictors": [], "roles": []}
     rules = None
 
@@ -169,16 +169,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parts[key].append(result[key])
         rules = result["rules"]
 
-    for variant in ZOO_ORDER:
-        model, note = load_zoo_model(variant, args.zoo_root)
+    for zoo, variant in [(zoo, variant) for zoo in args.zoo for variant in ZOO_ORDER]:
+        name = zoo_name(variant, zoo)
+        model, note = load_zoo_model(variant, args.zoo_root, zoo=zoo)
         if model is None:
-            parts["per_layer"].append(skipped_row(f"zoo:{variant}", note))
+            parts["per_layer"].append(skipped_row(name, note))
             continue
         batch = pp.data.text_windows(model, **cfg["zoo"], seed=args.seed)
-        add(analyse(model, batch, {"model": f"zoo:{variant}", "state": "trained", "position_scheme": variant}))
+        add(analyse(model, batch, {"model": name, "state": "trained", "position_scheme": variant}))
         twin = model.random_init_copy(args.seed)
-        add(analyse(twin, batch, {"model": f"zoo:{variant}", "state": "init", "position_scheme": variant}))
-        print(f"[{NAME}] zoo:{variant} done")
+        add(analyse(twin, batch, {"model": name, "state": "init", "position_scheme": variant}))
+        print(f"[{NAME}] {name} done")
     smol = pp.load_model("smollm2-135m")
     batch = pp.data.text_windows(smol, **cfg["smol"], seed=args.seed)
     label = {"model": "smollm2-135m", "position_scheme": smol.info.position_scheme}

@@ -11,7 +11,7 @@ trained and at random initialisation, and on SmolLM2-135M and Gemma 3 270M. Our 
 k = 1 (``paper_k`` in the tables). Besides the rates: the first token's massive activation and whether
 each model's sink follows the first token or stays at the first position.
 
-Usage: ``python analyses/gu_sinks.py [--quick] [--out DIR] [--zoo-root DIR]``
+Usage: ``python analyses/gu_sinks.py [--quick] [--out DIR] [--zoo-root DIR] [--zoo v1|v2|v1,v2]``
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import begin, load_zoo_model, skipped_row, with_notes
+from _common import begin, load_zoo_model, skipped_row, with_notes, zoo_name
 
 NAME = "gu_sinks"
 ZOO_SCHEMES = ("none", "learned", "sinusoidal", "rope", "alibi", "p-rope")
@@ -47,15 +47,18 @@ def measure(model, n: int, label: dict, seed: int) -> dict[str, pd.DataFrame]:
 
 
 def zoo_runs(args, n: int) -> list[dict[str, pd.DataFrame]]:
+    """Every scheme of each zoo in ``args.zoo`` (v1 and v2 by default), trained and at random init."""
     runs = []
-    for scheme in ZOO_SCHEMES:
-        model, note = load_zoo_model(scheme, args.zoo_root)
-        if model is None:
-            runs.append({"summary": skipped_row(f"zoo:{scheme}", note)})
-            continue
-        runs.append(measure(model, n, {"model": f"zoo:{scheme}", "state": "trained"}, args.seed))
-        twin = model.random_init_copy(args.seed)
-        runs.append(measure(twin, n, {"model": f"zoo:{scheme}", "state": "init"}, args.seed))
+    for zoo in args.zoo:
+        for scheme in ZOO_SCHEMES:
+            name = zoo_name(scheme, zoo)
+            model, note = load_zoo_model(scheme, args.zoo_root, zoo=zoo)
+            if model is None:
+                runs.append({"summary": skipped_row(name, note)})
+                continue
+            runs.append(measure(model, n, {"model": name, "state": "trained"}, args.seed))
+            twin = model.random_init_copy(args.seed)
+            runs.append(measure(twin, n, {"model": name, "state": "init"}, args.seed))
     return runs
 
 
@@ -82,7 +85,7 @@ def headline(summary: pd.DataFrame, moved: pd.DataFrame, massive: pd.DataFrame) 
 def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
 
-    args, out, cfg = begin(argv, __doc__, NAME, settings)
+    args, out, cfg = begin(argv, __doc__, NAME, settings, default_zoo="v1,v2")
     runs = zoo_runs(args, cfg["zoo"]["n"])
     for name, key in (("smollm2-135m", "smol"), ("gemma-3-270m", "gemma")):
         model, n = pp.load_model(name), cfg[key]["n"]

@@ -11,7 +11,7 @@ twin's);
 and ridge probes of absolute position per layer (``probe_position``, split by sequence, with
 shuffled / random-init / token controls), as in ``haviv_probes.py``.
 
-Usage: ``python analyses/learned_positions.py [--quick] [--out DIR] [--zoo-root DIR]``
+Usage: ``python analyses/learned_positions.py [--quick] [--out DIR] [--zoo-root DIR] [--zoo v1|v2|v1,v2]``
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import begin, load_zoo_model, skipped_row, with_notes
+from _common import begin, load_zoo_model, skipped_row, with_notes, zoo_name
 from haviv_probes import probe_depths
 
 NAME = "learned_positions"
@@ -88,11 +88,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from posprobe.plots import positions
     from posprobe.stats.position_table import position_embedding_geometry
 
-    args, out, cfg = begin(argv, __doc__, NAME, settings)
+    args, out, cfg = begin(argv, __doc__, NAME, settings, default_zoo="v1")
     coords, comps, neigh, probes, skipped, helices = [], [], [], [], {}, {}
-    for name in ("minilm-l6", "zoo:learned"):
-        if name.startswith("zoo:"):
-            model, note = load_zoo_model("learned", args.zoo_root)
+    for name, zoo in [("minilm-l6", None), *((zoo_name("learned", zoo), zoo) for zoo in args.zoo)]:
+        if zoo is not None:
+            model, note = load_zoo_model("learned", args.zoo_root, zoo=zoo)
             if model is None:
                 skipped[name] = note
                 comps.append(skipped_row(name, note))
@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         neigh.append(twin.assign(model=f"{name} (random init)"))
         with tempfile.TemporaryDirectory(prefix="learned-") as tmp:
-            probes.append(probe_depths(model, **cfg[name], seed=args.seed, tmp=tmp).assign(model=name))
+            sizes = cfg["minilm-l6" if zoo is None else "zoo:learned"]
+            probes.append(probe_depths(model, **sizes, seed=args.seed, tmp=tmp).assign(model=name))
         print(f"[{NAME}] {name} done")
     coords_t, comps_t = pd.concat(coords, ignore_index=True), with_notes(comps)
     neigh_t, probes_t = pd.concat(neigh, ignore_index=True), pd.concat(probes, ignore_index=True)

