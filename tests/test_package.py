@@ -151,6 +151,53 @@ def test_models_and_zoo_load_outside_the_repo(installed, tmp_path):
     assert facts == "zoo:rope 4 <|bos|>"
 
 
+def test_the_zoo_v2_loads_offline_from_the_wheel(installed, tmp_path):
+    """Each v2 scheme as the checkout has it: a finished one loads and runs from the wheel, one still training or
+    not started says so (ZooNotTrainedError with its step), and the two lists agree with the checkout's."""
+    from posprobe.models.zoo import ZOO2_DIR, ZOO_VARIANTS, training_progress
+
+    progress = {s: training_progress(ZOO2_DIR / s) for s in ZOO_VARIANTS}
+    code = textwrap.dedent(
+        """
+        import json, torch, posprobe as pp
+        from posprobe.models.zoo import ZOO_VARIANTS, ZooNotTrainedError
+        out = {"listed": sorted(m for m in pp.known_models() if m.startswith("zoo2:"))}
+        for scheme in ZOO_VARIANTS:
+            try:
+                m = pp.load_model(f"zoo2:{scheme}", device="cpu")
+            except ZooNotTrainedError as err:
+                out[scheme] = str(err)
+                continue
+            ids = torch.tensor([[m.tokenizer.bos_token_id, *m.tokenizer.encode("We the People of the United States")]])
+            out[scheme] = [m.info.name, m.info.position_scheme, m.loss(ids).mean().item()]
+        print(json.dumps(out))
+        """
+    )
+    probe = tmp_path / "probe.py"
+    probe.write_text(code)
+    proc = run(installed, tmp_path, module=str(probe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    finished = [s for s, p in progress.items() if p is not None and p[0] >= p[1]]
+    assert out["listed"] == sorted(f"zoo2:{s}" for s in finished)
+    for scheme, reached in progress.items():
+        if scheme in finished:  # the same weights as the checkout's: the same loss on the same text
+            import torch
+
+            import posprobe as pp
+
+            here = pp.load_model(f"zoo2:{scheme}", device="cpu")
+            ids = torch.tensor(
+                [[here.tokenizer.bos_token_id, *here.tokenizer.encode("We the People of the United States")]]
+            )
+            assert out[scheme][:2] == [f"zoo2:{scheme}", here.info.position_scheme]
+            assert out[scheme][2] == pytest.approx(here.loss(ids).mean().item(), rel=1e-5)
+        elif reached is None:
+            assert "holds no checkpoint" in out[scheme]
+        else:
+            assert f"still training (step {reached[0]:,} of {reached[1]:,})" in out[scheme]
+
+
 def test_quick_report_on_the_zoo_outside_the_repo(installed, tmp_path):
     proc = run(installed, tmp_path, "report", "--quick", "--model", "zoo:rope", "--n", "6", "--seq-len", "32",
                "--out", "r", "-q")  # fmt: skip
