@@ -377,3 +377,25 @@ def test_zoo2_train_trains_every_scheme_in_its_v2_folder_and_resumes(pilot, tmp_
     with pytest.raises(SystemExit):
         zoo2_train.main(["--schemes", "t5"])
     assert "unknown scheme(s) ['t5']" in capsys.readouterr().err
+
+
+def test_zoo2_tables_lay_out_v1s_length_table_as_the_readme_does(pilot):
+    import pandas as pd
+    import zoo2_tables
+
+    text = zoo2_tables.length_markdown(pd.read_csv(ZOO_DIR / "length_generalization.csv"))
+    readme = (ZOO_DIR / "README.md").read_text()
+    for line in text.splitlines()[2:]:
+        model = line.split(" | ")[0]
+        if model in ("| zoo:none", "| zoo:rope", "| zoo:alibi"):  # rows the README quotes to the digit
+            assert line in readme, line
+    assert "| zoo:learned | 4.22" in text and "n/a (window 4.166)" in text
+    curve = pd.DataFrame(
+        [("v1-long", "rope", 500, 6.25, 0.0, 4.81, 3.34, 9.0), ("v1-long", "none", 500, 0.0, 0.0, 4.97, 3.72, 9.0),
+         ("v1-long", "rope", 1000, 18.75, 0.0, 4.46, 3.00, 18.0)],
+        columns=pilot.COLUMNS,
+    )  # fmt: skip
+    table = zoo2_tables.curve_markdown(curve).splitlines()
+    assert table[2] == "| 500 | 6.2 · 4.810 · 3.340 | 0.0 · 4.970 · 3.720 |"
+    assert table[3] == "| 1,000 | 18.8 · 4.460 · 3.000 |  |"
+    assert table[-1] == "Random-init twins: rope 0.0 %, none 0.0 %."
