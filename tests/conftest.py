@@ -153,3 +153,19 @@ class ZooWithoutPattern(ZooModel):
 
     def available_sites(self):
         return tuple(s for s in super().available_sites() if s not in ("pattern", "attn_scores"))
+
+
+def tiny_zoo_checkpoint(folder, pe: str, state: dict):
+    """A 1-layer zoo checkpoint of scheme ``pe`` written into ``folder`` with ``state`` as its train_state.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+
+    folder.mkdir(parents=True)
+    net = ZooTransformer(ZooConfig(pe=pe, d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
+    net.cfg.to_json(folder / "config.json")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps(state))
+    return net

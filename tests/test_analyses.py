@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_zoo_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 ANALYSES = ROOT / "analyses"
@@ -38,21 +39,9 @@ def test_missing_zoo_model_is_skipped_not_raised(tmp_path: Path) -> None:
     assert row.loc[0, "note"] == note and row.loc[0, "model"] == "zoo:alibi"
 
 
-def _tiny_zoo_checkpoint(folder: Path, pe: str, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    from posprobe.models.zoo_net import ZooConfig, ZooTransformer
-
-    folder.mkdir(parents=True)
-    net = ZooTransformer(ZooConfig(pe=pe, d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
-    net.cfg.to_json(folder / "config.json")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "train_state.json").write_text(json.dumps(state))
-
-
 def test_zoo_v2_models_load_by_name_and_one_still_training_is_skipped(tmp_path: Path) -> None:
-    _tiny_zoo_checkpoint(tmp_path / "rope", "rope", {"step": 8000, "steps": 8000})
-    _tiny_zoo_checkpoint(tmp_path / "none", "none", {"step": 1500, "steps": 8000})
+    tiny_zoo_checkpoint(tmp_path / "rope", "rope", {"step": 8000, "steps": 8000})
+    tiny_zoo_checkpoint(tmp_path / "none", "none", {"step": 1500, "steps": 8000})
     model, note = _common.load_zoo_model("rope", tmp_path, zoo="v2")
     assert note is None and model.info.name == "zoo2:rope" and _common.zoo_name("rope", "v2") == "zoo2:rope"
     twin, _ = _common.load_zoo_model("rope", tmp_path, random_init=True, zoo="v2")

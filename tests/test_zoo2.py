@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_zoo_checkpoint
 
 import posprobe.data as pdata
 from posprobe.models.zoo import ZOO_DIR, ZooNotTrainedError, load_zoo2
-from posprobe.models.zoo_net import ZooConfig, ZooTransformer
+from posprobe.models.zoo_net import ZooConfig
 from posprobe.training import MixSampler, WindowSampler, train, training_sampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,23 +235,12 @@ def test_zoo2_says_how_to_train_it_until_it_is_trained(tmp_path, monkeypatch):
     assert pp.load_model("zoo:rope").info.name == "zoo:rope"  # v1 unchanged
 
 
-def _tiny_checkpoint(folder: Path, pe: str, state: dict) -> ZooTransformer:
-    folder.mkdir(parents=True)
-    net = ZooTransformer(ZooConfig(pe=pe, d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=32))
-    net.cfg.to_json(folder / "config.json")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "train_state.json").write_text(json.dumps(state))
-    return net
-
-
 def test_a_zoo2_scheme_still_training_is_not_loaded_and_says_how_far_it_got(tmp_path, monkeypatch):
     import posprobe as pp
     import posprobe.models.zoo as zoo
 
-    _tiny_checkpoint(tmp_path / "v2" / "none", "none", {"step": 2500, "steps": 8000})
-    _tiny_checkpoint(tmp_path / "v2" / "rope", "rope", {"step": 8000, "steps": 8000})
+    tiny_zoo_checkpoint(tmp_path / "v2" / "none", "none", {"step": 2500, "steps": 8000})
+    tiny_zoo_checkpoint(tmp_path / "v2" / "rope", "rope", {"step": 8000, "steps": 8000})
     monkeypatch.setattr(zoo, "ZOO2_DIR", tmp_path / "v2")
     assert zoo.training_progress(tmp_path / "v2" / "none") == (2500, 8000)
     assert zoo.training_progress(tmp_path / "v2" / "alibi") is None
@@ -279,7 +269,7 @@ def test_a_trained_zoo2_checkpoint_loads_and_is_listed(tmp_path, monkeypatch):
     import posprobe.models.zoo as zoo
 
     folder = tmp_path / "v2" / "alibi"
-    net = _tiny_checkpoint(folder, "alibi", {"step": 2, "eval": {"heldout_loss": 8.0}})  # no plan: finished
+    net = tiny_zoo_checkpoint(folder, "alibi", {"step": 2, "eval": {"heldout_loss": 8.0}})  # no plan: finished
     (tmp_path / "v2" / "rope").mkdir()  # a folder without a checkpoint is not a model
     monkeypatch.setattr(zoo, "ZOO2_DIR", tmp_path / "v2")
     assert zoo.zoo2_variants() == {"alibi": folder}
