@@ -166,7 +166,7 @@ class Output:
             "seed": args.seed,
             "threads": args.threads,
             "zoo_root": args.zoo_root or "posprobe/zoo_checkpoints" + ("/v2" if args.zoo == ["v2"] else ""),
-            "zoo": ",".join(args.zoo),
+            "zoo_version": ",".join(args.zoo),
         }
         self._write_plotlyjs()
 

@@ -53,7 +53,7 @@ def test_zoo_v2_models_load_by_name_and_one_still_training_is_skipped(tmp_path: 
     assert v1.info.name == "zoo:rope"
 
 
-def test_the_zoo_option_picks_v1_v2_or_both_and_says_what_it_cannot_do(capsys) -> None:
+def test_the_zoo_option_picks_v1_v2_or_both_and_says_what_it_cannot_do(tmp_path: Path, capsys) -> None:
     parse = _common.parse_args
     assert parse([], "t").zoo == ["v1"]  # a script that knows only v1 has no --zoo
     with pytest.raises(SystemExit):
@@ -62,6 +62,10 @@ def test_the_zoo_option_picks_v1_v2_or_both_and_says_what_it_cannot_do(capsys) -
     args = parse(["--zoo", "v2"], "t", default_zoo="v1")
     assert args.zoo == ["v2"] and Path(args.out) == _common.DEFAULT_OUT / "zoo2"
     assert parse(["--zoo", "v2", "--out", "x"], "t", default_zoo="v1").out == "x"
+    args = parse(["--zoo", "v2", "--out", str(tmp_path)], "t", default_zoo="v1")
+    out = _common.Output(args.out, "demo", args)
+    out.settings.update({"zoo": {"n": 8}})  # a script's own sizes, as begin() adds them
+    assert out.settings["zoo_version"] == "v2" and out.settings["zoo_root"] == "posprobe/zoo_checkpoints/v2"
     for bad in ("v3", "v1,v1", ""):
         with pytest.raises(SystemExit):
             parse(["--zoo", bad], "t", default_zoo="v1")
